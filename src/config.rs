@@ -1,0 +1,471 @@
+//! The server's configuration: built-in defaults, overridden by a TOML file.
+//!
+//! Every field has a default ([`Config::default`]), so the server runs without a file;
+//! `config/quicpush.toml` documents each one. [`Config::load`] parses a file and
+//! [`Config::validate`]s it: unknown keys are rejected naming the key, invalid values
+//! naming the field and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{DEFAULT_MAX_BODY, MAX_BODY_LIMIT};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (syntax, unknown key, wrong type).
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of its allowed range.
+    #[error("invalid config value `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub client: ClientConfig,
+    pub quic: QuicConfig,
+    pub rpc: RpcConfig,
+    pub registry: RegistryConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// Client-facing listeners and per-connection behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// TCP addresses for goim v2 clients.
+    pub tcp_bind: Vec<SocketAddr>,
+    /// UDP addresses for QUIC clients (ALPN `quicpush/1`).
+    pub quic_bind: Vec<SocketAddr>,
+    /// Largest frame body accepted from or sent to a client.
+    pub max_body: usize,
+    /// Time allowed between accept and the Auth frame.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A client that sends no frame for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// A client that accepts no bytes for this long is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Frames queued per client before pushes to it report `queue full`.
+    pub queue_size: usize,
+    /// Most client connections open at once, over all transports.
+    pub max_connections: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            tcp_bind: vec![SocketAddr::from(([0, 0, 0, 0], 3101))],
+            quic_bind: vec![SocketAddr::from(([0, 0, 0, 0], 3101))],
+            max_body: DEFAULT_MAX_BODY,
+            handshake_timeout: Duration::from_secs(8),
+            heartbeat_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(10),
+            queue_size: 256,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// QUIC transport settings, sized for many mostly idle clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// A QUIC connection with no packets for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Interval of server-sent keep-alive packets; 0 disables them.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// Per-stream receive window, bytes.
+    pub stream_receive_window: u32,
+    /// Per-connection receive window, bytes.
+    pub receive_window: u32,
+    /// Per-connection send window, bytes.
+    pub send_window: u64,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            idle_timeout: Duration::from_secs(300),
+            keep_alive_interval: Duration::ZERO,
+            stream_receive_window: 64 * 1024,
+            receive_window: 128 * 1024,
+            send_window: 1024 * 1024,
+        }
+    }
+}
+
+/// The backend RPC listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RpcConfig {
+    /// UDP addresses for backends (ALPN `quicpush-rpc/1`, mutual TLS); one accept task each.
+    pub bind: Vec<SocketAddr>,
+    /// Largest request accepted; a larger one gets an error reply.
+    pub max_request_bytes: usize,
+    /// Most keys, user ids or messages in one call.
+    pub max_keys: usize,
+    /// Streams a backend connection may have open at once.
+    pub max_streams: u32,
+    /// A backend connection with no packets for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        RpcConfig {
+            bind: vec![SocketAddr::from(([0, 0, 0, 0], 3109))],
+            max_request_bytes: 4 << 20,
+            max_keys: 100_000,
+            max_streams: 64,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The sharded registry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Number of buckets; a power of two.
+    pub buckets: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { buckets: 32 }
+    }
+}
+
+/// How the Auth frame's body is checked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// An HS256 JWT signed with the secret in `secret_file`.
+    Jwt,
+    /// goim's plain JSON token, not verified: for goim compatibility and local tests.
+    Open,
+}
+
+/// Client authentication.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// The HS256 secret; relative paths are taken from the working directory.
+    pub secret_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::Jwt,
+            secret_file: PathBuf::from("certs/token.secret"),
+        }
+    }
+}
+
+/// Certificates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Directory holding `ca.pem`, `server.pem`, `server.key`.
+    pub dir: PathBuf,
+    /// Generate a CA, certificates and the token secret when `dir` has none.
+    pub generate_if_missing: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            dir: PathBuf::from("certs"),
+            generate_if_missing: true,
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest wait for clients to drain and QUIC endpoints to go idle.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: e.message().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.client;
+        if c.tcp_bind.is_empty() && c.quic_bind.is_empty() {
+            return Err(invalid(
+                "client.tcp_bind",
+                "no client listener: set client.tcp_bind or client.quic_bind",
+            ));
+        }
+        if c.max_body == 0 || c.max_body > MAX_BODY_LIMIT {
+            return Err(invalid(
+                "client.max_body",
+                format!("{} is outside 1..={MAX_BODY_LIMIT}", c.max_body),
+            ));
+        }
+        for (field, d) in [
+            ("client.handshake_timeout", c.handshake_timeout),
+            ("client.heartbeat_timeout", c.heartbeat_timeout),
+            ("client.write_timeout", c.write_timeout),
+            ("quic.idle_timeout", self.quic.idle_timeout),
+            ("rpc.idle_timeout", self.rpc.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        if c.queue_size == 0 || c.queue_size > 1 << 20 {
+            return Err(invalid(
+                "client.queue_size",
+                format!("{} is outside 1..=1048576", c.queue_size),
+            ));
+        }
+        if c.max_connections == 0 {
+            return Err(invalid("client.max_connections", "must be at least 1"));
+        }
+        let q = &self.quic;
+        if !q.keep_alive_interval.is_zero() && q.keep_alive_interval >= q.idle_timeout {
+            return Err(invalid(
+                "quic.keep_alive_interval",
+                "must be shorter than quic.idle_timeout (or 0 to disable)",
+            ));
+        }
+        if q.idle_timeout > Duration::from_secs(3600) {
+            return Err(invalid("quic.idle_timeout", "must be at most 1h"));
+        }
+        if self.rpc.idle_timeout > Duration::from_secs(3600) {
+            return Err(invalid("rpc.idle_timeout", "must be at most 1h"));
+        }
+        if q.stream_receive_window < 1024 {
+            return Err(invalid("quic.stream_receive_window", "must be at least 1024"));
+        }
+        if q.receive_window < q.stream_receive_window {
+            return Err(invalid(
+                "quic.receive_window",
+                "must be at least quic.stream_receive_window",
+            ));
+        }
+        if q.send_window < 1024 {
+            return Err(invalid("quic.send_window", "must be at least 1024"));
+        }
+        let r = &self.rpc;
+        if r.bind.is_empty() {
+            return Err(invalid("rpc.bind", "needs at least one address"));
+        }
+        if r.max_request_bytes < 1024 || r.max_request_bytes > crate::codec::MAX_PAYLOAD {
+            return Err(invalid(
+                "rpc.max_request_bytes",
+                format!(
+                    "{} is outside 1024..={}",
+                    r.max_request_bytes,
+                    crate::codec::MAX_PAYLOAD
+                ),
+            ));
+        }
+        if r.max_keys == 0 {
+            return Err(invalid("rpc.max_keys", "must be at least 1"));
+        }
+        if r.max_streams == 0 {
+            return Err(invalid("rpc.max_streams", "must be at least 1"));
+        }
+        let b = self.registry.buckets;
+        if b == 0 || !b.is_power_of_two() || b > 65536 {
+            return Err(invalid(
+                "registry.buckets",
+                format!("{b} is not a power of two in 1..=65536"),
+            ));
+        }
+        if self.shutdown.grace.is_zero() {
+            return Err(invalid("shutdown.grace", "must be greater than zero"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(text: &str) -> &'static str {
+        match Config::parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_goim_ports() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.client.tcp_bind[0].port(), 3101);
+        assert_eq!(c.client.quic_bind[0].port(), 3101);
+        assert_eq!(c.rpc.bind[0].port(), 3109);
+        assert_eq!(c.client.max_body, 4096);
+        assert_eq!(c.client.handshake_timeout, Duration::from_secs(8));
+        assert_eq!(c.auth.mode, AuthMode::Jwt);
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn shipped_config_file_is_the_defaults() {
+        let text = include_str!("../config/quicpush.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn overrides_apply() {
+        let c = Config::parse(
+            "[client]\nmax_body = 65536\nheartbeat_timeout = \"30s\"\n[auth]\nmode = \"open\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.client.max_body, 65536);
+        assert_eq!(c.client.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(c.auth.mode, AuthMode::Open);
+        assert_eq!(c.rpc, RpcConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[client]\nmax_bodyy = 1\n").unwrap_err();
+        assert!(err.to_string().contains("max_bodyy"), "{err}");
+        let err = Config::parse("colour = 1\n").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_parse_errors() {
+        assert!(matches!(
+            Config::parse("[client]\nmax_body = \"big\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[client]\nhandshake_timeout = \"soon\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[auth]\nmode = \"maybe\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[rpc]\nbind = [\"nowhere\"]\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn each_rejection() {
+        let cases: &[(&str, &str)] = &[
+            ("[client]\ntcp_bind = []\nquic_bind = []\n", "client.tcp_bind"),
+            ("[client]\nmax_body = 0\n", "client.max_body"),
+            ("[client]\nmax_body = 1048577\n", "client.max_body"),
+            ("[client]\nhandshake_timeout = \"0s\"\n", "client.handshake_timeout"),
+            ("[client]\nheartbeat_timeout = \"0s\"\n", "client.heartbeat_timeout"),
+            ("[client]\nwrite_timeout = \"0s\"\n", "client.write_timeout"),
+            ("[client]\nqueue_size = 0\n", "client.queue_size"),
+            ("[client]\nqueue_size = 2000000\n", "client.queue_size"),
+            ("[client]\nmax_connections = 0\n", "client.max_connections"),
+            ("[quic]\nidle_timeout = \"0s\"\n", "quic.idle_timeout"),
+            ("[quic]\nidle_timeout = \"2h\"\n", "quic.idle_timeout"),
+            (
+                "[quic]\nidle_timeout = \"10s\"\nkeep_alive_interval = \"10s\"\n",
+                "quic.keep_alive_interval",
+            ),
+            ("[quic]\nstream_receive_window = 10\n", "quic.stream_receive_window"),
+            (
+                "[quic]\nstream_receive_window = 8192\nreceive_window = 4096\n",
+                "quic.receive_window",
+            ),
+            ("[quic]\nsend_window = 1\n", "quic.send_window"),
+            ("[rpc]\nbind = []\n", "rpc.bind"),
+            ("[rpc]\nmax_request_bytes = 10\n", "rpc.max_request_bytes"),
+            ("[rpc]\nmax_request_bytes = 1000000000\n", "rpc.max_request_bytes"),
+            ("[rpc]\nmax_keys = 0\n", "rpc.max_keys"),
+            ("[rpc]\nmax_streams = 0\n", "rpc.max_streams"),
+            ("[rpc]\nidle_timeout = \"0s\"\n", "rpc.idle_timeout"),
+            ("[rpc]\nidle_timeout = \"2h\"\n", "rpc.idle_timeout"),
+            ("[registry]\nbuckets = 0\n", "registry.buckets"),
+            ("[registry]\nbuckets = 12\n", "registry.buckets"),
+            ("[registry]\nbuckets = 131072\n", "registry.buckets"),
+            ("[shutdown]\ngrace = \"0s\"\n", "shutdown.grace"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_of(text), *field, "for {text:?}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_read_error() {
+        let err = Config::load(Path::new("/nonexistent/quicpush.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err.to_string().contains("/nonexistent/quicpush.toml"));
+    }
+}

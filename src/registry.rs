@@ -1,0 +1,557 @@
+//! The sharded registry of connected clients.
+//!
+//! Channels are spread over a power-of-two number of buckets by a hash of their key.
+//! Each bucket maps key → channel, room → members and user id → keys, behind one
+//! plain mutex that is held only for map updates and non-blocking `try_send`s,
+//! never across an `.await`. A room's members live in the buckets of their keys, so
+//! a room push visits every bucket and each pushes to its own members, like goim.
+
+use std::collections::HashMap;
+use std::ops::AddAssign;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indexmap::IndexSet;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use slab::Slab;
+
+use crate::channel::{Channel, CloseReason, PushOutcome, Transport};
+
+/// How many channels a push reached, by outcome.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub delivered: u64,
+    pub queue_full: u64,
+    pub filtered: u64,
+}
+
+impl Tally {
+    #[inline]
+    fn add(&mut self, o: PushOutcome) {
+        match o {
+            PushOutcome::Delivered => self.delivered += 1,
+            PushOutcome::QueueFull => self.queue_full += 1,
+            PushOutcome::Filtered => self.filtered += 1,
+            PushOutcome::Offline => {}
+        }
+    }
+}
+
+impl AddAssign for Tally {
+    fn add_assign(&mut self, o: Tally) {
+        self.delivered += o.delivered;
+        self.queue_full += o.queue_full;
+        self.filtered += o.filtered;
+    }
+}
+
+/// Connections online, in total and per transport.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Online {
+    pub total: u64,
+    pub tcp: u64,
+    pub quic: u64,
+}
+
+/// The ops a client accepts; empty means all. Kept sorted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OpFilter(Vec<u32>);
+
+impl OpFilter {
+    pub fn new(mut ops: Vec<u32>) -> Self {
+        ops.sort_unstable();
+        ops.dedup();
+        OpFilter(ops)
+    }
+
+    #[inline]
+    pub fn accepts(&self, op: u32) -> bool {
+        self.0.is_empty() || self.0.binary_search(&op).is_ok()
+    }
+
+    fn add(&mut self, ops: &[u32]) {
+        self.0.extend_from_slice(ops);
+        self.0.sort_unstable();
+        self.0.dedup();
+    }
+
+    fn remove(&mut self, ops: &[u32]) {
+        self.0.retain(|o| !ops.contains(o));
+    }
+
+    pub fn ops(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+struct Entry {
+    chan: Arc<Channel>,
+    accepts: OpFilter,
+    room: Option<Arc<str>>,
+}
+
+impl Entry {
+    #[inline]
+    fn push(&self, op: u32, frame: &Bytes) -> PushOutcome {
+        if self.accepts.accepts(op) {
+            self.chan.try_push(frame)
+        } else {
+            PushOutcome::Filtered
+        }
+    }
+}
+
+#[derive(Default)]
+struct BucketInner {
+    entries: Slab<Entry>,
+    by_key: HashMap<Arc<str>, usize, ahash::RandomState>,
+    rooms: HashMap<Arc<str>, IndexSet<usize, ahash::RandomState>, ahash::RandomState>,
+    users: HashMap<i64, Vec<usize>, ahash::RandomState>,
+}
+
+impl BucketInner {
+    fn join_room(&mut self, idx: usize, room: Option<Arc<str>>) {
+        let old = std::mem::replace(&mut self.entries[idx].room, room.clone());
+        if let Some(old) = old {
+            if let Some(members) = self.rooms.get_mut(&old) {
+                members.swap_remove(&idx);
+                if members.is_empty() {
+                    self.rooms.remove(&old);
+                }
+            }
+        }
+        if let Some(room) = room {
+            self.rooms.entry(room).or_default().insert(idx);
+        }
+    }
+
+    fn remove(&mut self, idx: usize) -> Arc<Channel> {
+        self.join_room(idx, None);
+        let e = self.entries.remove(idx);
+        self.by_key.remove(&e.chan.key);
+        if let Some(mid) = e.chan.mid {
+            if let Some(ids) = self.users.get_mut(&mid) {
+                ids.retain(|&i| i != idx);
+                if ids.is_empty() {
+                    self.users.remove(&mid);
+                }
+            }
+        }
+        e.chan
+    }
+
+    fn entry_of(&mut self, chan: &Channel) -> Option<usize> {
+        let idx = *self.by_key.get(&chan.key)?;
+        (self.entries[idx].chan.id == chan.id).then_some(idx)
+    }
+}
+
+/// The sharded registry.
+pub struct Registry {
+    buckets: Box<[Mutex<BucketInner>]>,
+    mask: usize,
+    hasher: ahash::RandomState,
+    next_id: AtomicU64,
+    online_tcp: AtomicUsize,
+    online_quic: AtomicUsize,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("buckets", &self.buckets.len())
+            .field("online", &self.online())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// A registry of `buckets` buckets (rounded up to a power of two).
+    pub fn new(buckets: usize) -> Self {
+        let n = buckets.max(1).next_power_of_two();
+        Registry {
+            buckets: (0..n).map(|_| Mutex::new(BucketInner::default())).collect(),
+            mask: n - 1,
+            hasher: ahash::RandomState::new(),
+            next_id: AtomicU64::new(1),
+            online_tcp: AtomicUsize::new(0),
+            online_quic: AtomicUsize::new(0),
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    #[inline]
+    fn bucket(&self, key: &str) -> &Mutex<BucketInner> {
+        let h = self.hasher.hash_one(key) as usize;
+        &self.buckets[h & self.mask]
+    }
+
+    fn counter(&self, t: Transport) -> &AtomicUsize {
+        match t {
+            Transport::Tcp => &self.online_tcp,
+            Transport::Quic => &self.online_quic,
+        }
+    }
+
+    /// Adds a channel. A channel already online with the same key is removed and
+    /// returned, so the caller can close it.
+    pub fn register(
+        &self,
+        chan: Arc<Channel>,
+        room: Option<Arc<str>>,
+        accepts: OpFilter,
+    ) -> Option<Arc<Channel>> {
+        let transport = chan.transport;
+        let replaced = {
+            let mut b = self.bucket(&chan.key).lock();
+            let replaced = b.by_key.get(&chan.key).copied().map(|idx| b.remove(idx));
+            let mid = chan.mid;
+            let key = chan.key.clone();
+            let idx = b.entries.insert(Entry {
+                chan,
+                accepts,
+                room: None,
+            });
+            b.by_key.insert(key, idx);
+            if let Some(mid) = mid {
+                b.users.entry(mid).or_default().push(idx);
+            }
+            b.join_room(idx, room);
+            replaced
+        };
+        self.counter(transport).fetch_add(1, Ordering::Relaxed);
+        if let Some(old) = &replaced {
+            self.counter(old.transport).fetch_sub(1, Ordering::Relaxed);
+        }
+        replaced
+    }
+
+    /// Removes `chan` if it is still the channel registered under its key.
+    pub fn unregister(&self, chan: &Channel) -> bool {
+        let removed = {
+            let mut b = self.bucket(&chan.key).lock();
+            match b.entry_of(chan) {
+                Some(idx) => {
+                    b.remove(idx);
+                    true
+                }
+                None => false,
+            }
+        };
+        if removed {
+            self.counter(chan.transport).fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Moves `chan` to `room` (or out of any room). False when it is no longer registered.
+    pub fn change_room(&self, chan: &Channel, room: Option<Arc<str>>) -> bool {
+        let mut b = self.bucket(&chan.key).lock();
+        match b.entry_of(chan) {
+            Some(idx) => {
+                b.join_room(idx, room);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds ops to `chan`'s accepts list. Note an empty list means "all ops", so the
+    /// first Sub narrows a channel that accepted everything to the ops named.
+    pub fn sub(&self, chan: &Channel, ops: &[u32]) -> bool {
+        let mut b = self.bucket(&chan.key).lock();
+        match b.entry_of(chan) {
+            Some(idx) => {
+                b.entries[idx].accepts.add(ops);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes ops from `chan`'s accepts list.
+    pub fn unsub(&self, chan: &Channel, ops: &[u32]) -> bool {
+        let mut b = self.bucket(&chan.key).lock();
+        match b.entry_of(chan) {
+            Some(idx) => {
+                b.entries[idx].accepts.remove(ops);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The channel online under `key`.
+    pub fn get(&self, key: &str) -> Option<Arc<Channel>> {
+        let b = self.bucket(key).lock();
+        b.by_key.get(key).map(|&i| b.entries[i].chan.clone())
+    }
+
+    /// Pushes an encoded frame to one key.
+    pub fn push_key(&self, key: &str, op: u32, frame: &Bytes) -> PushOutcome {
+        let b = self.bucket(key).lock();
+        match b.by_key.get(key) {
+            Some(&i) => b.entries[i].push(op, frame),
+            None => PushOutcome::Offline,
+        }
+    }
+
+    /// Pushes an encoded frame to every connection of each user id.
+    pub fn push_users(&self, mids: &[i64], op: u32, frame: &Bytes) -> Tally {
+        let mut t = Tally::default();
+        for bucket in self.buckets.iter() {
+            let b = bucket.lock();
+            if b.users.is_empty() {
+                continue;
+            }
+            for mid in mids {
+                if let Some(ids) = b.users.get(mid) {
+                    for &i in ids {
+                        t.add(b.entries[i].push(op, frame));
+                    }
+                }
+            }
+        }
+        t
+    }
+
+    /// Pushes an encoded frame to every member of `room`.
+    pub fn push_room(&self, room: &str, op: u32, frame: &Bytes) -> Tally {
+        let mut t = Tally::default();
+        for bucket in self.buckets.iter() {
+            let b = bucket.lock();
+            if let Some(members) = b.rooms.get(room) {
+                for &i in members {
+                    t.add(b.entries[i].push(op, frame));
+                }
+            }
+        }
+        t
+    }
+
+    /// Pushes an encoded frame to every channel of one bucket.
+    pub fn push_bucket(&self, bucket: usize, op: u32, frame: &Bytes) -> Tally {
+        let mut t = Tally::default();
+        if let Some(bucket) = self.buckets.get(bucket) {
+            let b = bucket.lock();
+            for (_, e) in b.entries.iter() {
+                t.add(e.push(op, frame));
+            }
+        }
+        t
+    }
+
+    /// The channels of one bucket that accept `op`: for paced broadcasts, which must
+    /// not hold the bucket's lock while they wait.
+    pub fn bucket_channels(&self, bucket: usize, op: u32) -> Vec<Arc<Channel>> {
+        match self.buckets.get(bucket) {
+            Some(bucket) => bucket
+                .lock()
+                .entries
+                .iter()
+                .filter(|(_, e)| e.accepts.accepts(op))
+                .map(|(_, e)| e.chan.clone())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Channels in `room` across all buckets.
+    pub fn room_online(&self, room: &str) -> u64 {
+        self.buckets
+            .iter()
+            .map(|b| b.lock().rooms.get(room).map_or(0, |m| m.len() as u64))
+            .sum()
+    }
+
+    /// Every non-empty room with its online count, sorted by room id.
+    pub fn rooms(&self) -> Vec<(String, u64)> {
+        let mut all: HashMap<Arc<str>, u64> = HashMap::new();
+        for bucket in self.buckets.iter() {
+            let b = bucket.lock();
+            for (room, members) in &b.rooms {
+                *all.entry(room.clone()).or_default() += members.len() as u64;
+            }
+        }
+        let mut v: Vec<_> = all.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
+        v.sort();
+        v
+    }
+
+    pub fn online(&self) -> Online {
+        let tcp = self.online_tcp.load(Ordering::Relaxed) as u64;
+        let quic = self.online_quic.load(Ordering::Relaxed) as u64;
+        Online {
+            total: tcp + quic,
+            tcp,
+            quic,
+        }
+    }
+
+    /// Closes the channel online under `key`. Its session unregisters it.
+    pub fn kick(&self, key: &str) -> bool {
+        match self.get(key) {
+            Some(ch) => {
+                ch.close(CloseReason::Kicked);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every channel (shutdown). Returns how many were asked to close.
+    pub fn close_all(&self, reason: CloseReason) -> usize {
+        let mut n = 0;
+        for bucket in self.buckets.iter() {
+            let b = bucket.lock();
+            for (_, e) in b.entries.iter() {
+                e.chan.close(reason);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::Outbound;
+    use tokio::sync::mpsc::Receiver;
+
+    fn chan(r: &Registry, key: &str, mid: Option<i64>) -> (Arc<Channel>, Receiver<Outbound>) {
+        Channel::new(r.next_id(), key.into(), mid, Transport::Tcp, 8)
+    }
+
+    fn frame() -> Bytes {
+        Bytes::from_static(b"f")
+    }
+
+    fn drain(rx: &mut Receiver<Outbound>) -> usize {
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn push_by_key_and_offline() {
+        let r = Registry::new(4);
+        let (a, mut ra) = chan(&r, "a", None);
+        assert!(r.register(a, None, OpFilter::default()).is_none());
+        assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
+        assert_eq!(r.push_key("b", 1000, &frame()), PushOutcome::Offline);
+        assert_eq!(drain(&mut ra), 1);
+        assert_eq!(r.online().total, 1);
+    }
+
+    #[test]
+    fn same_key_replaces_and_stale_unregister_is_ignored() {
+        let r = Registry::new(4);
+        let (a1, _r1) = chan(&r, "a", Some(1));
+        let (a2, mut r2) = chan(&r, "a", Some(1));
+        r.register(a1.clone(), Some("room".into()), OpFilter::default());
+        let old = r.register(a2.clone(), Some("room".into()), OpFilter::default());
+        assert_eq!(old.map(|c| c.id), Some(a1.id));
+        assert_eq!(r.online().total, 1);
+        assert_eq!(r.room_online("room"), 1);
+        // the old session ending must not remove the new channel
+        assert!(!r.unregister(&a1));
+        assert_eq!(r.push_key("a", 1, &frame()), PushOutcome::Delivered);
+        assert_eq!(r.push_users(&[1], 1, &frame()).delivered, 1);
+        assert_eq!(drain(&mut r2), 2);
+        assert!(r.unregister(&a2));
+        assert_eq!(r.online().total, 0);
+        assert_eq!(r.room_online("room"), 0);
+        assert!(r.rooms().is_empty());
+    }
+
+    #[test]
+    fn rooms_count_across_buckets_and_empty_rooms_vanish() {
+        let r = Registry::new(8);
+        let mut keep = Vec::new();
+        for i in 0..50 {
+            let (c, rx) = chan(&r, &format!("k{i}"), None);
+            let room = if i % 2 == 0 { "even" } else { "odd" };
+            r.register(c.clone(), Some(room.into()), OpFilter::default());
+            keep.push((c, rx));
+        }
+        assert_eq!(r.room_online("even"), 25);
+        assert_eq!(
+            r.rooms(),
+            vec![("even".to_string(), 25), ("odd".to_string(), 25)]
+        );
+        let t = r.push_room("odd", 1000, &frame());
+        assert_eq!(t.delivered, 25);
+        for (c, _) in &keep {
+            r.change_room(c, Some("all".into()));
+        }
+        assert_eq!(r.rooms(), vec![("all".to_string(), 50)]);
+        for (c, _) in &keep {
+            r.unregister(c);
+        }
+        assert!(r.rooms().is_empty());
+        assert_eq!(r.online(), Online::default());
+    }
+
+    #[test]
+    fn op_filter_and_sub_unsub() {
+        let r = Registry::new(2);
+        let (a, _ra) = chan(&r, "a", None);
+        r.register(a.clone(), None, OpFilter::new(vec![1000]));
+        assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
+        assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
+        assert!(r.sub(&a, &[1001]));
+        assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Delivered);
+        assert!(r.unsub(&a, &[1000]));
+        assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Filtered);
+    }
+
+    #[test]
+    fn full_queue_does_not_stop_the_rest_of_a_push() {
+        let r = Registry::new(1);
+        let (slow, _rs) = Channel::new(r.next_id(), "slow".into(), None, Transport::Tcp, 1);
+        let (fast, mut rf) = Channel::new(r.next_id(), "fast".into(), None, Transport::Quic, 8);
+        r.register(slow, Some("r".into()), OpFilter::default());
+        r.register(fast, Some("r".into()), OpFilter::default());
+        assert_eq!(r.push_room("r", 1, &frame()).delivered, 2);
+        let t = r.push_room("r", 1, &frame());
+        assert_eq!((t.delivered, t.queue_full), (1, 1));
+        assert_eq!(drain(&mut rf), 2);
+        assert_eq!(r.online(), Online { total: 2, tcp: 1, quic: 1 });
+    }
+
+    #[test]
+    fn broadcast_visits_every_bucket_and_kick_closes() {
+        let r = Registry::new(4);
+        let mut keep = Vec::new();
+        for i in 0..20 {
+            let (c, rx) = chan(&r, &format!("k{i}"), None);
+            r.register(c.clone(), None, OpFilter::default());
+            keep.push((c, rx));
+        }
+        let total: u64 = (0..r.bucket_count())
+            .map(|b| r.push_bucket(b, 1, &frame()).delivered)
+            .sum();
+        assert_eq!(total, 20);
+        let paced: usize = (0..r.bucket_count())
+            .map(|b| r.bucket_channels(b, 1).len())
+            .sum();
+        assert_eq!(paced, 20);
+        assert!(r.kick("k3"));
+        assert!(!r.kick("nobody"));
+        assert_eq!(keep[3].0.close_reason(), Some(CloseReason::Kicked));
+        assert_eq!(r.close_all(CloseReason::Shutdown), 20);
+    }
+}

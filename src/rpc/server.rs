@@ -1,0 +1,152 @@
+//! Serving backend connections: one accept task per bound endpoint, one task per
+//! connection, one task per stream. Each stream carries a sequence of calls; the
+//! server answers them in order, one coalesced write per batch of calls read.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::dispatch::Dispatcher;
+use super::proto::{Response, RpcError};
+use crate::codec;
+use crate::shutdown::Shutdown;
+
+/// Serves one RPC endpoint until shutdown.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    dispatcher: Arc<Dispatcher>,
+    max_request: usize,
+    tracker: TaskTracker,
+    shutdown: Shutdown,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let remote = incoming.remote_address();
+        let span = info_span!("rpc", remote = %remote);
+        let dispatcher = dispatcher.clone();
+        let t = tracker.clone();
+        tracker.spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "backend handshake failed");
+                        return;
+                    }
+                };
+                info!("backend connected");
+                serve_connection(conn, dispatcher, max_request, t).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    dispatcher: Arc<Dispatcher>,
+    max_request: usize,
+    tracker: TaskTracker,
+) {
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let d = dispatcher.clone();
+                let span = info_span!("stream", id = %send.id());
+                tracker.spawn(serve_stream(send, recv, d, max_request).instrument(span));
+            }
+            Err(quinn::ConnectionError::ApplicationClosed(_))
+            | Err(quinn::ConnectionError::LocallyClosed) => {
+                info!("backend disconnected");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "backend connection lost");
+                return;
+            }
+        }
+    }
+}
+
+/// Answers the calls on one stream until the backend finishes it.
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    dispatcher: Arc<Dispatcher>,
+    max_request: usize,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    // Bytes of an oversize request still to be skipped.
+    let mut skip: u64 = 0;
+    loop {
+        match recv.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "stream read ended");
+                break;
+            }
+        }
+        loop {
+            if skip > 0 {
+                let n = skip.min(buf.len() as u64) as usize;
+                buf.advance(n);
+                skip -= n as u64;
+                if skip > 0 {
+                    break;
+                }
+            }
+            let Some((id, len)) = codec::peek_prefix(&buf) else {
+                break;
+            };
+            if len > max_request as u64 {
+                warn!(call = id, len, max = max_request, "request too large; refused");
+                reply(&mut out, id, &Err(RpcError::RequestTooLarge {
+                    len,
+                    max: max_request as u64,
+                }));
+                buf.advance(codec::PREFIX_LEN);
+                skip = len;
+                continue;
+            }
+            let total = codec::PREFIX_LEN + len as usize;
+            if buf.len() < total {
+                buf.reserve(total - buf.len());
+                break;
+            }
+            let msg = buf.split_to(total);
+            let response: Response = match codec::decode_payload(&msg[codec::PREFIX_LEN..]) {
+                Ok(req) => dispatcher.dispatch(req).await,
+                Err(e) => {
+                    warn!(call = id, error = %e, "malformed request");
+                    Err(RpcError::Malformed(e.to_string()))
+                }
+            };
+            reply(&mut out, id, &response);
+        }
+        if !out.is_empty() {
+            if let Err(e) = send.write_all(&out).await {
+                debug!(error = %e, "stream write failed");
+                return;
+            }
+            out.clear();
+        }
+    }
+    let _ = send.finish();
+}
+
+fn reply(out: &mut BytesMut, id: u64, response: &Response) {
+    if let Err(e) = codec::write_message(out, id, response) {
+        warn!(call = id, error = %e, "cannot encode reply");
+    }
+}

@@ -1,0 +1,233 @@
+//! Binding and running every listener, and shutting them down gracefully.
+//!
+//! [`Server::bind`] prepares everything that can fail (certificates, token secret,
+//! sockets) and returns with the sockets bound, so callers (and tests, binding
+//! port 0) can read the addresses before anything runs. [`Server::run`] serves until
+//! the shutdown future resolves, then:
+//! 1. stops every accept loop;
+//! 2. closes every client channel: each writer drains its queue, sends
+//!    DisconnectReply and finishes its stream;
+//! 3. waits for the sessions, at most `shutdown.grace`;
+//! 4. closes the QUIC endpoints with code 1 and waits for them to go idle, at most
+//!    `shutdown.grace` again.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::auth::{Authenticator, SecretError};
+use crate::certs::{self, CertError};
+use crate::channel::CloseReason;
+use crate::config::{AuthMode, Config};
+use crate::registry::Registry;
+use crate::rpc::broadcast::Broadcaster;
+use crate::rpc::dispatch::{Dispatcher, RpcLimits};
+use crate::session::{SessionContext, SessionLimits};
+use crate::shutdown::Shutdown;
+use crate::tls::{self, TlsError};
+use crate::transport;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Generating missing certificates failed.
+    #[error("certificates: {0}")]
+    Certs(#[from] CertError),
+    /// Certificates or keys could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// The token secret could not be loaded.
+    #[error("auth: {0}")]
+    Secret(#[from] SecretError),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A server with every socket bound, ready to [`run`](Server::run).
+pub struct Server {
+    config: Config,
+    tcp: Vec<TcpListener>,
+    quic: Vec<quinn::Endpoint>,
+    rpc: Vec<quinn::Endpoint>,
+    registry: Arc<Registry>,
+    auth: Authenticator,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("tcp", &self.tcp_addrs())
+            .field("quic", &self.quic_addrs())
+            .field("rpc", &self.rpc_addrs())
+            .finish()
+    }
+}
+
+fn bind_err(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error) -> ServerError {
+    move |source| ServerError::Bind { what, addr, source }
+}
+
+impl Server {
+    /// Generates certificates if the directory has none (and the config allows),
+    /// loads them and the token secret, and binds every listener.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let dir = config.tls.dir.clone();
+        if config.tls.generate_if_missing && certs::ensure(&dir, &[])? {
+            info!(dir = %dir.display(), "no certificates found: generated a CA, server and backend certificates and a token secret");
+        }
+        let auth = Authenticator::from_mode(config.auth.mode, &config.auth.secret_file)?;
+        let client_tls = tls::client_server_config(&dir, &config.quic)?;
+        let rpc_tls = tls::rpc_server_config(&dir, &config.rpc)?;
+
+        let mut tcp = Vec::new();
+        for &addr in &config.client.tcp_bind {
+            tcp.push(TcpListener::bind(addr).await.map_err(bind_err("client TCP", addr))?);
+        }
+        let mut quic = Vec::new();
+        for &addr in &config.client.quic_bind {
+            quic.push(
+                quinn::Endpoint::server(client_tls.clone(), addr)
+                    .map_err(bind_err("client QUIC", addr))?,
+            );
+        }
+        let mut rpc = Vec::new();
+        for &addr in &config.rpc.bind {
+            rpc.push(
+                quinn::Endpoint::server(rpc_tls.clone(), addr)
+                    .map_err(bind_err("backend RPC", addr))?,
+            );
+        }
+        if config.auth.mode == AuthMode::Open {
+            let public: Vec<_> = config
+                .client
+                .tcp_bind
+                .iter()
+                .chain(&config.client.quic_bind)
+                .filter(|a| !a.ip().is_loopback())
+                .collect();
+            if !public.is_empty() {
+                warn!(addrs = ?public, "auth.mode = \"open\" accepts unverified tokens on non-loopback addresses");
+            }
+        }
+        let registry = Arc::new(Registry::new(config.registry.buckets));
+        Ok(Server {
+            config,
+            tcp,
+            quic,
+            rpc,
+            registry,
+            auth,
+        })
+    }
+
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    pub fn quic_addrs(&self) -> Vec<SocketAddr> {
+        self.quic.iter().filter_map(|e| e.local_addr().ok()).collect()
+    }
+
+    pub fn rpc_addrs(&self) -> Vec<SocketAddr> {
+        self.rpc.iter().filter_map(|e| e.local_addr().ok()).collect()
+    }
+
+    /// The registry, for inspection.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            config,
+            tcp,
+            quic,
+            rpc,
+            registry,
+            auth,
+        } = self;
+        let stop = Shutdown::new();
+        let c = &config.client;
+        let ctx = Arc::new(SessionContext {
+            registry: registry.clone(),
+            auth,
+            limits: SessionLimits {
+                max_body: c.max_body,
+                handshake_timeout: c.handshake_timeout,
+                heartbeat_timeout: c.heartbeat_timeout,
+                write_timeout: c.write_timeout,
+                queue_size: c.queue_size,
+            },
+            shutdown: stop.clone(),
+        });
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let dispatcher = Arc::new(Dispatcher {
+            registry: registry.clone(),
+            broadcaster: Broadcaster::start(registry.clone(), workers),
+            limits: RpcLimits {
+                max_body: c.max_body,
+                max_keys: config.rpc.max_keys,
+            },
+        });
+
+        let sessions = TaskTracker::new();
+        let backends = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(c.max_connections));
+        for l in tcp {
+            info!(addr = ?l.local_addr().ok(), "client TCP listening");
+            sessions.spawn(transport::tcp::serve(l, ctx.clone(), limit.clone(), sessions.clone()));
+        }
+        for e in &quic {
+            info!(addr = ?e.local_addr().ok(), alpn = "quicpush/1", "client QUIC listening");
+            sessions.spawn(transport::quic::serve(e.clone(), ctx.clone(), limit.clone(), sessions.clone()));
+        }
+        for e in &rpc {
+            info!(addr = ?e.local_addr().ok(), alpn = "quicpush-rpc/1", "backend RPC listening (mutual TLS)");
+            backends.spawn(crate::rpc::server::serve(
+                e.clone(),
+                dispatcher.clone(),
+                config.rpc.max_request_bytes,
+                backends.clone(),
+                stop.clone(),
+            ));
+        }
+        drop(dispatcher);
+
+        shutdown.await;
+        let grace = config.shutdown.grace;
+        info!(?grace, "shutting down: no new connections; draining clients");
+        stop.cancel();
+        let closing = registry.close_all(CloseReason::Shutdown);
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            warn!(remaining = sessions.len(), "grace period over: some client sessions did not drain");
+        }
+        info!(clients = closing, "clients disconnected; closing QUIC endpoints");
+        let code = transport::quic::code::SHUTDOWN.into();
+        for e in quic.iter().chain(&rpc) {
+            e.close(code, b"server shutting down");
+        }
+        let idle = async {
+            for e in quic.iter().chain(&rpc) {
+                e.wait_idle().await;
+            }
+        };
+        if tokio::time::timeout(grace, idle).await.is_err() {
+            warn!("grace period over: QUIC endpoints not idle");
+        }
+        backends.close();
+        let _ = tokio::time::timeout(grace, backends.wait()).await;
+        info!("shutdown complete");
+    }
+}

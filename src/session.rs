@@ -1,0 +1,395 @@
+//! One client connection: the reader and writer loops, written once for every
+//! transport over `AsyncRead` / `AsyncWrite`.
+//!
+//! ```text
+//! reader: Auth → register → { Heartbeat | ChangeRoom | Sub | Unsub | SendMsg | Raw }*
+//!           replies ──┐
+//! registry pushes ────┴─▶ bounded queue ─▶ writer: drain all, one write per wake-up
+//! ```
+//!
+//! The reader handles the client's frames and queues replies; the writer owns the
+//! socket's write half. When the server closes the channel (replaced, kicked,
+//! shutdown) the writer drains the queue, adds DisconnectReply and finishes the
+//! stream. When either side fails, the other stops too.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, Instrument};
+
+use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
+use crate::channel::{Channel, CloseReason, Outbound, Transport};
+use crate::protocol::{self, op, Frame, FrameError};
+use crate::registry::{OpFilter, Registry};
+use crate::shutdown::Shutdown;
+
+/// Most queued frames a writer takes per wake-up.
+const WRITE_BATCH: usize = 256;
+/// How long a finishing writer waits for the peer to take the last bytes.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The write half of a client connection.
+pub trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
+    /// Ends the stream gracefully once everything written was sent.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+impl SessionWrite for tokio::net::tcp::OwnedWriteHalf {
+    async fn finish(&mut self) {
+        let _ = self.shutdown().await;
+    }
+}
+
+impl SessionWrite for quinn::SendStream {
+    async fn finish(&mut self) {
+        if quinn::SendStream::finish(self).is_ok() {
+            // Resolves once the peer has every byte, so closing the connection after
+            // this does not discard the DisconnectReply.
+            let _ = tokio::time::timeout(FINISH_TIMEOUT, self.stopped()).await;
+        }
+    }
+}
+
+/// Limits applied to every session.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_body: usize,
+    pub handshake_timeout: Duration,
+    pub heartbeat_timeout: Duration,
+    pub write_timeout: Duration,
+    pub queue_size: usize,
+}
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct SessionContext {
+    pub registry: Arc<Registry>,
+    pub auth: Authenticator,
+    pub limits: SessionLimits,
+    pub shutdown: Shutdown,
+}
+
+/// Why a session ended with an error. Each is logged with the connection's span.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Reading from the client failed.
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    /// The client sent bytes that are not a valid frame.
+    #[error("bad frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The stream ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({0} bytes buffered)")]
+    Truncated(usize),
+    /// No Auth frame within the handshake timeout.
+    #[error("no Auth frame within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The connection closed before authenticating.
+    #[error("connection closed before Auth")]
+    ClosedBeforeAuth,
+    /// The first frame was not Auth.
+    #[error("first frame has op {0}, expected Auth (7)")]
+    NotAuth(u32),
+    /// The Auth frame's token was refused.
+    #[error("auth failed: {0}")]
+    Auth(#[from] AuthError),
+    /// No frame within the heartbeat timeout.
+    #[error("no frame for {0:?} (heartbeat timeout)")]
+    HeartbeatTimeout(Duration),
+    /// A frame's body is invalid for its op.
+    #[error("invalid body for op {op}: {reason}")]
+    BadBody { op: u32, reason: String },
+    /// The writer failed or timed out, so the connection is unusable.
+    #[error("write failed: {0}")]
+    Write(String),
+}
+
+/// How a session ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client closed its side.
+    ClientClosed,
+    /// The server closed it (DisconnectReply sent).
+    ServerClosed(CloseReason),
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_body: usize,
+) -> Result<Option<Frame>, SessionError> {
+    loop {
+        if let Some(frame) = protocol::decode(buf, max_body)? {
+            return Ok(Some(frame));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let n = reader.read_buf(buf).await.map_err(SessionError::Read)?;
+        if n == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(SessionError::Truncated(buf.len()))
+            };
+        }
+    }
+}
+
+/// Runs a client session to its end. The caller's span names the connection.
+pub async fn run<R, W>(
+    ctx: Arc<SessionContext>,
+    mut reader: R,
+    writer: W,
+    transport: Transport,
+) -> Result<SessionEnd, SessionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: SessionWrite,
+{
+    let limits = &ctx.limits;
+    let mut buf = BytesMut::with_capacity(1024);
+
+    let first = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, read_frame(&mut reader, &mut buf, limits.max_body)) => {
+            r.map_err(|_| SessionError::HandshakeTimeout(limits.handshake_timeout))??
+        }
+        _ = ctx.shutdown.cancelled() => return Ok(SessionEnd::ServerClosed(CloseReason::Shutdown)),
+    };
+    let auth = first.ok_or(SessionError::ClosedBeforeAuth)?;
+    if auth.op != op::AUTH {
+        return Err(SessionError::NotAuth(auth.op));
+    }
+    let id = ctx.auth.verify(&auth.body)?;
+    tracing::Span::current().record("key", id.key.as_str());
+
+    let (chan, rx) = Channel::new(
+        ctx.registry.next_id(),
+        id.key.as_str().into(),
+        id.mid,
+        transport,
+        limits.queue_size,
+    );
+    // AuthReply goes first in the queue, before any push can.
+    chan.reply(Frame::new(op::AUTH_REPLY, auth.seq, Bytes::new()).to_bytes())
+        .await;
+    let mut room: Option<Arc<str>> = id.room.as_deref().map(Arc::from);
+    if let Some(old) = ctx
+        .registry
+        .register(chan.clone(), room.clone(), OpFilter::new(id.accepts))
+    {
+        debug!(old_conn = old.id, "replacing the connection with the same key");
+        old.close(CloseReason::Replaced);
+    }
+    if ctx.shutdown.is_cancelled() {
+        chan.close(CloseReason::Shutdown);
+    }
+    debug!(mid = ?id.mid, room = ?room, platform = %id.platform, "authenticated");
+
+    let stop = CancellationToken::new();
+    let writer_task = tokio::spawn(
+        write_loop(
+            writer,
+            rx,
+            chan.clone(),
+            stop.clone(),
+            limits.write_timeout,
+        )
+        .in_current_span(),
+    );
+
+    let result = read_loop(&ctx, &mut reader, &mut buf, &chan, &mut room, &stop).await;
+
+    ctx.registry.unregister(&chan);
+    stop.cancel();
+    let write_result = match writer_task.await {
+        Ok(r) => r,
+        Err(e) => Err(format!("writer task failed: {e}")),
+    };
+    match (result, write_result) {
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(SessionError::Write(e)),
+        (Ok(end), Ok(())) => Ok(end),
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    ctx: &SessionContext,
+    reader: &mut R,
+    buf: &mut BytesMut,
+    chan: &Arc<Channel>,
+    room: &mut Option<Arc<str>>,
+    stop: &CancellationToken,
+) -> Result<SessionEnd, SessionError> {
+    let limits = &ctx.limits;
+    loop {
+        let frame = tokio::select! {
+            r = tokio::time::timeout(limits.heartbeat_timeout, read_frame(reader, buf, limits.max_body)) => {
+                match r.map_err(|_| SessionError::HeartbeatTimeout(limits.heartbeat_timeout))?? {
+                    Some(f) => f,
+                    None => return Ok(SessionEnd::ClientClosed),
+                }
+            }
+            _ = chan.closed() => {
+                return Ok(SessionEnd::ServerClosed(chan.close_reason().unwrap_or(CloseReason::Shutdown)));
+            }
+            // the writer stopped: the client is not taking bytes
+            _ = stop.cancelled() => return Ok(SessionEnd::ClientClosed),
+        };
+        if frame.op == op::RAW {
+            for inner in protocol::split_raw(&frame.body, limits.max_body)? {
+                handle(ctx, chan, room, inner).await?;
+            }
+        } else {
+            handle(ctx, chan, room, frame).await?;
+        }
+    }
+}
+
+fn parse_ops(op: u32, body: &[u8]) -> Result<Vec<u32>, SessionError> {
+    let text = std::str::from_utf8(body).map_err(|_| SessionError::BadBody {
+        op,
+        reason: "ops are not UTF-8".into(),
+    })?;
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>().map_err(|_| SessionError::BadBody {
+                op,
+                reason: format!("{s:?} is not an op number"),
+            })
+        })
+        .collect()
+}
+
+async fn handle(
+    ctx: &SessionContext,
+    chan: &Arc<Channel>,
+    room: &mut Option<Arc<str>>,
+    frame: Frame,
+) -> Result<(), SessionError> {
+    let reply = |op, body: Bytes| Frame::new(op, frame.seq, body).to_bytes();
+    let out = match frame.op {
+        op::HEARTBEAT => {
+            let online = room
+                .as_deref()
+                .map_or(0, |r| ctx.registry.room_online(r));
+            let count = u32::try_from(online).unwrap_or(u32::MAX);
+            reply(
+                op::HEARTBEAT_REPLY,
+                Bytes::copy_from_slice(&count.to_be_bytes()),
+            )
+        }
+        op::CHANGE_ROOM => {
+            let id = std::str::from_utf8(&frame.body).map_err(|_| SessionError::BadBody {
+                op: frame.op,
+                reason: "room id is not UTF-8".into(),
+            })?;
+            if id.len() > MAX_ID_LEN {
+                return Err(SessionError::BadBody {
+                    op: frame.op,
+                    reason: format!("room id longer than {MAX_ID_LEN} bytes"),
+                });
+            }
+            *room = (!id.is_empty()).then(|| Arc::from(id));
+            ctx.registry.change_room(chan, room.clone());
+            debug!(room = ?room, "changed room");
+            reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
+        }
+        op::SUB => {
+            ctx.registry.sub(chan, &parse_ops(frame.op, &frame.body)?);
+            reply(op::SUB_REPLY, frame.body.clone())
+        }
+        op::UNSUB => {
+            ctx.registry.unsub(chan, &parse_ops(frame.op, &frame.body)?);
+            reply(op::UNSUB_REPLY, frame.body.clone())
+        }
+        op::SEND_MSG => reply(op::SEND_MSG_REPLY, frame.body.clone()),
+        op::AUTH => {
+            return Err(SessionError::BadBody {
+                op: frame.op,
+                reason: "already authenticated".into(),
+            })
+        }
+        other => {
+            debug!(op = other, "ignoring a frame with an op the server does not handle");
+            return Ok(());
+        }
+    };
+    // A closed queue means the writer is gone; the read loop notices through `stop`.
+    chan.reply(out).await;
+    Ok(())
+}
+
+async fn write_loop<W: SessionWrite>(
+    mut writer: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    chan: Arc<Channel>,
+    stop: CancellationToken,
+    write_timeout: Duration,
+) -> Result<(), String> {
+    let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+    let mut out = BytesMut::with_capacity(4096);
+    let mut push_seq: u32 = 0;
+    let result = loop {
+        let mut closing = false;
+        tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
+                if n == 0 {
+                    break Ok(());
+                }
+            }
+            _ = chan.closed() => closing = true,
+            _ = stop.cancelled() => closing = true,
+        }
+        if closing {
+            // Everything queued before the close still goes out.
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+            }
+        }
+        for m in batch.drain(..) {
+            match m {
+                Outbound::Push(frame) => {
+                    push_seq = push_seq.wrapping_add(1);
+                    protocol::put_with_seq(&mut out, &frame, push_seq);
+                }
+                Outbound::Reply(frame) => out.extend_from_slice(&frame),
+            }
+        }
+        if closing && chan.is_closed() {
+            Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
+        }
+        if !out.is_empty() {
+            let write = async {
+                writer.write_all(&out).await?;
+                writer.flush().await
+            };
+            match tokio::time::timeout(write_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => break Err(format!("{e}")),
+                Err(_) => break Err(format!("client took no bytes for {write_timeout:?}")),
+            }
+            out.clear();
+            if out.capacity() > 1 << 20 {
+                out = BytesMut::with_capacity(4096);
+            }
+        }
+        if closing {
+            break Ok(());
+        }
+    };
+    if result.is_ok() {
+        writer.finish().await;
+    }
+    stop.cancel();
+    result
+}

@@ -1,0 +1,78 @@
+//! Clients over QUIC: ALPN `quicpush/1`; the client opens one bidirectional stream
+//! and the same goim frames flow on it both ways.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, field, info_span, warn, Instrument};
+
+use crate::channel::Transport;
+use crate::session::{self, SessionContext};
+
+/// Application close codes on client QUIC connections.
+pub mod code {
+    /// The session ended normally.
+    pub const DONE: u32 = 0;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 1;
+    /// The client did not open its stream in time.
+    pub const NO_STREAM: u32 = 2;
+}
+
+/// Accepts QUIC clients until shutdown.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<SessionContext>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
+    let shutdown = ctx.shutdown.clone();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let remote = incoming.remote_address();
+        // Over the connection limit the handshake is refused before any work.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%remote, "QUIC connection refused: connection limit reached");
+            incoming.refuse();
+            continue;
+        };
+        let span = info_span!("conn", transport = "quic", remote = %remote, key = field::Empty);
+        let ctx = ctx.clone();
+        tracker.spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "QUIC handshake failed");
+                        return;
+                    }
+                };
+                let timeout = ctx.limits.handshake_timeout;
+                let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "connection ended before opening a stream");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(?timeout, "connection closed: no stream opened in time");
+                        conn.close(code::NO_STREAM.into(), b"no stream");
+                        return;
+                    }
+                };
+                let result = session::run(ctx, recv, send, Transport::Quic).await;
+                super::log_end(&result);
+                conn.close(code::DONE.into(), b"bye");
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}

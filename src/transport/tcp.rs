@@ -1,0 +1,57 @@
+//! goim v2 clients over TCP: the byte stream of frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{error, field, info_span, Instrument};
+
+use crate::channel::Transport;
+use crate::session::{self, SessionContext};
+
+/// Accepts TCP clients until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<SessionContext>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
+    let shutdown = ctx.shutdown.clone();
+    loop {
+        // The permit is taken before accept: over the limit, connections wait in
+        // the kernel's backlog instead of costing a task and buffers.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (socket, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // e.g. out of file descriptors: back off instead of spinning
+                    error!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = socket.set_nodelay(true);
+        let span = info_span!("conn", transport = "tcp", remote = %remote, key = field::Empty);
+        let ctx = ctx.clone();
+        tracker.spawn(
+            async move {
+                let (reader, writer) = socket.into_split();
+                let result = session::run(ctx, reader, writer, Transport::Tcp).await;
+                super::log_end(&result);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
