@@ -35,6 +35,7 @@
 //! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session.
 //! - [`rpc`]: the backend API: request/reply types, the QUIC server and the client
 //!   library backends use.
+//! - [`client`]: a minimal goim client over TCP or QUIC, for examples, tests and load tools.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
@@ -50,6 +51,7 @@
 pub mod auth;
 pub mod certs;
 pub mod channel;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod protocol;

@@ -1,1 +1,279 @@
-fn main() {}
+//! The `quicpush` command: serve, generate certificates, issue tokens, and call the
+//! backend API from the shell.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use quicpush::rpc::proto::{MultiOutcome, Reply};
+use quicpush::rpc::{Client, Request};
+use quicpush::tls::BackendIdentity;
+use quicpush::{auth, certs, Config, Server};
+
+#[derive(Parser)]
+#[command(name = "quicpush", version, about = "A goim-compatible push server over QUIC and TCP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (built-in defaults without --config).
+    Serve {
+        /// TOML configuration file; see config/quicpush.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Generate a CA, server and backend certificates and a token secret.
+    Certs {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Extra subject alternative name for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Print a client token signed with the token secret.
+    Token {
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        mid: Option<i64>,
+        #[arg(long)]
+        room: Option<String>,
+        /// Ops the client accepts, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        accepts: Vec<u32>,
+        /// Validity, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The HS256 secret file.
+        #[arg(long, default_value = "certs/token.secret")]
+        secret: PathBuf,
+    },
+    /// Push a message and print the outcome.
+    Push(PushArgs),
+    /// List rooms with their online counts.
+    Rooms(Remote),
+    /// Show connections online, in total and per transport.
+    Online(Remote),
+    /// Check that the server answers.
+    Ping(Remote),
+    /// Disconnect the client with a key.
+    Kick {
+        #[arg(long)]
+        key: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Args)]
+struct Remote {
+    /// The server's backend RPC address.
+    #[arg(long, default_value = "127.0.0.1:3109")]
+    server: SocketAddr,
+    /// Directory with ca.pem, backend.pem and backend.key.
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// Name the server's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("target").required(true).multiple(false))]
+struct PushArgs {
+    /// One connection key.
+    #[arg(long, group = "target")]
+    key: Option<String>,
+    /// Several keys, comma-separated.
+    #[arg(long, group = "target", value_delimiter = ',')]
+    keys: Option<Vec<String>>,
+    /// Every connection of these user ids, comma-separated.
+    #[arg(long, group = "target", value_delimiter = ',', allow_negative_numbers = true)]
+    mid: Option<Vec<i64>>,
+    /// Every member of a room.
+    #[arg(long, group = "target")]
+    room: Option<String>,
+    /// Every connected client.
+    #[arg(long, group = "target")]
+    all: bool,
+    /// The message's op (backends usually use 1000 and up).
+    #[arg(long)]
+    op: u32,
+    /// The message's body, as text.
+    #[arg(long)]
+    body: String,
+    /// With --all: node-wide limit in messages per second (0 = none).
+    #[arg(long, default_value_t = 0)]
+    speed: u32,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config } => {
+            init_tracing("info");
+            serve(config.as_deref()).await
+        }
+        Command::Certs { dir, sans } => {
+            certs::generate(&dir, &sans)?;
+            println!("wrote ca, server and backend certificates and token.secret to {}", dir.display());
+            Ok(())
+        }
+        Command::Token {
+            key,
+            mid,
+            room,
+            accepts,
+            ttl,
+            secret,
+        } => {
+            let secret = auth::load_secret(&secret)?;
+            let mut claims = auth::claims_for(&key, ttl);
+            claims.mid = mid;
+            claims.room_id = room;
+            claims.accepts = accepts;
+            println!("{}", auth::issue(&secret, &claims).context("cannot sign the token")?);
+            Ok(())
+        }
+        Command::Push(args) => {
+            init_tracing("warn");
+            push(args).await
+        }
+        Command::Rooms(remote) => {
+            init_tracing("warn");
+            let client = connect(&remote).await?;
+            let rooms = client.rooms().await?;
+            if rooms.is_empty() {
+                println!("no rooms");
+            }
+            for r in rooms {
+                println!("{}\t{}", r.room, r.online);
+            }
+            client.close().await;
+            Ok(())
+        }
+        Command::Online(remote) => {
+            init_tracing("warn");
+            let client = connect(&remote).await?;
+            let o = client.online().await?;
+            println!("total={} tcp={} quic={}", o.total, o.tcp, o.quic);
+            client.close().await;
+            Ok(())
+        }
+        Command::Ping(remote) => {
+            init_tracing("warn");
+            let start = std::time::Instant::now();
+            let client = connect(&remote).await?;
+            client.ping().await?;
+            println!("pong from {} in {:?}", remote.server, start.elapsed());
+            client.close().await;
+            Ok(())
+        }
+        Command::Kick { key, remote } => {
+            init_tracing("warn");
+            let client = connect(&remote).await?;
+            let kicked = client.kick(key.clone()).await?;
+            println!("{}", if kicked { "kicked" } else { "offline" });
+            client.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(path: Option<&Path>) -> Result<()> {
+    let config = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    raise_nofile_limit();
+    let server = Server::bind(config).await?;
+    server.run(quicpush::shutdown::signal()).await;
+    Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit: each client costs a descriptor.
+fn raise_nofile_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+async fn connect(remote: &Remote) -> Result<Client> {
+    let id = BackendIdentity::from_dir(&remote.certs);
+    Client::connect(remote.server, &remote.server_name, &id)
+        .await
+        .with_context(|| format!("cannot reach the quicpush RPC at {}", remote.server))
+}
+
+fn print_multi(keys: &[String], m: &MultiOutcome) {
+    for (k, o) in keys.iter().zip(&m.outcomes) {
+        println!("{k}\t{o:?}");
+    }
+    println!("index={}", m.index);
+}
+
+async fn push(a: PushArgs) -> Result<()> {
+    let client = connect(&a.remote).await?;
+    let body = bytes::Bytes::from(a.body.into_bytes());
+    let req = if let Some(key) = a.key.clone() {
+        Request::PushMsg { key, op: a.op, body }
+    } else if let Some(keys) = a.keys.clone() {
+        Request::MPushMsg { keys, op: a.op, body }
+    } else if let Some(mids) = a.mid.clone() {
+        Request::PushUser { mids, op: a.op, body }
+    } else if let Some(room) = a.room.clone() {
+        Request::BroadcastRoom { room, op: a.op, body }
+    } else if a.all {
+        Request::Broadcast {
+            op: a.op,
+            body,
+            speed: a.speed,
+        }
+    } else {
+        bail!("choose one of --key, --keys, --mid, --room, --all");
+    };
+    let reply = client.call(&req).await?;
+    match reply {
+        Reply::Pushed(o) => println!("{o:?}"),
+        Reply::Multi(m) => print_multi(a.keys.as_deref().unwrap_or_default(), &m),
+        Reply::Tally(t) => println!(
+            "delivered={} queue_full={} filtered={}",
+            t.delivered, t.queue_full, t.filtered
+        ),
+        Reply::BroadcastAccepted { online } => println!("accepted; {online} clients online"),
+        other => println!("{other:?}"),
+    }
+    client.close().await;
+    Ok(())
+}

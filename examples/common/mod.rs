@@ -1,0 +1,71 @@
+//! What the example clients share: the receive loop.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use quicpush::client::PushClient;
+use quicpush::protocol::{self, op, Frame};
+
+fn print(f: &Frame) {
+    println!(
+        "op={} seq={} body={}",
+        f.op,
+        f.seq,
+        String::from_utf8_lossy(&f.body)
+    );
+}
+
+/// Authenticates, then prints every pushed message as one line, sending a
+/// Heartbeat every `heartbeat`. Returns after `count` messages, or when the server
+/// closes the connection if no count was given.
+pub async fn receive(
+    mut client: PushClient,
+    token: &str,
+    count: Option<u64>,
+    heartbeat: Duration,
+) -> Result<()> {
+    client.auth(token.as_bytes().to_vec()).await?;
+    eprintln!("authenticated; waiting for messages");
+    let mut seen = 0u64;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+    loop {
+        if count.is_some_and(|n| seen >= n) {
+            client.close().await;
+            return Ok(());
+        }
+        let frame = tokio::select! {
+            f = client.next_frame() => f?,
+            _ = tick.tick() => {
+                client.heartbeat().await?;
+                continue;
+            }
+        };
+        let Some(frame) = frame else {
+            if count.is_some() {
+                bail!("server closed the connection after {seen} messages");
+            }
+            return Ok(());
+        };
+        match frame.op {
+            op::HEARTBEAT_REPLY => {}
+            op::DISCONNECT_REPLY => {
+                eprintln!("server sent DisconnectReply");
+                if count.is_some() {
+                    bail!("disconnected by the server after {seen} messages");
+                }
+                return Ok(());
+            }
+            op::RAW => {
+                for f in protocol::split_raw(&frame.body, protocol::MAX_BODY_LIMIT)? {
+                    print(&f);
+                    seen += 1;
+                }
+            }
+            _ => {
+                print(&frame);
+                seen += 1;
+            }
+        }
+    }
+}
