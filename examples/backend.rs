@@ -29,21 +29,36 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = Client::connect(args.server, "localhost", &BackendIdentity::from_dir(&args.certs)).await?;
+    let client = Client::connect(
+        args.server,
+        "localhost",
+        &BackendIdentity::from_dir(&args.certs),
+    )
+    .await?;
 
     let online = client.online().await?;
-    println!("online: {} ({} tcp, {} quic)", online.total, online.tcp, online.quic);
+    println!(
+        "online: {} ({} tcp, {} quic)",
+        online.total, online.tcp, online.quic
+    );
 
-    let outcome = client.push_msg(args.key.as_str(), 1000, "hello from the backend").await?;
+    let outcome = client
+        .push_msg(args.key.as_str(), 1000, "hello from the backend")
+        .await?;
     println!("PushMsg to {}: {outcome:?}", args.key);
 
     // Many calls in flight on one connection.
     let calls = (0..10).map(|i| client.push_msg(args.key.as_str(), 1001, format!("message {i}")));
     let outcomes = futures_util::future::join_all(calls).await;
-    println!("10 concurrent PushMsg: {:?}", outcomes.into_iter().collect::<Result<Vec<_>, _>>()?);
+    println!(
+        "10 concurrent PushMsg: {:?}",
+        outcomes.into_iter().collect::<Result<Vec<_>, _>>()?
+    );
 
     if let Some(room) = args.room {
-        let tally = client.broadcast_room(room.as_str(), 1002, "hello, room").await?;
+        let tally = client
+            .broadcast_room(room.as_str(), 1002, "hello, room")
+            .await?;
         println!("BroadcastRoom {room}: {tally:?}");
     }
     client.close().await;

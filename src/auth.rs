@@ -154,13 +154,14 @@ impl Authenticator {
             Authenticator::Jwt { key, validation } => {
                 let token = std::str::from_utf8(body)
                     .map_err(|_| AuthError::Malformed("token is not UTF-8".into()))?;
-                let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-                    match e.kind() {
+                let data =
+                    jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e
+                        .kind()
+                    {
                         ErrorKind::InvalidSignature => AuthError::BadSignature,
                         ErrorKind::ExpiredSignature => AuthError::Expired,
                         _ => AuthError::Malformed(e.to_string()),
-                    }
-                })?;
+                    })?;
                 let c = data.claims;
                 identity(
                     c.key.unwrap_or_default(),
@@ -308,7 +309,9 @@ mod tests {
         c.mid = Some(42);
         c.room_id = Some("live://1".into());
         c.accepts = vec![1001, 1000, 1000];
-        let id = Authenticator::jwt(SECRET).verify(token(&c).as_bytes()).unwrap();
+        let id = Authenticator::jwt(SECRET)
+            .verify(token(&c).as_bytes())
+            .unwrap();
         assert_eq!(id.key, "k1");
         assert_eq!(id.mid, Some(42));
         assert_eq!(id.room.as_deref(), Some("live://1"));
@@ -321,7 +324,9 @@ mod tests {
             exp: now_secs() + 60,
             ..Claims::default()
         };
-        let id = Authenticator::jwt(SECRET).verify(token(&c).as_bytes()).unwrap();
+        let id = Authenticator::jwt(SECRET)
+            .verify(token(&c).as_bytes())
+            .unwrap();
         assert_eq!(id.key.len(), 36, "a UUID: {}", id.key);
     }
 
@@ -353,8 +358,14 @@ mod tests {
         let a = Authenticator::jwt(SECRET);
         assert_eq!(a.verify(b""), Err(AuthError::Missing));
         assert_eq!(a.verify(b"  \n"), Err(AuthError::Missing));
-        assert!(matches!(a.verify(b"not a jwt"), Err(AuthError::Malformed(_))));
-        assert!(matches!(a.verify(&[0xff, 0xfe]), Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            a.verify(b"not a jwt"),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(
+            a.verify(&[0xff, 0xfe]),
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -34,7 +34,11 @@ fn config() -> impl bincode::config::Config {
 }
 
 /// Appends one message (`len | id | payload`) to `dst`.
-pub fn write_message<T: Serialize>(dst: &mut BytesMut, id: u64, value: &T) -> Result<(), CodecError> {
+pub fn write_message<T: Serialize>(
+    dst: &mut BytesMut,
+    id: u64,
+    value: &T,
+) -> Result<(), CodecError> {
     let start = dst.len();
     dst.put_u32(0);
     dst.put_u64(id);

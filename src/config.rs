@@ -302,7 +302,10 @@ impl Config {
             return Err(invalid("rpc.idle_timeout", "must be at most 1h"));
         }
         if q.stream_receive_window < 1024 {
-            return Err(invalid("quic.stream_receive_window", "must be at least 1024"));
+            return Err(invalid(
+                "quic.stream_receive_window",
+                "must be at least 1024",
+            ));
         }
         if q.receive_window < q.stream_receive_window {
             return Err(invalid(
@@ -424,11 +427,20 @@ mod tests {
     #[test]
     fn each_rejection() {
         let cases: &[(&str, &str)] = &[
-            ("[client]\ntcp_bind = []\nquic_bind = []\n", "client.tcp_bind"),
+            (
+                "[client]\ntcp_bind = []\nquic_bind = []\n",
+                "client.tcp_bind",
+            ),
             ("[client]\nmax_body = 0\n", "client.max_body"),
             ("[client]\nmax_body = 1048577\n", "client.max_body"),
-            ("[client]\nhandshake_timeout = \"0s\"\n", "client.handshake_timeout"),
-            ("[client]\nheartbeat_timeout = \"0s\"\n", "client.heartbeat_timeout"),
+            (
+                "[client]\nhandshake_timeout = \"0s\"\n",
+                "client.handshake_timeout",
+            ),
+            (
+                "[client]\nheartbeat_timeout = \"0s\"\n",
+                "client.heartbeat_timeout",
+            ),
             ("[client]\nwrite_timeout = \"0s\"\n", "client.write_timeout"),
             ("[client]\nqueue_size = 0\n", "client.queue_size"),
             ("[client]\nqueue_size = 2000000\n", "client.queue_size"),
@@ -439,7 +451,10 @@ mod tests {
                 "[quic]\nidle_timeout = \"10s\"\nkeep_alive_interval = \"10s\"\n",
                 "quic.keep_alive_interval",
             ),
-            ("[quic]\nstream_receive_window = 10\n", "quic.stream_receive_window"),
+            (
+                "[quic]\nstream_receive_window = 10\n",
+                "quic.stream_receive_window",
+            ),
             (
                 "[quic]\nstream_receive_window = 8192\nreceive_window = 4096\n",
                 "quic.receive_window",
@@ -447,7 +462,10 @@ mod tests {
             ("[quic]\nsend_window = 1\n", "quic.send_window"),
             ("[rpc]\nbind = []\n", "rpc.bind"),
             ("[rpc]\nmax_request_bytes = 10\n", "rpc.max_request_bytes"),
-            ("[rpc]\nmax_request_bytes = 1000000000\n", "rpc.max_request_bytes"),
+            (
+                "[rpc]\nmax_request_bytes = 1000000000\n",
+                "rpc.max_request_bytes",
+            ),
             ("[rpc]\nmax_keys = 0\n", "rpc.max_keys"),
             ("[rpc]\nmax_streams = 0\n", "rpc.max_streams"),
             ("[rpc]\nidle_timeout = \"0s\"\n", "rpc.idle_timeout"),

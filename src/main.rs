@@ -13,7 +13,11 @@ use quicpush::tls::BackendIdentity;
 use quicpush::{auth, certs, Config, Server};
 
 #[derive(Parser)]
-#[command(name = "quicpush", version, about = "A goim-compatible push server over QUIC and TCP")]
+#[command(
+    name = "quicpush",
+    version,
+    about = "A goim-compatible push server over QUIC and TCP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,7 +97,12 @@ struct PushArgs {
     #[arg(long, group = "target", value_delimiter = ',')]
     keys: Option<Vec<String>>,
     /// Every connection of these user ids, comma-separated.
-    #[arg(long, group = "target", value_delimiter = ',', allow_negative_numbers = true)]
+    #[arg(
+        long,
+        group = "target",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
     mid: Option<Vec<i64>>,
     /// Every member of a room.
     #[arg(long, group = "target")]
@@ -120,6 +129,7 @@ fn init_tracing(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -146,7 +156,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Certs { dir, sans } => {
             certs::generate(&dir, &sans)?;
-            println!("wrote ca, server and backend certificates and token.secret to {}", dir.display());
+            println!(
+                "wrote ca, server and backend certificates and token.secret to {}",
+                dir.display()
+            );
             Ok(())
         }
         Command::Token {
@@ -162,7 +175,10 @@ async fn run(cli: Cli) -> Result<()> {
             claims.mid = mid;
             claims.room_id = room;
             claims.accepts = accepts;
-            println!("{}", auth::issue(&secret, &claims).context("cannot sign the token")?);
+            println!(
+                "{}",
+                auth::issue(&secret, &claims).context("cannot sign the token")?
+            );
             Ok(())
         }
         Command::Push(args) => {
@@ -247,13 +263,29 @@ async fn push(a: PushArgs) -> Result<()> {
     let client = connect(&a.remote).await?;
     let body = bytes::Bytes::from(a.body.into_bytes());
     let req = if let Some(key) = a.key.clone() {
-        Request::PushMsg { key, op: a.op, body }
+        Request::PushMsg {
+            key,
+            op: a.op,
+            body,
+        }
     } else if let Some(keys) = a.keys.clone() {
-        Request::MPushMsg { keys, op: a.op, body }
+        Request::MPushMsg {
+            keys,
+            op: a.op,
+            body,
+        }
     } else if let Some(mids) = a.mid.clone() {
-        Request::PushUser { mids, op: a.op, body }
+        Request::PushUser {
+            mids,
+            op: a.op,
+            body,
+        }
     } else if let Some(room) = a.room.clone() {
-        Request::BroadcastRoom { room, op: a.op, body }
+        Request::BroadcastRoom {
+            room,
+            op: a.op,
+            body,
+        }
     } else if a.all {
         Request::Broadcast {
             op: a.op,

@@ -529,7 +529,14 @@ mod tests {
         let t = r.push_room("r", 1, &frame());
         assert_eq!((t.delivered, t.queue_full), (1, 1));
         assert_eq!(drain(&mut rf), 2);
-        assert_eq!(r.online(), Online { total: 2, tcp: 1, quic: 1 });
+        assert_eq!(
+            r.online(),
+            Online {
+                total: 2,
+                tcp: 1,
+                quic: 1
+            }
+        );
     }
 
     #[test]

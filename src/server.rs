@@ -91,7 +91,11 @@ impl Server {
 
         let mut tcp = Vec::new();
         for &addr in &config.client.tcp_bind {
-            tcp.push(TcpListener::bind(addr).await.map_err(bind_err("client TCP", addr))?);
+            tcp.push(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(bind_err("client TCP", addr))?,
+            );
         }
         let mut quic = Vec::new();
         for &addr in &config.client.quic_bind {
@@ -131,15 +135,24 @@ impl Server {
     }
 
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
-        self.tcp.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     pub fn quic_addrs(&self) -> Vec<SocketAddr> {
-        self.quic.iter().filter_map(|e| e.local_addr().ok()).collect()
+        self.quic
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .collect()
     }
 
     pub fn rpc_addrs(&self) -> Vec<SocketAddr> {
-        self.rpc.iter().filter_map(|e| e.local_addr().ok()).collect()
+        self.rpc
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .collect()
     }
 
     /// The registry, for inspection.
@@ -185,15 +198,31 @@ impl Server {
         let backends = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(c.max_connections));
         for l in tcp {
-            info!(addr = ?l.local_addr().ok(), "client TCP listening");
-            sessions.spawn(transport::tcp::serve(l, ctx.clone(), limit.clone(), sessions.clone()));
+            if let Ok(addr) = l.local_addr() {
+                info!(%addr, "client TCP listening");
+            }
+            sessions.spawn(transport::tcp::serve(
+                l,
+                ctx.clone(),
+                limit.clone(),
+                sessions.clone(),
+            ));
         }
         for e in &quic {
-            info!(addr = ?e.local_addr().ok(), alpn = "quicpush/1", "client QUIC listening");
-            sessions.spawn(transport::quic::serve(e.clone(), ctx.clone(), limit.clone(), sessions.clone()));
+            if let Ok(addr) = e.local_addr() {
+                info!(%addr, alpn = "quicpush/1", "client QUIC listening");
+            }
+            sessions.spawn(transport::quic::serve(
+                e.clone(),
+                ctx.clone(),
+                limit.clone(),
+                sessions.clone(),
+            ));
         }
         for e in &rpc {
-            info!(addr = ?e.local_addr().ok(), alpn = "quicpush-rpc/1", "backend RPC listening (mutual TLS)");
+            if let Ok(addr) = e.local_addr() {
+                info!(%addr, alpn = "quicpush-rpc/1", "backend RPC listening (mutual TLS)");
+            }
             backends.spawn(crate::rpc::server::serve(
                 e.clone(),
                 dispatcher.clone(),
@@ -206,14 +235,23 @@ impl Server {
 
         shutdown.await;
         let grace = config.shutdown.grace;
-        info!(?grace, "shutting down: no new connections; draining clients");
+        info!(
+            ?grace,
+            "shutting down: no new connections; draining clients"
+        );
         stop.cancel();
         let closing = registry.close_all(CloseReason::Shutdown);
         sessions.close();
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-            warn!(remaining = sessions.len(), "grace period over: some client sessions did not drain");
+            warn!(
+                remaining = sessions.len(),
+                "grace period over: some client sessions did not drain"
+            );
         }
-        info!(clients = closing, "clients disconnected; closing QUIC endpoints");
+        info!(
+            clients = closing,
+            "clients disconnected; closing QUIC endpoints"
+        );
         let code = transport::quic::code::SHUTDOWN.into();
         for e in quic.iter().chain(&rpc) {
             e.close(code, b"server shutting down");

@@ -184,7 +184,10 @@ where
         .registry
         .register(chan.clone(), room.clone(), OpFilter::new(id.accepts))
     {
-        debug!(old_conn = old.id, "replacing the connection with the same key");
+        debug!(
+            old_conn = old.id,
+            "replacing the connection with the same key"
+        );
         old.close(CloseReason::Replaced);
     }
     if ctx.shutdown.is_cancelled() {
@@ -194,14 +197,7 @@ where
 
     let stop = CancellationToken::new();
     let writer_task = tokio::spawn(
-        write_loop(
-            writer,
-            rx,
-            chan.clone(),
-            stop.clone(),
-            limits.write_timeout,
-        )
-        .in_current_span(),
+        write_loop(writer, rx, chan.clone(), stop.clone(), limits.write_timeout).in_current_span(),
     );
 
     let result = read_loop(&ctx, &mut reader, &mut buf, &chan, &mut room, &stop).await;
@@ -278,9 +274,7 @@ async fn handle(
     let reply = |op, body: Bytes| Frame::new(op, frame.seq, body).to_bytes();
     let out = match frame.op {
         op::HEARTBEAT => {
-            let online = room
-                .as_deref()
-                .map_or(0, |r| ctx.registry.room_online(r));
+            let online = room.as_deref().map_or(0, |r| ctx.registry.room_online(r));
             let count = u32::try_from(online).unwrap_or(u32::MAX);
             reply(
                 op::HEARTBEAT_REPLY,
@@ -319,7 +313,10 @@ async fn handle(
             })
         }
         other => {
-            debug!(op = other, "ignoring a frame with an op the server does not handle");
+            debug!(
+                op = other,
+                "ignoring a frame with an op the server does not handle"
+            );
             return Ok(());
         }
     };

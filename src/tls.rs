@@ -121,7 +121,8 @@ fn roots(ca_path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-fn server_builder() -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>, TlsError> {
+fn server_builder(
+) -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>, TlsError> {
     rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
@@ -130,7 +131,8 @@ fn server_builder() -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls
         })
 }
 
-fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, TlsError> {
+fn client_builder(
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, TlsError> {
     rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
@@ -200,12 +202,13 @@ pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerC
 /// required; ALPN `quicpush-rpc/1`.
 pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfig, TlsError> {
     let ca_path = dir.join(certs::CA_CERT);
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca_path)?), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier {
-            path: ca_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca_path)?), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier {
+                path: ca_path.display().to_string(),
+                reason: e.to_string(),
+            })?;
     let certs = load_certs(&dir.join(certs::SERVER_CERT))?;
     let key = load_key(&dir.join(certs::SERVER_KEY))?;
     let mut cfg = server_builder()?

@@ -231,7 +231,11 @@ impl Client {
         self.multi("MPushMsgs", &Request::MPushMsgs { msgs }).await
     }
 
-    async fn multi(&self, method: &'static str, req: &Request) -> Result<MultiOutcome, ClientError> {
+    async fn multi(
+        &self,
+        method: &'static str,
+        req: &Request,
+    ) -> Result<MultiOutcome, ClientError> {
         match self.call(req).await? {
             Reply::Multi(m) => Ok(m),
             reply => Err(ClientError::UnexpectedReply { method, reply }),
@@ -331,7 +335,8 @@ impl Client {
     }
 }
 
-type Pending = Arc<parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>;
+type Pending =
+    Arc<parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>;
 
 /// One stream: a writer task sends queued calls, a reader task hands each reply to
 /// its caller. Separate tasks, so a large burst of calls never stops replies from

@@ -111,7 +111,11 @@ impl Dispatcher {
             Request::Broadcast { op, body, speed } => {
                 self.check_body(&body)?;
                 let online = r.online().total;
-                if !self.broadcaster.submit(op, push_frame(op, body), speed).await {
+                if !self
+                    .broadcaster
+                    .submit(op, push_frame(op, body), speed)
+                    .await
+                {
                     return Err(RpcError::ShuttingDown);
                 }
                 Ok(Reply::BroadcastAccepted { online })

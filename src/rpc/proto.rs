@@ -30,7 +30,11 @@ pub enum Request {
     /// Many messages, each to its own key.
     MPushMsgs { msgs: Vec<PushItem> },
     /// One message to every connection of these user ids.
-    PushUser { mids: Vec<i64>, op: u32, body: Bytes },
+    PushUser {
+        mids: Vec<i64>,
+        op: u32,
+        body: Bytes,
+    },
     /// One message to every client; `speed` limits messages per second node-wide
     /// (0 = no limit). Replies once the broadcast is accepted.
     Broadcast { op: u32, body: Bytes, speed: u32 },
@@ -94,7 +98,9 @@ pub enum Reply {
     /// `PushUser`, `BroadcastRoom`: channels reached, by outcome.
     Tally(Tally),
     /// `Broadcast`: accepted; `online` channels were online when it was.
-    BroadcastAccepted { online: u64 },
+    BroadcastAccepted {
+        online: u64,
+    },
     Rooms(Vec<RoomCount>),
     Online(Online),
     /// `Kick`: whether a client with that key was online.

@@ -110,11 +110,20 @@ async fn serve_stream(
                 break;
             };
             if len > max_request as u64 {
-                warn!(call = id, len, max = max_request, "request too large; refused");
-                reply(&mut out, id, &Err(RpcError::RequestTooLarge {
+                warn!(
+                    call = id,
                     len,
-                    max: max_request as u64,
-                }));
+                    max = max_request,
+                    "request too large; refused"
+                );
+                reply(
+                    &mut out,
+                    id,
+                    &Err(RpcError::RequestTooLarge {
+                        len,
+                        max: max_request as u64,
+                    }),
+                );
                 buf.advance(codec::PREFIX_LEN);
                 skip = len;
                 continue;

@@ -16,6 +16,8 @@ pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
     match result {
         Ok(SessionEnd::ClientClosed) => debug!("connection closed by client"),
         Ok(SessionEnd::ServerClosed(reason)) => info!(%reason, "connection closed by server"),
+        // The client hanging up or its network failing is no server problem.
+        Err(e @ SessionError::Read(_)) => info!(error = %e, "connection lost"),
         Err(e) => warn!(error = %e, "connection closed"),
     }
 }

@@ -1,0 +1,176 @@
+//! A server started in-process on port 0 with fresh certificates, and helpers to
+//! connect clients and backends to it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicpush::auth::{self, Claims};
+use quicpush::client::PushClient;
+use quicpush::protocol::{op, Frame};
+use quicpush::registry::Registry;
+use quicpush::rpc::Client;
+use quicpush::tls::BackendIdentity;
+use quicpush::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub tcp: SocketAddr,
+    pub quic: SocketAddr,
+    pub rpc: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub registry: Arc<Registry>,
+    secret: Vec<u8>,
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Tcp,
+    Quic,
+}
+
+pub const BOTH: [Via; 2] = [Via::Tcp, Via::Quic];
+
+pub fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.client.tcp_bind = vec![local()];
+        config.client.quic_bind = vec![local()];
+        config.rpc.bind = vec![local()];
+        config.tls.dir = dir.path().to_owned();
+        config.auth.secret_file = dir.path().join("token.secret");
+        tweak(&mut config);
+        config.validate().unwrap();
+        let server = Server::bind(config).await.unwrap();
+        let secret = auth::load_secret(&dir.path().join("token.secret")).unwrap();
+        let tcp = server.tcp_addrs()[0];
+        let quic = server.quic_addrs()[0];
+        let rpc = server.rpc_addrs()[0];
+        let registry = server.registry();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let handle = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
+        TestServer {
+            tcp,
+            quic,
+            rpc,
+            dir,
+            registry,
+            secret,
+            stop,
+            handle,
+        }
+    }
+
+    pub fn claims(&self, key: &str) -> Claims {
+        auth::claims_for(key, Duration::from_secs(3600))
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        auth::issue(&self.secret, claims).unwrap()
+    }
+
+    pub fn token(&self, key: &str) -> String {
+        self.sign(&self.claims(key))
+    }
+
+    /// A connected client that has not authenticated yet.
+    pub async fn raw_client(&self, via: Via) -> PushClient {
+        match via {
+            Via::Tcp => PushClient::connect_tcp(self.tcp).await.unwrap(),
+            Via::Quic => {
+                PushClient::connect_quic(self.quic, "localhost", &self.dir.path().join("ca.pem"))
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+
+    /// A client authenticated with `claims`; it is registered when this returns.
+    pub async fn client_with(&self, via: Via, claims: &Claims) -> PushClient {
+        let mut c = self.raw_client(via).await;
+        c.auth(self.sign(claims)).await.unwrap();
+        c
+    }
+
+    pub async fn client(&self, via: Via, key: &str) -> PushClient {
+        self.client_with(via, &self.claims(key)).await
+    }
+
+    pub async fn backend(&self) -> Client {
+        Client::connect(
+            self.rpc,
+            "localhost",
+            &BackendIdentity::from_dir(self.dir.path()),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Waits until the registry reports `n` connections online.
+    pub async fn wait_online(&self, n: u64) {
+        let reg = self.registry.clone();
+        tokio::time::timeout(WAIT, async move {
+            while reg.online().total != n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("online never reached {n}: {:?}", self.registry.online()));
+    }
+
+    /// Signals shutdown and waits for the server to finish.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("server did not shut down")
+            .unwrap();
+    }
+}
+
+/// The next frame, failing the test after a timeout.
+pub async fn next(c: &mut PushClient) -> Frame {
+    tokio::time::timeout(WAIT, c.next_frame())
+        .await
+        .expect("timed out waiting for a frame")
+        .expect("read failed")
+        .expect("connection closed")
+}
+
+/// The next pushed frame (ops the server pushes on behalf of backends).
+pub async fn next_push(c: &mut PushClient) -> Frame {
+    loop {
+        let f = next(c).await;
+        if f.op != op::HEARTBEAT_REPLY {
+            return f;
+        }
+    }
+}
+
+/// Asserts that the server closes the connection (EOF or a reset), without having
+/// sent anything but possibly a DisconnectReply.
+pub async fn assert_closed(c: &mut PushClient) {
+    loop {
+        match tokio::time::timeout(WAIT, c.next_frame()).await {
+            Err(_) => panic!("connection still open"),
+            Ok(Ok(None)) | Ok(Err(_)) => return,
+            Ok(Ok(Some(f))) if f.op == op::DISCONNECT_REPLY => continue,
+            Ok(Ok(Some(f))) => panic!("expected the connection to close, got {f:?}"),
+        }
+    }
+}

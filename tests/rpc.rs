@@ -1,0 +1,229 @@
+//! The backend RPC: mutual TLS, typed errors, framing limits, concurrency.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use quicpush::channel::PushOutcome;
+use quicpush::rpc::proto::{PushItem, Response};
+use quicpush::rpc::{Client, ClientError, Request, RpcError};
+use quicpush::tls::{self, BackendIdentity};
+
+#[tokio::test]
+async fn backend_without_a_client_certificate_is_refused() {
+    let s = TestServer::start().await;
+    let id = BackendIdentity {
+        ca: s.dir.path().join("ca.pem"),
+        cert: None,
+    };
+    let err = Client::connect(s.rpc, "localhost", &id).await.unwrap_err();
+    assert!(matches!(err, ClientError::Connection { .. }), "{err}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn backend_with_a_certificate_from_another_ca_is_refused() {
+    let s = TestServer::start().await;
+    let other = tempfile::tempdir().unwrap();
+    quicpush::certs::generate(other.path(), &[]).unwrap();
+    let id = BackendIdentity {
+        ca: s.dir.path().join("ca.pem"),
+        cert: Some((
+            other.path().join("backend.pem"),
+            other.path().join("backend.key"),
+        )),
+    };
+    let err = Client::connect(s.rpc, "localhost", &id).await.unwrap_err();
+    assert!(matches!(err, ClientError::Connection { .. }), "{err}");
+    // and a backend that trusts another CA refuses the server
+    let err = Client::connect(s.rpc, "localhost", &BackendIdentity::from_dir(other.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Connection { .. }), "{err}");
+    // the right certificate still works
+    s.backend().await.ping().await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_arguments_get_typed_errors() {
+    let s = TestServer::start_with(|c| c.rpc.max_keys = 3).await;
+    let b = s.backend().await;
+    let rpc_err = |r: Result<_, ClientError>| match r {
+        Err(ClientError::Rpc(e)) => e,
+        other => panic!("expected an RPC error, got {other:?}"),
+    };
+    assert_eq!(
+        rpc_err(b.push_msg("", 1000, "x").await.map(|_| ())),
+        RpcError::EmptyKeys
+    );
+    assert_eq!(
+        rpc_err(b.mpush_msg(vec![], 1000, "x").await.map(|_| ())),
+        RpcError::EmptyKeys
+    );
+    assert_eq!(
+        rpc_err(
+            b.mpush_msg(vec!["a".into(), "".into()], 1000, "x")
+                .await
+                .map(|_| ())
+        ),
+        RpcError::EmptyKeys
+    );
+    assert_eq!(
+        rpc_err(b.mpush_msgs(vec![]).await.map(|_| ())),
+        RpcError::EmptyKeys
+    );
+    assert_eq!(
+        rpc_err(b.push_user(vec![], 1000, "x").await.map(|_| ())),
+        RpcError::EmptyMids
+    );
+    assert_eq!(
+        rpc_err(b.broadcast_room("", 1000, "x").await.map(|_| ())),
+        RpcError::EmptyRoom
+    );
+    assert_eq!(
+        rpc_err(b.push_msg("k", 1000, vec![0u8; 4097]).await.map(|_| ())),
+        RpcError::BodyTooLarge {
+            len: 4097,
+            max: 4096
+        }
+    );
+    assert_eq!(
+        rpc_err(b.broadcast(1000, vec![0u8; 5000], 0).await.map(|_| ())),
+        RpcError::BodyTooLarge {
+            len: 5000,
+            max: 4096
+        }
+    );
+    let items = (0..4)
+        .map(|i| PushItem {
+            key: format!("k{i}"),
+            op: 1,
+            body: "x".into(),
+        })
+        .collect();
+    assert_eq!(
+        rpc_err(b.mpush_msgs(items).await.map(|_| ())),
+        RpcError::TooManyKeys { len: 4, max: 3 }
+    );
+    // the connection is still fine after every refusal
+    b.ping().await.unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_and_malformed_requests_get_error_replies_on_the_same_stream() {
+    let s = TestServer::start_with(|c| c.rpc.max_request_bytes = 1024).await;
+    let config = tls::rpc_client_config(&BackendIdentity::from_dir(s.dir.path())).unwrap();
+    let endpoint = quinn::Endpoint::client(local()).unwrap();
+    let conn = endpoint
+        .connect_with(config, s.rpc, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+
+    let mut out = BytesMut::new();
+    // 1: a request over the limit, body sent in full (skipped by the server)
+    out.put_u32(8 + 2000);
+    out.put_u64(1);
+    out.put_bytes(0, 2000);
+    // 2: a payload that is not a request (an unknown variant tag)
+    out.put_u32(8 + 1);
+    out.put_u64(2);
+    out.put_u8(200);
+    // 3: a valid Ping after both
+    quicpush::codec::write_message(&mut out, 3, &Request::Ping).unwrap();
+    send.write_all(&out).await.unwrap();
+    send.finish().unwrap();
+
+    let data = tokio::time::timeout(WAIT, recv.read_to_end(1 << 20))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut replies = Vec::new();
+    let mut rest = &data[..];
+    while let Some((id, len)) = quicpush::codec::peek_prefix(rest) {
+        let end = quicpush::codec::PREFIX_LEN + len as usize;
+        let r: Response =
+            quicpush::codec::decode_payload(&rest[quicpush::codec::PREFIX_LEN..end]).unwrap();
+        replies.push((id, r));
+        rest = &rest[end..];
+    }
+    assert_eq!(replies.len(), 3, "{replies:?}");
+    assert_eq!(
+        replies[0],
+        (
+            1,
+            Err(RpcError::RequestTooLarge {
+                len: 2000,
+                max: 1024
+            })
+        )
+    );
+    assert!(
+        matches!(replies[1], (2, Err(RpcError::Malformed(_)))),
+        "{:?}",
+        replies[1]
+    );
+    assert_eq!(replies[2], (3, Ok(quicpush::rpc::Reply::Pong)));
+    conn.close(0u32.into(), b"");
+    endpoint.wait_idle().await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn many_concurrent_calls_on_one_connection() {
+    let s = TestServer::start().await;
+    let b = std::sync::Arc::new(s.backend().await);
+    let mut c = s.client(Via::Tcp, "busy").await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        let b = b.clone();
+        calls.spawn(async move { b.push_msg("busy", 1000 + i, format!("m{i}")).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), PushOutcome::Delivered);
+    }
+    let mut seen: Vec<u32> = Vec::new();
+    for _ in 0..200 {
+        seen.push(next_push(&mut c).await.op - 1000);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..200).collect::<Vec<_>>());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_is_reported_and_the_rest_of_the_push_carries_on() {
+    let s = TestServer::start_with(|c| {
+        c.client.queue_size = 4;
+        c.client.write_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let b = s.backend().await;
+    // a client that never reads: its socket buffers, then its queue, fill up
+    let _stalled = s.client(Via::Tcp, "stalled").await;
+    let mut active = s.client(Via::Quic, "active").await;
+    let body = vec![b'x'; 4096];
+    let mut full = false;
+    for _ in 0..100_000 {
+        if b.push_msg("stalled", 1000, body.clone()).await.unwrap() == PushOutcome::QueueFull {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the stalled client's queue never filled");
+    let m = b
+        .mpush_msg(vec!["stalled".into(), "active".into()], 1000, "after")
+        .await
+        .unwrap();
+    assert_eq!(
+        m.outcomes,
+        vec![PushOutcome::QueueFull, PushOutcome::Delivered]
+    );
+    assert_eq!(m.index, 1);
+    assert_eq!(&next_push(&mut active).await.body[..], b"after");
+    s.stop().await;
+}

@@ -1,0 +1,121 @@
+//! Graceful shutdown: clients get DisconnectReply, the process exits 0.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use quicpush::client::PushClient;
+use quicpush::protocol::op;
+
+#[tokio::test]
+async fn in_process_shutdown_sends_disconnect_reply_after_queued_pushes() {
+    let s = TestServer::start().await;
+    let backend = s.backend().await;
+    let mut clients = Vec::new();
+    for via in BOTH {
+        clients.push(s.client(via, &format!("c-{via:?}")).await);
+    }
+    for via in BOTH {
+        backend
+            .push_msg(format!("c-{via:?}"), 1000, "last words")
+            .await
+            .unwrap();
+    }
+    let reg = s.registry.clone();
+    s.stop().await;
+    for c in &mut clients {
+        // everything queued before the shutdown still arrives, then DisconnectReply
+        assert_eq!(&next(c).await.body[..], b"last words");
+        assert_eq!(next(c).await.op, op::DISCONNECT_REPLY);
+        assert_closed(c).await;
+    }
+    assert_eq!(reg.online().total, 0);
+}
+
+fn listening_addr(line: &str, what: &str) -> Option<SocketAddr> {
+    if !line.contains(what) {
+        return None;
+    }
+    let start = line.find("addr=")? + 5;
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn sigterm_disconnects_clients_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("quicpush.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[client]\ntcp_bind = [\"127.0.0.1:0\"]\nquic_bind = [\"127.0.0.1:0\"]\n\
+             [rpc]\nbind = [\"127.0.0.1:0\"]\n[tls]\ndir = {:?}\n[auth]\nsecret_file = {:?}\n",
+            dir.path(),
+            dir.path().join("token.secret")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quicpush"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // The server logs each bound address; read them as they come (no sleeping).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut tcp, mut quic) = (None, None);
+    while tcp.is_none() || quic.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server did not start");
+        tcp = tcp.or(listening_addr(&line, "client TCP listening"));
+        quic = quic.or(listening_addr(&line, "client QUIC listening"));
+    }
+    let secret = quicpush::auth::load_secret(&dir.path().join("token.secret")).unwrap();
+    let token = |k: &str| {
+        quicpush::auth::issue(
+            &secret,
+            &quicpush::auth::claims_for(k, Duration::from_secs(60)),
+        )
+        .unwrap()
+    };
+    let mut a = PushClient::connect_tcp(tcp.unwrap()).await.unwrap();
+    a.auth(token("a")).await.unwrap();
+    let mut b = PushClient::connect_quic(quic.unwrap(), "localhost", &dir.path().join("ca.pem"))
+        .await
+        .unwrap();
+    b.auth(token("b")).await.unwrap();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for c in [&mut a, &mut b] {
+        assert_eq!(next(c).await.op, op::DISCONNECT_REPLY);
+        assert_closed(c).await;
+    }
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("shutdown complete")),
+        "{rest:#?}"
+    );
+}
