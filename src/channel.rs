@@ -120,6 +120,11 @@ impl Channel {
     /// Queues a pushed frame without waiting.
     #[inline]
     pub fn try_push(&self, frame: &Bytes) -> PushOutcome {
+        if self.close.is_cancelled() {
+            // Closing: its writer sends what was queued, then DisconnectReply; a
+            // push now would be reported delivered and never written.
+            return PushOutcome::Offline;
+        }
         match self.tx.try_send(Outbound::Push(frame.clone())) {
             Ok(()) => PushOutcome::Delivered,
             Err(mpsc::error::TrySendError::Full(_)) => PushOutcome::QueueFull,

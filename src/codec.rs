@@ -23,6 +23,9 @@ pub enum CodecError {
     /// The value could not be encoded.
     #[error("cannot encode: {0}")]
     Encode(String),
+    /// A message's length field is shorter than its call id.
+    #[error("message length {0} is shorter than the 8-byte call id")]
+    ShortLength(u64),
 }
 
 /// The largest payload the codec will ever decode; callers enforce smaller limits
@@ -59,15 +62,19 @@ pub fn write_message<T: Serialize>(
 }
 
 /// The header of the next message in `src`, if its 12 bytes are there:
-/// `(call_id, payload_len)`. Consumes nothing.
-pub fn peek_prefix(src: &[u8]) -> Option<(u64, u64)> {
+/// `(call_id, payload_len)`. Consumes nothing. A length too short to hold the call
+/// id means the stream is out of step and cannot be trusted further.
+pub fn peek_prefix(src: &[u8]) -> Result<Option<(u64, u64)>, CodecError> {
     if src.len() < PREFIX_LEN {
-        return None;
+        return Ok(None);
     }
     let mut h = &src[..PREFIX_LEN];
     let len = h.get_u32() as u64;
     let id = h.get_u64();
-    Some((id, len.saturating_sub(8)))
+    if len < 8 {
+        return Err(CodecError::ShortLength(len));
+    }
+    Ok(Some((id, len - 8)))
 }
 
 /// Decodes a whole payload; trailing bytes are an error.
@@ -99,7 +106,7 @@ mod tests {
             n: 9,
         };
         write_message(&mut buf, 77, &m).unwrap();
-        let (id, len) = peek_prefix(&buf).unwrap();
+        let (id, len) = peek_prefix(&buf).unwrap().unwrap();
         assert_eq!(id, 77);
         assert_eq!(len as usize, buf.len() - PREFIX_LEN);
         let got: Msg = decode_payload(&buf[PREFIX_LEN..]).unwrap();
@@ -122,6 +129,13 @@ mod tests {
 
     #[test]
     fn short_prefix_is_incomplete() {
-        assert_eq!(peek_prefix(&[0; 11]), None);
+        assert_eq!(peek_prefix(&[0; 11]).unwrap(), None);
+    }
+
+    #[test]
+    fn length_shorter_than_the_call_id_is_an_error() {
+        let mut b = vec![0, 0, 0, 7];
+        b.extend_from_slice(&[0; 8]);
+        assert!(matches!(peek_prefix(&b), Err(CodecError::ShortLength(7))));
     }
 }

@@ -55,34 +55,84 @@ pub struct Online {
     pub quic: u64,
 }
 
-/// The ops a client accepts; empty means all. Kept sorted.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct OpFilter(Vec<u32>);
+/// Most ops one filter lists (in its accepted or its excluded set).
+pub const MAX_FILTER_OPS: usize = 1024;
+
+/// The ops a client accepts.
+///
+/// Built from the token's `accepts` (empty = every op). Sub adds ops, Unsub removes
+/// them: on an every-op filter Unsub excludes ops and Sub takes exclusions back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpFilter {
+    /// Every op except these (sorted).
+    All { except: Vec<u32> },
+    /// Only these ops (sorted).
+    Only(Vec<u32>),
+}
+
+impl Default for OpFilter {
+    fn default() -> Self {
+        OpFilter::All { except: Vec::new() }
+    }
+}
+
+/// A Sub or Unsub would make the filter list more than [`MAX_FILTER_OPS`] ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("op filter would hold more than {MAX_FILTER_OPS} ops")]
+pub struct FilterFull;
+
+fn merge(list: &mut Vec<u32>, ops: &[u32]) -> Result<(), FilterFull> {
+    let mut next = list.clone();
+    next.extend_from_slice(ops);
+    next.sort_unstable();
+    next.dedup();
+    if next.len() > MAX_FILTER_OPS {
+        return Err(FilterFull);
+    }
+    *list = next;
+    Ok(())
+}
 
 impl OpFilter {
+    /// The filter for a token's accepts list: empty means every op.
     pub fn new(mut ops: Vec<u32>) -> Self {
+        if ops.is_empty() {
+            return OpFilter::default();
+        }
         ops.sort_unstable();
         ops.dedup();
-        OpFilter(ops)
+        ops.truncate(MAX_FILTER_OPS);
+        OpFilter::Only(ops)
     }
 
     #[inline]
     pub fn accepts(&self, op: u32) -> bool {
-        self.0.is_empty() || self.0.binary_search(&op).is_ok()
+        match self {
+            OpFilter::All { except } => except.is_empty() || except.binary_search(&op).is_err(),
+            OpFilter::Only(ops) => ops.binary_search(&op).is_ok(),
+        }
     }
 
-    fn add(&mut self, ops: &[u32]) {
-        self.0.extend_from_slice(ops);
-        self.0.sort_unstable();
-        self.0.dedup();
+    /// Sub: the client wants these ops too.
+    pub fn sub(&mut self, ops: &[u32]) -> Result<(), FilterFull> {
+        match self {
+            OpFilter::All { except } => {
+                except.retain(|o| !ops.contains(o));
+                Ok(())
+            }
+            OpFilter::Only(list) => merge(list, ops),
+        }
     }
 
-    fn remove(&mut self, ops: &[u32]) {
-        self.0.retain(|o| !ops.contains(o));
-    }
-
-    pub fn ops(&self) -> &[u32] {
-        &self.0
+    /// Unsub: the client no longer wants these ops.
+    pub fn unsub(&mut self, ops: &[u32]) -> Result<(), FilterFull> {
+        match self {
+            OpFilter::All { except } => merge(except, ops),
+            OpFilter::Only(list) => {
+                list.retain(|o| !ops.contains(o));
+                Ok(())
+            }
+        }
     }
 }
 
@@ -103,6 +153,48 @@ impl Entry {
     }
 }
 
+/// Online counts per room, sharded by a hash of the room id, so a Heartbeat reads
+/// one shard instead of every bucket. Updated under the bucket's lock (lock order:
+/// bucket, then room shard).
+type CountShard = Mutex<HashMap<Arc<str>, u64, ahash::RandomState>>;
+
+struct RoomCounts {
+    shards: Box<[CountShard]>,
+    hasher: ahash::RandomState,
+}
+
+impl RoomCounts {
+    fn new(n: usize) -> Self {
+        RoomCounts {
+            shards: (0..n).map(|_| Mutex::new(HashMap::default())).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, room: &str) -> &CountShard {
+        let h = self.hasher.hash_one(room) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    fn join(&self, room: &Arc<str>) {
+        *self.shard(room).lock().entry(room.clone()).or_default() += 1;
+    }
+
+    fn leave(&self, room: &str) {
+        let mut shard = self.shard(room).lock();
+        if let Some(n) = shard.get_mut(room) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                shard.remove(room);
+            }
+        }
+    }
+
+    fn get(&self, room: &str) -> u64 {
+        self.shard(room).lock().get(room).copied().unwrap_or(0)
+    }
+}
+
 #[derive(Default)]
 struct BucketInner {
     entries: Slab<Entry>,
@@ -112,23 +204,27 @@ struct BucketInner {
 }
 
 impl BucketInner {
-    fn join_room(&mut self, idx: usize, room: Option<Arc<str>>) {
+    fn join_room(&mut self, idx: usize, room: Option<Arc<str>>, counts: &RoomCounts) {
         let old = std::mem::replace(&mut self.entries[idx].room, room.clone());
         if let Some(old) = old {
             if let Some(members) = self.rooms.get_mut(&old) {
-                members.swap_remove(&idx);
+                if members.swap_remove(&idx) {
+                    counts.leave(&old);
+                }
                 if members.is_empty() {
                     self.rooms.remove(&old);
                 }
             }
         }
         if let Some(room) = room {
-            self.rooms.entry(room).or_default().insert(idx);
+            if self.rooms.entry(room.clone()).or_default().insert(idx) {
+                counts.join(&room);
+            }
         }
     }
 
-    fn remove(&mut self, idx: usize) -> Arc<Channel> {
-        self.join_room(idx, None);
+    fn remove(&mut self, idx: usize, counts: &RoomCounts) -> Arc<Channel> {
+        self.join_room(idx, None, counts);
         let e = self.entries.remove(idx);
         self.by_key.remove(&e.chan.key);
         if let Some(mid) = e.chan.mid {
@@ -156,6 +252,7 @@ pub struct Registry {
     next_id: AtomicU64,
     online_tcp: AtomicUsize,
     online_quic: AtomicUsize,
+    room_counts: RoomCounts,
 }
 
 impl std::fmt::Debug for Registry {
@@ -178,6 +275,7 @@ impl Registry {
             next_id: AtomicU64::new(1),
             online_tcp: AtomicUsize::new(0),
             online_quic: AtomicUsize::new(0),
+            room_counts: RoomCounts::new(n),
         }
     }
 
@@ -211,47 +309,45 @@ impl Registry {
         room: Option<Arc<str>>,
         accepts: OpFilter,
     ) -> Option<Arc<Channel>> {
-        let transport = chan.transport;
-        let replaced = {
-            let mut b = self.bucket(&chan.key).lock();
-            let replaced = b.by_key.get(&chan.key).copied().map(|idx| b.remove(idx));
-            let mid = chan.mid;
-            let key = chan.key.clone();
-            let idx = b.entries.insert(Entry {
-                chan,
-                accepts,
-                room: None,
-            });
-            b.by_key.insert(key, idx);
-            if let Some(mid) = mid {
-                b.users.entry(mid).or_default().push(idx);
-            }
-            b.join_room(idx, room);
-            replaced
-        };
-        self.counter(transport).fetch_add(1, Ordering::Relaxed);
+        let mut b = self.bucket(&chan.key).lock();
+        let counts = &self.room_counts;
+        let replaced = b
+            .by_key
+            .get(&chan.key)
+            .copied()
+            .map(|idx| b.remove(idx, counts));
+        // Counters change under the bucket's lock, so a replacement never makes
+        // them dip below zero.
+        self.counter(chan.transport).fetch_add(1, Ordering::Relaxed);
         if let Some(old) = &replaced {
             self.counter(old.transport).fetch_sub(1, Ordering::Relaxed);
         }
+        let mid = chan.mid;
+        let key = chan.key.clone();
+        let idx = b.entries.insert(Entry {
+            chan,
+            accepts,
+            room: None,
+        });
+        b.by_key.insert(key, idx);
+        if let Some(mid) = mid {
+            b.users.entry(mid).or_default().push(idx);
+        }
+        b.join_room(idx, room, counts);
         replaced
     }
 
     /// Removes `chan` if it is still the channel registered under its key.
     pub fn unregister(&self, chan: &Channel) -> bool {
-        let removed = {
-            let mut b = self.bucket(&chan.key).lock();
-            match b.entry_of(chan) {
-                Some(idx) => {
-                    b.remove(idx);
-                    true
-                }
-                None => false,
+        let mut b = self.bucket(&chan.key).lock();
+        match b.entry_of(chan) {
+            Some(idx) => {
+                b.remove(idx, &self.room_counts);
+                self.counter(chan.transport).fetch_sub(1, Ordering::Relaxed);
+                true
             }
-        };
-        if removed {
-            self.counter(chan.transport).fetch_sub(1, Ordering::Relaxed);
+            None => false,
         }
-        removed
     }
 
     /// Moves `chan` to `room` (or out of any room). False when it is no longer registered.
@@ -259,35 +355,33 @@ impl Registry {
         let mut b = self.bucket(&chan.key).lock();
         match b.entry_of(chan) {
             Some(idx) => {
-                b.join_room(idx, room);
+                b.join_room(idx, room, &self.room_counts);
                 true
             }
             None => false,
         }
     }
 
-    /// Adds ops to `chan`'s accepts list. Note an empty list means "all ops", so the
-    /// first Sub narrows a channel that accepted everything to the ops named.
-    pub fn sub(&self, chan: &Channel, ops: &[u32]) -> bool {
+    /// Applies a Sub (`add`) or Unsub to `chan`'s op filter. `Ok(false)` when the
+    /// channel is no longer registered.
+    pub fn update_filter(
+        &self,
+        chan: &Channel,
+        ops: &[u32],
+        add: bool,
+    ) -> Result<bool, FilterFull> {
         let mut b = self.bucket(&chan.key).lock();
         match b.entry_of(chan) {
             Some(idx) => {
-                b.entries[idx].accepts.add(ops);
-                true
+                let f = &mut b.entries[idx].accepts;
+                if add {
+                    f.sub(ops)?;
+                } else {
+                    f.unsub(ops)?;
+                }
+                Ok(true)
             }
-            None => false,
-        }
-    }
-
-    /// Removes ops from `chan`'s accepts list.
-    pub fn unsub(&self, chan: &Channel, ops: &[u32]) -> bool {
-        let mut b = self.bucket(&chan.key).lock();
-        match b.entry_of(chan) {
-            Some(idx) => {
-                b.entries[idx].accepts.remove(ops);
-                true
-            }
-            None => false,
+            None => Ok(false),
         }
     }
 
@@ -368,22 +462,15 @@ impl Registry {
 
     /// Channels in `room` across all buckets.
     pub fn room_online(&self, room: &str) -> u64 {
-        self.buckets
-            .iter()
-            .map(|b| b.lock().rooms.get(room).map_or(0, |m| m.len() as u64))
-            .sum()
+        self.room_counts.get(room)
     }
 
     /// Every non-empty room with its online count, sorted by room id.
     pub fn rooms(&self) -> Vec<(String, u64)> {
-        let mut all: HashMap<Arc<str>, u64> = HashMap::new();
-        for bucket in self.buckets.iter() {
-            let b = bucket.lock();
-            for (room, members) in &b.rooms {
-                *all.entry(room.clone()).or_default() += members.len() as u64;
-            }
+        let mut v: Vec<(String, u64)> = Vec::new();
+        for shard in self.room_counts.shards.iter() {
+            v.extend(shard.lock().iter().map(|(r, &n)| (r.to_string(), n)));
         }
-        let mut v: Vec<_> = all.into_iter().map(|(r, n)| (r.to_string(), n)).collect();
         v.sort();
         v
     }
@@ -512,10 +599,35 @@ mod tests {
         r.register(a.clone(), None, OpFilter::new(vec![1000]));
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
-        assert!(r.sub(&a, &[1001]));
+        assert_eq!(r.update_filter(&a, &[1001], true), Ok(true));
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Delivered);
-        assert!(r.unsub(&a, &[1000]));
+        assert_eq!(r.update_filter(&a, &[1000], false), Ok(true));
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Filtered);
+        // unsubscribing the last op leaves a filter that accepts nothing
+        assert_eq!(r.update_filter(&a, &[1001], false), Ok(true));
+        assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
+    }
+
+    #[test]
+    fn filter_on_every_op_excludes_and_readmits() {
+        let mut f = OpFilter::new(vec![]);
+        assert!(f.accepts(1) && f.accepts(5000));
+        f.unsub(&[1000]).unwrap();
+        assert!(!f.accepts(1000) && f.accepts(1001));
+        f.sub(&[1000]).unwrap();
+        assert!(f.accepts(1000));
+    }
+
+    #[test]
+    fn filter_size_is_capped() {
+        let mut f = OpFilter::new(vec![1]);
+        let many: Vec<u32> = (0..MAX_FILTER_OPS as u32).collect();
+        assert_eq!(f.sub(&many), Ok(()));
+        assert_eq!(f.sub(&[99_999]), Err(FilterFull));
+        assert!(!f.accepts(99_999), "a refused Sub changes nothing");
+        let mut all = OpFilter::default();
+        assert_eq!(all.unsub(&many), Ok(()));
+        assert_eq!(all.unsub(&[99_999]), Err(FilterFull));
     }
 
     #[test]

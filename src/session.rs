@@ -32,14 +32,27 @@ use crate::shutdown::Shutdown;
 const WRITE_BATCH: usize = 256;
 /// How long a finishing writer waits for the peer to take the last bytes.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A writer flushes once this much is buffered, so a backlog of large frames is
+/// written in slices instead of copied whole.
+const FLUSH_AT: usize = 64 * 1024;
+/// After the server closed a session, how long it reads and discards the client's
+/// input, so closing a TCP socket with unread bytes does not reset the connection
+/// and discard the DisconnectReply on its way.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// The write half of a client connection.
 pub trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
+    /// Whether the session reads and discards input for a moment after the server
+    /// closed it (see [`LINGER`]).
+    const LINGER: bool = false;
+
     /// Ends the stream gracefully once everything written was sent.
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
 }
 
 impl SessionWrite for tokio::net::tcp::OwnedWriteHalf {
+    const LINGER: bool = true;
+
     async fn finish(&mut self) {
         let _ = self.shutdown().await;
     }
@@ -208,6 +221,11 @@ where
         Ok(r) => r,
         Err(e) => Err(format!("writer task failed: {e}")),
     };
+    if W::LINGER && matches!(result, Ok(SessionEnd::ServerClosed(_))) {
+        let mut sink = [0u8; 4096];
+        let linger = async { while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(LINGER, linger).await;
+    }
     match (result, write_result) {
         (Err(e), _) => Err(e),
         (Ok(_), Err(e)) => Err(SessionError::Write(e)),
@@ -297,13 +315,20 @@ async fn handle(
             debug!(room = ?room, "changed room");
             reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
         }
-        op::SUB => {
-            ctx.registry.sub(chan, &parse_ops(frame.op, &frame.body)?);
-            reply(op::SUB_REPLY, frame.body.clone())
-        }
-        op::UNSUB => {
-            ctx.registry.unsub(chan, &parse_ops(frame.op, &frame.body)?);
-            reply(op::UNSUB_REPLY, frame.body.clone())
+        op::SUB | op::UNSUB => {
+            let ops = parse_ops(frame.op, &frame.body)?;
+            ctx.registry
+                .update_filter(chan, &ops, frame.op == op::SUB)
+                .map_err(|e| SessionError::BadBody {
+                    op: frame.op,
+                    reason: e.to_string(),
+                })?;
+            let reply_op = if frame.op == op::SUB {
+                op::SUB_REPLY
+            } else {
+                op::UNSUB_REPLY
+            };
+            reply(reply_op, frame.body.clone())
         }
         op::SEND_MSG => reply(op::SEND_MSG_REPLY, frame.body.clone()),
         op::AUTH => {
@@ -348,11 +373,13 @@ async fn write_loop<W: SessionWrite>(
             _ = stop.cancelled() => closing = true,
         }
         if closing {
-            // Everything queued before the close still goes out.
+            // Take no more; everything queued before the close still goes out.
+            rx.close();
             while let Ok(m) = rx.try_recv() {
                 batch.push(m);
             }
         }
+        let mut failed = None;
         for m in batch.drain(..) {
             match m {
                 Outbound::Push(frame) => {
@@ -361,24 +388,20 @@ async fn write_loop<W: SessionWrite>(
                 }
                 Outbound::Reply(frame) => out.extend_from_slice(&frame),
             }
+            if out.len() >= FLUSH_AT && failed.is_none() {
+                if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
+                    failed = Some(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
         }
         if closing && chan.is_closed() {
             Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
         }
-        if !out.is_empty() {
-            let write = async {
-                writer.write_all(&out).await?;
-                writer.flush().await
-            };
-            match tokio::time::timeout(write_timeout, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => break Err(format!("{e}")),
-                Err(_) => break Err(format!("client took no bytes for {write_timeout:?}")),
-            }
-            out.clear();
-            if out.capacity() > 1 << 20 {
-                out = BytesMut::with_capacity(4096);
-            }
+        if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
+            break Err(e);
         }
         if closing {
             break Ok(());
@@ -389,4 +412,29 @@ async fn write_loop<W: SessionWrite>(
     }
     stop.cancel();
     result
+}
+
+/// Writes and clears `out`: one write call for everything buffered.
+async fn write_out<W: SessionWrite>(
+    writer: &mut W,
+    out: &mut BytesMut,
+    write_timeout: Duration,
+) -> Result<(), String> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        writer.write_all(out).await?;
+        writer.flush().await
+    };
+    match tokio::time::timeout(write_timeout, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("client took no bytes for {write_timeout:?}")),
+    }
+    out.clear();
+    if out.capacity() > 4 * FLUSH_AT {
+        *out = BytesMut::with_capacity(4096);
+    }
+    Ok(())
 }

@@ -164,7 +164,9 @@ pub fn client_transport(q: &QuicConfig) -> TransportConfig {
         .receive_window(VarInt::from_u32(q.receive_window))
         .send_window(q.send_window)
         .max_concurrent_bidi_streams(VarInt::from_u32(1))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // Datagrams are not part of the protocol: buffer none.
+        .datagram_receive_buffer_size(None);
     t
 }
 
@@ -177,7 +179,8 @@ pub fn rpc_transport(r: &RpcConfig) -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(8 << 20))
         .receive_window(VarInt::from_u32(32 << 20))
-        .send_window(32 << 20);
+        .send_window(32 << 20)
+        .datagram_receive_buffer_size(None);
     t
 }
 

@@ -144,7 +144,7 @@ async fn oversize_and_malformed_requests_get_error_replies_on_the_same_stream() 
         .unwrap();
     let mut replies = Vec::new();
     let mut rest = &data[..];
-    while let Some((id, len)) = quicpush::codec::peek_prefix(rest) {
+    while let Some((id, len)) = quicpush::codec::peek_prefix(rest).unwrap() {
         let end = quicpush::codec::PREFIX_LEN + len as usize;
         let r: Response =
             quicpush::codec::decode_payload(&rest[quicpush::codec::PREFIX_LEN..end]).unwrap();

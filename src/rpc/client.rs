@@ -63,6 +63,9 @@ pub enum ClientError {
     /// The server refused the call.
     #[error("server refused the call: {0}")]
     Rpc(#[from] RpcError),
+    /// No reply within the client's call timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
     /// The server replied with a reply type that does not fit the method.
     #[error("unexpected reply to {method}: {reply:?}")]
     UnexpectedReply { method: &'static str, reply: Reply },
@@ -82,7 +85,11 @@ pub struct Client {
     next_stream: AtomicUsize,
     next_id: AtomicU64,
     addr: SocketAddr,
+    call_timeout: std::time::Duration,
 }
+
+/// How long a call waits for its reply by default.
+pub const DEFAULT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -140,11 +147,17 @@ impl Client {
             next_stream: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             addr,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         // With TLS 1.3 the server checks the client certificate after the client
         // considers the handshake done: a round trip tells whether it was accepted.
         client.ping().await?;
         Ok(client)
+    }
+
+    /// Sets how long each call waits for its reply.
+    pub fn set_call_timeout(&mut self, timeout: std::time::Duration) {
+        self.call_timeout = timeout;
     }
 
     /// The server's address.
@@ -167,9 +180,10 @@ impl Client {
         if self.streams[i].send(call).await.is_err() {
             return Err(self.lost());
         }
-        match rx.await {
-            Ok(r) => Ok(r??),
-            Err(_) => Err(self.lost()),
+        match tokio::time::timeout(self.call_timeout, rx).await {
+            Ok(Ok(r)) => Ok(r??),
+            Ok(Err(_)) => Err(self.lost()),
+            Err(_) => Err(ClientError::Timeout(self.call_timeout)),
         }
     }
 
@@ -358,7 +372,12 @@ async fn run_stream(
                 Ok(_) => {}
                 Err(e) => return e.to_string(),
             }
-            while let Some((id, len)) = codec::peek_prefix(&buf) {
+            loop {
+                let (id, len) = match codec::peek_prefix(&buf) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => return e.to_string(),
+                };
                 let total = codec::PREFIX_LEN + len as usize;
                 if buf.len() < total {
                     buf.reserve(total - buf.len());

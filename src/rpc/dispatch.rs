@@ -111,13 +111,9 @@ impl Dispatcher {
             Request::Broadcast { op, body, speed } => {
                 self.check_body(&body)?;
                 let online = r.online().total;
-                if !self
-                    .broadcaster
+                self.broadcaster
                     .submit(op, push_frame(op, body), speed)
-                    .await
-                {
-                    return Err(RpcError::ShuttingDown);
-                }
+                    .await?;
                 Ok(Reply::BroadcastAccepted { online })
             }
             Request::BroadcastRoom { room, op, body } => {

@@ -134,6 +134,12 @@ pub enum RpcError {
     /// The server is shutting down and takes no new work.
     #[error("server shutting down")]
     ShuttingDown,
+    /// Too many paced broadcasts are running; try again later.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The server failed to encode its reply.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// What a call returns on the wire.

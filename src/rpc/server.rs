@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::dispatch::Dispatcher;
-use super::proto::{Response, RpcError};
+use super::proto::{Request, Response, RpcError};
 use crate::codec;
 use crate::shutdown::Shutdown;
 
@@ -77,6 +77,9 @@ async fn serve_connection(
     }
 }
 
+/// Replies buffered before they are written even if more calls are waiting.
+const FLUSH_AT: usize = 256 * 1024;
+
 /// Answers the calls on one stream until the backend finishes it.
 async fn serve_stream(
     mut send: quinn::SendStream,
@@ -106,8 +109,17 @@ async fn serve_stream(
                     break;
                 }
             }
-            let Some((id, len)) = codec::peek_prefix(&buf) else {
-                break;
+            let (id, len) = match codec::peek_prefix(&buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    // Framing is lost: nothing after this can be trusted.
+                    warn!(error = %e, "stream out of step; closing it");
+                    let _ = send.write_all(&out).await;
+                    let _ = send.finish();
+                    let _ = recv.stop(quinn::VarInt::from_u32(1));
+                    return;
+                }
             };
             if len > max_request as u64 {
                 warn!(
@@ -134,14 +146,31 @@ async fn serve_stream(
                 break;
             }
             let msg = buf.split_to(total);
-            let response: Response = match codec::decode_payload(&msg[codec::PREFIX_LEN..]) {
-                Ok(req) => dispatcher.dispatch(req).await,
+            let request = codec::decode_payload::<Request>(&msg[codec::PREFIX_LEN..]);
+            let response: Response = match request {
+                Ok(req) => {
+                    if matches!(req, Request::Broadcast { .. }) && !out.is_empty() {
+                        // A broadcast may wait for room in the fan-out queues:
+                        // send the replies already made first.
+                        if send.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        out.clear();
+                    }
+                    dispatcher.dispatch(req).await
+                }
                 Err(e) => {
                     warn!(call = id, error = %e, "malformed request");
                     Err(RpcError::Malformed(e.to_string()))
                 }
             };
             reply(&mut out, id, &response);
+            if out.len() >= FLUSH_AT {
+                if send.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
         }
         if !out.is_empty() {
             if let Err(e) = send.write_all(&out).await {
@@ -157,5 +186,7 @@ async fn serve_stream(
 fn reply(out: &mut BytesMut, id: u64, response: &Response) {
     if let Err(e) = codec::write_message(out, id, response) {
         warn!(call = id, error = %e, "cannot encode reply");
+        let fallback: Response = Err(RpcError::Internal(format!("cannot encode reply: {e}")));
+        let _ = codec::write_message(out, id, &fallback);
     }
 }
