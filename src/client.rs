@@ -33,8 +33,12 @@ pub enum PushClientError {
     AuthRefused(u32),
 }
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+/// The read half of a client connection.
+pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a client connection.
+pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+/// A QUIC client's connection and endpoint, kept alive with its stream.
+pub type QuicParts = (quinn::Connection, quinn::Endpoint);
 
 /// One client connection.
 pub struct PushClient {
@@ -42,7 +46,7 @@ pub struct PushClient {
     writer: Writer,
     buf: BytesMut,
     seq: u32,
-    quic: Option<(quinn::Connection, quinn::Endpoint)>,
+    quic: Option<QuicParts>,
 }
 
 impl std::fmt::Debug for PushClient {
@@ -101,11 +105,7 @@ impl PushClient {
     }
 
     /// A client over any reader and writer.
-    pub fn from_parts(
-        reader: Reader,
-        writer: Writer,
-        quic: Option<(quinn::Connection, quinn::Endpoint)>,
-    ) -> PushClient {
+    pub fn from_parts(reader: Reader, writer: Writer, quic: Option<QuicParts>) -> PushClient {
         PushClient {
             reader,
             writer,
@@ -162,6 +162,12 @@ impl PushClient {
                 return Ok(None);
             }
         }
+    }
+
+    /// Takes the client apart: its halves, bytes read but not yet decoded, and the
+    /// QUIC connection if any.
+    pub fn into_parts(self) -> (Reader, Writer, BytesMut, Option<QuicParts>) {
+        (self.reader, self.writer, self.buf, self.quic)
     }
 
     /// Closes the connection.

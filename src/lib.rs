@@ -36,6 +36,7 @@
 //! - [`rpc`]: the backend API: request/reply types, the QUIC server and the client
 //!   library backends use.
 //! - [`client`]: a minimal goim client over TCP or QUIC, for examples, tests and load tools.
+//! - [`bench`]: `quicpush bench`, the load generator and the raw floor it compares against.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
@@ -49,6 +50,7 @@
 //!   `rpc::dispatch` that the QUIC RPC server calls.
 
 pub mod auth;
+pub mod bench;
 pub mod certs;
 pub mod channel;
 pub mod client;

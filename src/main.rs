@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use quicpush::rpc::proto::{MultiOutcome, Reply};
 use quicpush::rpc::{Client, Request};
 use quicpush::tls::BackendIdentity;
-use quicpush::{auth, certs, Config, Server};
+use quicpush::{auth, bench, certs, Config, Server};
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +72,67 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Measure a node: fan-out rate, latency, CPU and memory, checked at the clients.
+    Bench(BenchArgs),
+    /// The raw floor server that `bench --raw` compares against (started by bench).
+    #[command(hide = true)]
+    BenchFloor {
+        #[arg(long)]
+        certs: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "room")]
+    scenario: bench::Scenario,
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: bench::BenchTransport,
+    /// Clients to connect (above 25,000 they spread over 127.0.0.x source addresses).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Messages the backend sends (room, keys, broadcast).
+    #[arg(long, default_value_t = 100)]
+    messages: u64,
+    /// Messages per MPushMsgs call in the keys scenario; 1 = single PushMsg calls.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Deliveries per second in the latency scenario.
+    #[arg(long, default_value_t = 100_000)]
+    rate: u64,
+    /// How long the latency scenario runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Message body size in bytes (at least 20).
+    #[arg(long, default_value_t = 32)]
+    body_size: usize,
+    /// Also run the load against the raw floor server and report the ratio.
+    #[arg(long)]
+    raw: bool,
+    /// Backend calls in flight at once.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Clients connecting at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Measure a running server with this pid instead of starting one.
+    #[arg(long, requires_all = ["client_addr", "rpc_addr"])]
+    server_pid: Option<u32>,
+    /// The running server's client address (TCP and QUIC).
+    #[arg(long)]
+    client_addr: Option<SocketAddr>,
+    /// The running server's backend RPC address.
+    #[arg(long)]
+    rpc_addr: Option<SocketAddr>,
+    /// With --server-pid: directory with ca.pem, backend.pem/.key and token.secret.
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -215,6 +276,15 @@ async fn run(cli: Cli) -> Result<()> {
             client.close().await;
             Ok(())
         }
+        Command::Bench(args) => {
+            init_tracing("warn");
+            run_bench(args).await
+        }
+        Command::BenchFloor { certs } => {
+            init_tracing("info");
+            bench::floor::run(&certs).await?;
+            Ok(())
+        }
         Command::Kick { key, remote } => {
             init_tracing("warn");
             let client = connect(&remote).await?;
@@ -307,5 +377,41 @@ async fn push(a: PushArgs) -> Result<()> {
         other => println!("{other:?}"),
     }
     client.close().await;
+    Ok(())
+}
+
+async fn run_bench(a: BenchArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let target = match (a.server_pid, a.client_addr, a.rpc_addr) {
+        (Some(pid), Some(client_addr), Some(rpc_addr)) => bench::Target::External {
+            pid,
+            client_addr,
+            rpc_addr,
+            certs: a.certs.clone(),
+        },
+        _ => bench::Target::Spawn { exe: exe.clone() },
+    };
+    let opts = bench::BenchOptions {
+        scenario: a.scenario,
+        transport: a.transport,
+        clients: a.clients,
+        messages: a.messages,
+        batch: a.batch,
+        rate: a.rate,
+        duration: a.duration,
+        body_size: a.body_size,
+        raw: a.raw,
+        in_flight: a.in_flight,
+        connect_concurrency: a.connect_concurrency,
+        target,
+        exe,
+        progress: !a.quiet,
+    };
+    let report = bench::run(&opts).await?;
+    print!("{}", report.table());
+    if let Some(path) = &a.json {
+        let json = serde_json::to_string_pretty(&report).context("cannot encode the report")?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(())
 }

@@ -1,0 +1,328 @@
+//! The benchmark's clients: connecting many of them (TCP or QUIC), and checking
+//! every message they receive.
+//!
+//! A bench message's body is `index u64 | sent_at_ns u64 | key u32 | padding`:
+//! `index` counts the messages meant for this client (0, 1, 2, ...), `sent_at_ns` is
+//! when the load generator sent it (for latency), `key` the client it was addressed
+//! to (`u32::MAX` for room and broadcast messages).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{BenchError, BENCH_OP};
+use crate::client::PushClient;
+use crate::protocol::{self, MAX_BODY_LIMIT};
+
+/// Clients per source address: below the ~28,000 ephemeral ports of one address.
+pub const CLIENTS_PER_SOURCE_IP: usize = 25_000;
+/// The `key` field of messages sent to a room or to everyone.
+pub const ANY_KEY: u32 = u32::MAX;
+/// Body bytes the checks need.
+pub const MIN_BODY: usize = 20;
+
+/// Encodes a bench message body of `size` bytes.
+pub fn body(index: u64, sent_at_ns: u64, key: u32, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(MIN_BODY));
+    b.put_u64(index);
+    b.put_u64(sent_at_ns);
+    b.put_u32(key);
+    b.resize(size.max(MIN_BODY), b'.');
+    b.freeze()
+}
+
+/// Highest message index a client tracks; beyond, a message counts as misrouted.
+const MAX_INDEX: u64 = 1 << 30;
+
+/// What one client saw.
+#[derive(Debug, Clone)]
+pub struct ClientStats {
+    /// Messages received (duplicates included).
+    pub received: u64,
+    /// Distinct message indexes received.
+    pub unique: u64,
+    pub duplicated: u64,
+    /// Messages that arrived after one with a higher index.
+    pub reordered: u64,
+    pub misrouted: u64,
+    pub latency_us: Option<Histogram<u64>>,
+    seen: Vec<u64>,
+    highest: Option<u64>,
+}
+
+impl ClientStats {
+    fn new(latency: bool) -> Self {
+        ClientStats {
+            received: 0,
+            unique: 0,
+            duplicated: 0,
+            reordered: 0,
+            misrouted: 0,
+            seen: Vec::new(),
+            highest: None,
+            latency_us: latency.then(|| {
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
+            }),
+        }
+    }
+
+    fn check(&mut self, me: u32, body: &[u8], epoch: Instant) {
+        if body.len() < MIN_BODY {
+            self.misrouted += 1;
+            return;
+        }
+        let mut b = body;
+        let index = b.get_u64();
+        let sent = b.get_u64();
+        let key = b.get_u32();
+        if (key != ANY_KEY && key != me) || index >= MAX_INDEX {
+            self.misrouted += 1;
+            return;
+        }
+        self.received += 1;
+        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        if self.seen[word] & bit != 0 {
+            self.duplicated += 1;
+        } else {
+            self.seen[word] |= bit;
+            self.unique += 1;
+        }
+        match self.highest {
+            Some(h) if index < h => self.reordered += 1,
+            _ => self.highest = Some(index),
+        }
+        if let Some(h) = &mut self.latency_us {
+            let now = epoch.elapsed().as_nanos() as u64;
+            let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
+        }
+    }
+}
+
+/// How the fleet authenticates.
+#[derive(Clone)]
+pub enum Login {
+    /// quicpush: an HS256 token for key `bench-<i>` (in `room`, if any).
+    Token {
+        secret: Arc<Vec<u8>>,
+        room: Option<String>,
+    },
+    /// The floor: the Auth body is the client's index.
+    Index,
+}
+
+/// Where and how the fleet connects.
+#[derive(Clone)]
+pub struct Dial {
+    pub addr: SocketAddr,
+    pub quic: Option<(Vec<quinn::Endpoint>, quinn::ClientConfig)>,
+    pub login: Login,
+}
+
+impl Dial {
+    pub fn tcp(addr: SocketAddr, login: Login) -> Dial {
+        Dial {
+            addr,
+            quic: None,
+            login,
+        }
+    }
+
+    /// QUIC through `endpoints` shared client endpoints, trusting `ca`.
+    pub fn quic(
+        addr: SocketAddr,
+        login: Login,
+        ca: &Path,
+        endpoints: usize,
+    ) -> Result<Dial, BenchError> {
+        let config =
+            crate::tls::quic_client_config(ca).map_err(|e| BenchError::Spawn(e.to_string()))?;
+        let eps = (0..endpoints.max(1))
+            .map(|_| quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BenchError::Io(format!("client endpoint: {e}")))?;
+        Ok(Dial {
+            addr,
+            quic: Some((eps, config)),
+            login,
+        })
+    }
+
+    fn auth_body(&self, i: usize) -> Result<Bytes, BenchError> {
+        match &self.login {
+            Login::Index => Ok(Bytes::from(i.to_string())),
+            Login::Token { secret, room } => {
+                let mut claims = crate::auth::claims_for(
+                    &format!("bench-{i}"),
+                    std::time::Duration::from_secs(86_400),
+                );
+                claims.room_id = room.clone();
+                crate::auth::issue(secret, &claims)
+                    .map(Bytes::from)
+                    .map_err(|e| BenchError::Spawn(format!("token: {e}")))
+            }
+        }
+    }
+
+    /// Connects and authenticates client `i`.
+    pub async fn connect(&self, i: usize) -> Result<PushClient, BenchError> {
+        let mut client = match &self.quic {
+            None => {
+                let socket =
+                    tokio::net::TcpSocket::new_v4().map_err(|e| BenchError::Io(e.to_string()))?;
+                if self.addr.ip().is_loopback() {
+                    // Spread over 127.0.0.x so that more clients than one address has
+                    // ephemeral ports can connect.
+                    let host = 1 + (i / CLIENTS_PER_SOURCE_IP) as u8;
+                    let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0);
+                    socket
+                        .bind(src)
+                        .map_err(|e| BenchError::Io(format!("bind {src}: {e}")))?;
+                }
+                let stream = socket
+                    .connect(self.addr)
+                    .await
+                    .map_err(|e| BenchError::Io(format!("connect {}: {e}", self.addr)))?;
+                let _ = stream.set_nodelay(true);
+                let (r, w) = stream.into_split();
+                PushClient::from_parts(Box::new(r), Box::new(w), None)
+            }
+            Some((eps, config)) => {
+                let ep = &eps[i % eps.len()];
+                let conn = ep
+                    .connect_with(config.clone(), self.addr, "localhost")
+                    .map_err(|e| BenchError::Io(e.to_string()))?
+                    .await
+                    .map_err(|e| BenchError::Io(format!("QUIC connect: {e}")))?;
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| BenchError::Io(e.to_string()))?;
+                PushClient::from_parts(Box::new(recv), Box::new(send), Some((conn, ep.clone())))
+            }
+        };
+        client
+            .auth(self.auth_body(i)?)
+            .await
+            .map_err(|e| BenchError::Io(format!("client {i} auth: {e}")))?;
+        Ok(client)
+    }
+}
+
+/// Connects `n` clients, `concurrency` at a time. Returns them in index order.
+pub async fn connect_all(
+    dial: &Dial,
+    n: usize,
+    concurrency: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<Vec<PushClient>, BenchError> {
+    let mut out: Vec<Option<PushClient>> = (0..n).map(|_| None).collect();
+    let mut stream = futures_util::stream::iter(0..n)
+        .map(|i| async move { (i, dial.connect(i).await) })
+        .buffer_unordered(concurrency.max(1));
+    while let Some((i, r)) = stream.next().await {
+        out[i] = Some(r?);
+        progress.inc(1);
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Clients reading and checking until stopped.
+pub struct Readers {
+    pub received: Arc<AtomicU64>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<ClientStats>>,
+}
+
+impl Readers {
+    /// Starts a reader task per client.
+    pub fn start(clients: Vec<PushClient>, epoch: Instant, latency: bool) -> Readers {
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let tasks = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                tokio::spawn(read(
+                    i as u32,
+                    c,
+                    epoch,
+                    latency,
+                    received.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        Readers {
+            received,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Stops every reader and gathers what they saw.
+    pub async fn finish(self) -> Vec<ClientStats> {
+        self.stop.cancel();
+        let mut all = Vec::with_capacity(self.tasks.len());
+        for t in self.tasks {
+            if let Ok(s) = t.await {
+                all.push(s);
+            }
+        }
+        all
+    }
+}
+
+async fn read(
+    me: u32,
+    client: PushClient,
+    epoch: Instant,
+    latency: bool,
+    received: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> ClientStats {
+    let mut stats = ClientStats::new(latency);
+    let (mut reader, _writer, mut buf, quic) = client.into_parts();
+    loop {
+        let mut n = 0u64;
+        loop {
+            match protocol::decode(&mut buf, MAX_BODY_LIMIT) {
+                Ok(Some(f)) => {
+                    if f.op == BENCH_OP {
+                        stats.check(me, &f.body, epoch);
+                        n += 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return stats,
+            }
+        }
+        if n > 0 {
+            received.fetch_add(n, Ordering::Relaxed);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            r = reader.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Some((conn, _)) = quic {
+        conn.close(0u32.into(), b"bench done");
+    }
+    stats
+}

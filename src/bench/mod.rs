@@ -1,0 +1,828 @@
+//! `quicpush bench`: measures a node the way a user would.
+//!
+//! The server runs as its own process (`quicpush serve`, started here on free
+//! loopback ports unless an external one is named), so its CPU time and memory are
+//! read from /proc for its pid alone while this process generates the load: N
+//! clients over TCP or QUIC and one backend connection. Every message is checked at
+//! the clients (addressee, per-client index, timestamp), so lost, duplicated and
+//! misrouted messages are counted, never assumed away. With `raw`, the same load
+//! runs against the floor ([`floor`]) and the report gives quicpush's ratio to it.
+//!
+//! - [`process`]: starting and measuring the server processes.
+//! - [`fleet`]: connecting clients and checking what they receive.
+//! - [`floor`]: the minimal fan-out server used as the floor.
+
+pub mod fleet;
+pub mod floor;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::channel::PushOutcome;
+use crate::protocol::Frame;
+use crate::rpc::proto::PushItem;
+use crate::rpc::Client;
+use crate::tls::BackendIdentity;
+use fleet::{Dial, Login, Readers, ANY_KEY};
+use process::{ProcStat, ServerProcess};
+
+/// The op of every bench message.
+pub const BENCH_OP: u32 = 1000;
+/// The room the room and latency scenarios use.
+pub const ROOM: &str = "bench://room";
+/// How long without progress before the remaining messages count as lost.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A server process could not be started or did not come up.
+    #[error("cannot start the server: {0}")]
+    Spawn(String),
+    /// A socket, file or /proc read failed.
+    #[error("I/O: {0}")]
+    Io(String),
+    /// A backend call failed.
+    #[error("backend call failed: {0}")]
+    Rpc(String),
+    /// The options do not make a runnable benchmark.
+    #[error("invalid options: {0}")]
+    Options(String),
+}
+
+/// What load to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// All clients in one room; BroadcastRoom pushes as fast as they are accepted.
+    Room,
+    /// Every client addressed by key: MPushMsgs batches, or PushMsg with batch 1.
+    Keys,
+    /// Broadcast to every client.
+    Broadcast,
+    /// A steady rate of deliveries; latency from push to the client's read.
+    Latency,
+    /// Connected, idle clients: the server's memory per connection.
+    Idle,
+    /// Connect + auth rate.
+    Connect,
+}
+
+/// Client transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchTransport {
+    Tcp,
+    Quic,
+}
+
+/// Which server to measure.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Start `exe serve` with a temporary config and fresh certificates.
+    Spawn { exe: PathBuf },
+    /// A running server: its pid, client and RPC addresses, and the certificate
+    /// directory holding `ca.pem`, `backend.pem`/`.key` and `token.secret`.
+    External {
+        pid: u32,
+        client_addr: SocketAddr,
+        rpc_addr: SocketAddr,
+        certs: PathBuf,
+    },
+}
+
+/// A benchmark run's parameters.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub scenario: Scenario,
+    pub transport: BenchTransport,
+    pub clients: usize,
+    /// Messages the backend sends (room, keys, broadcast).
+    pub messages: u64,
+    /// Messages per MPushMsgs call (keys); 1 = PushMsg calls.
+    pub batch: usize,
+    /// Deliveries per second (latency).
+    pub rate: u64,
+    /// How long the latency scenario runs.
+    pub duration: Duration,
+    pub body_size: usize,
+    /// Also measure the floor server and report the ratio.
+    pub raw: bool,
+    /// Backend calls in flight at once.
+    pub in_flight: usize,
+    /// Clients connecting at once.
+    pub connect_concurrency: usize,
+    pub target: Target,
+    /// Binary that serves `serve` and `bench-floor` (this one, normally).
+    pub exe: PathBuf,
+    pub progress: bool,
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LatencyUs {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+/// What one run against one server measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Measurement {
+    pub deliveries: u64,
+    pub expected: u64,
+    pub seconds: f64,
+    pub deliveries_per_sec: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub misrouted: u64,
+    /// Messages that reached a client after a later one (concurrent calls keep no
+    /// order between them).
+    pub reordered: u64,
+    pub dropped_queue_full: u64,
+    pub latency_us: Option<LatencyUs>,
+    pub server_cpu_us: u64,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_cpu_percent: f64,
+    pub server_rss_per_conn_bytes: Option<f64>,
+    pub connects_per_sec: Option<f64>,
+}
+
+/// The report `quicpush bench` prints and writes as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub transport: BenchTransport,
+    pub clients: usize,
+    pub messages: u64,
+    pub batch: usize,
+    pub body_size: usize,
+    pub deliveries: u64,
+    pub deliveries_per_sec: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub misrouted: u64,
+    pub dropped_queue_full: u64,
+    pub latency_us: Option<LatencyUs>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_cpu_percent: f64,
+    pub server_rss_per_conn_bytes: Option<f64>,
+    pub connects_per_sec: Option<f64>,
+    pub raw_deliveries_per_sec: Option<f64>,
+    pub raw_connects_per_sec: Option<f64>,
+    pub raw_rss_per_conn_bytes: Option<f64>,
+    pub ratio_to_raw: Option<f64>,
+    pub quicpush: Measurement,
+    pub raw: Option<Measurement>,
+}
+
+/// How the load reaches a server: quicpush's RPC, or the floor's control socket.
+enum Pusher {
+    Quicpush(Arc<Client>),
+    Floor(mpsc::Sender<Bytes>),
+}
+
+impl Pusher {
+    fn floor(stream: tokio::net::TcpStream) -> Pusher {
+        let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
+        let mut stream = stream;
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            let mut out = BytesMut::new();
+            while rx.recv_many(&mut batch, 256).await > 0 {
+                for b in batch.drain(..) {
+                    out.extend_from_slice(&b);
+                }
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+        });
+        Pusher::Floor(tx)
+    }
+
+    async fn floor_send(tx: &mpsc::Sender<Bytes>, bytes: Bytes) -> Result<u64, BenchError> {
+        tx.send(bytes)
+            .await
+            .map_err(|_| BenchError::Io("floor control connection closed".into()))?;
+        Ok(0)
+    }
+
+    /// One message to the room; returns how many deliveries the server dropped.
+    async fn room(&self, body: Bytes) -> Result<u64, BenchError> {
+        match self {
+            Pusher::Quicpush(c) => c
+                .broadcast_room(ROOM, BENCH_OP, body)
+                .await
+                .map(|t| t.queue_full)
+                .map_err(|e| BenchError::Rpc(e.to_string())),
+            Pusher::Floor(tx) => {
+                Self::floor_send(tx, Frame::new(floor::CTL_ALL, 0, body).to_bytes()).await
+            }
+        }
+    }
+
+    async fn broadcast(&self, body: Bytes) -> Result<u64, BenchError> {
+        match self {
+            Pusher::Quicpush(c) => c
+                .broadcast(BENCH_OP, body, 0)
+                .await
+                .map(|_| 0)
+                .map_err(|e| BenchError::Rpc(e.to_string())),
+            Pusher::Floor(tx) => {
+                Self::floor_send(tx, Frame::new(floor::CTL_ALL, 0, body).to_bytes()).await
+            }
+        }
+    }
+
+    async fn keys(&self, items: Vec<(u32, Bytes)>) -> Result<u64, BenchError> {
+        match self {
+            Pusher::Quicpush(c) => {
+                let rpc = |e: crate::rpc::ClientError| BenchError::Rpc(e.to_string());
+                if let [(key, body)] = &items[..] {
+                    let o = c
+                        .push_msg(format!("bench-{key}"), BENCH_OP, body.clone())
+                        .await
+                        .map_err(rpc)?;
+                    return Ok(u64::from(o == PushOutcome::QueueFull));
+                }
+                let msgs = items
+                    .into_iter()
+                    .map(|(key, body)| PushItem {
+                        key: format!("bench-{key}"),
+                        op: BENCH_OP,
+                        body,
+                    })
+                    .collect();
+                let m = c.mpush_msgs(msgs).await.map_err(rpc)?;
+                Ok(m.count(PushOutcome::QueueFull) as u64)
+            }
+            Pusher::Floor(tx) => {
+                let mut out = BytesMut::new();
+                for (key, body) in items {
+                    let mut b = BytesMut::with_capacity(4 + body.len());
+                    b.put_u32(key);
+                    b.extend_from_slice(&body);
+                    Frame::new(floor::CTL_ONE, 0, b.freeze()).encode(&mut out);
+                }
+                Self::floor_send(tx, out.freeze()).await
+            }
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> LatencyUs {
+    LatencyUs {
+        p50: h.value_at_quantile(0.50),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+    }
+}
+
+fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>12} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})",
+    ) {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+/// Runs the benchmark and returns its report.
+pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    if opts.clients == 0 {
+        return Err(BenchError::Options("--clients must be at least 1".into()));
+    }
+    if opts.body_size < fleet::MIN_BODY {
+        return Err(BenchError::Options(format!(
+            "--body-size must be at least {} (index, timestamp, key)",
+            fleet::MIN_BODY
+        )));
+    }
+    if opts.batch == 0 {
+        return Err(BenchError::Options("--batch must be at least 1".into()));
+    }
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let tmp =
+        tempfile::tempdir().map_err(|e| BenchError::Io(format!("temporary directory: {e}")))?;
+
+    let (server, certs) = match &opts.target {
+        Target::Spawn { exe } => (
+            ServerProcess::quicpush(exe, tmp.path())?,
+            tmp.path().to_owned(),
+        ),
+        Target::External {
+            pid,
+            client_addr,
+            rpc_addr,
+            certs,
+        } => (
+            ServerProcess::external(*pid, *client_addr, *rpc_addr),
+            certs.clone(),
+        ),
+    };
+    let secret = crate::auth::load_secret(&certs.join(crate::certs::TOKEN_SECRET))
+        .map_err(|e| BenchError::Spawn(e.to_string()))?;
+    let backend = Client::connect(
+        server.control,
+        "localhost",
+        &BackendIdentity::from_dir(&certs),
+    )
+    .await
+    .map_err(|e| BenchError::Rpc(e.to_string()))?;
+    let backend = Arc::new(backend);
+    let room = matches!(opts.scenario, Scenario::Room | Scenario::Latency).then(|| ROOM.to_owned());
+    let login = Login::Token {
+        secret: Arc::new(secret),
+        room,
+    };
+    let quicpush = measure(
+        opts,
+        &server,
+        &certs,
+        login,
+        Pusher::Quicpush(backend.clone()),
+        Some(&backend),
+        "quicpush",
+    )
+    .await?;
+    if let Ok(b) = Arc::try_unwrap(backend) {
+        b.close().await;
+    }
+    server.stop();
+
+    let raw = if opts.raw {
+        let floor = ServerProcess::floor(&opts.exe, &certs)?;
+        let control = tokio::net::TcpStream::connect(floor.control)
+            .await
+            .map_err(|e| BenchError::Io(format!("floor control: {e}")))?;
+        let _ = control.set_nodelay(true);
+        let m = measure(
+            opts,
+            &floor,
+            &certs,
+            Login::Index,
+            Pusher::floor(control),
+            None,
+            "raw floor",
+        )
+        .await?;
+        floor.stop();
+        Some(m)
+    } else {
+        None
+    };
+
+    let ratio = raw.as_ref().and_then(|r| match opts.scenario {
+        Scenario::Idle => Some(r.server_rss_per_conn_bytes? / quicpush.server_rss_per_conn_bytes?),
+        Scenario::Connect => Some(quicpush.connects_per_sec? / r.connects_per_sec?),
+        _ => {
+            (r.deliveries_per_sec > 0.0).then(|| quicpush.deliveries_per_sec / r.deliveries_per_sec)
+        }
+    });
+    Ok(Report {
+        scenario: opts.scenario,
+        transport: opts.transport,
+        clients: opts.clients,
+        messages: opts.messages,
+        batch: opts.batch,
+        body_size: opts.body_size,
+        deliveries: quicpush.deliveries,
+        deliveries_per_sec: quicpush.deliveries_per_sec,
+        lost: quicpush.lost,
+        duplicated: quicpush.duplicated,
+        misrouted: quicpush.misrouted,
+        dropped_queue_full: quicpush.dropped_queue_full,
+        latency_us: quicpush.latency_us,
+        server_cpu_us_per_delivery: quicpush.server_cpu_us_per_delivery,
+        server_cpu_percent: quicpush.server_cpu_percent,
+        server_rss_per_conn_bytes: quicpush.server_rss_per_conn_bytes,
+        connects_per_sec: quicpush.connects_per_sec,
+        raw_deliveries_per_sec: raw.as_ref().map(|r| r.deliveries_per_sec),
+        raw_connects_per_sec: raw.as_ref().and_then(|r| r.connects_per_sec),
+        raw_rss_per_conn_bytes: raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes),
+        ratio_to_raw: ratio,
+        quicpush,
+        raw,
+    })
+}
+
+/// Runs the scenario against one server.
+async fn measure(
+    opts: &BenchOptions,
+    server: &ServerProcess,
+    certs: &Path,
+    login: Login,
+    pusher: Pusher,
+    backend: Option<&Arc<Client>>,
+    label: &str,
+) -> Result<Measurement, BenchError> {
+    let stat = ProcStat::new(server.pid);
+    let n = opts.clients;
+    let dial = match opts.transport {
+        BenchTransport::Tcp => Dial::tcp(server.client_tcp, login),
+        BenchTransport::Quic => Dial::quic(
+            server.client_quic,
+            login,
+            &certs.join(crate::certs::CA_CERT),
+            16,
+        )?,
+    };
+    let mut m = Measurement::default();
+
+    if opts.scenario == Scenario::Connect {
+        let pb = progress_bar(opts.progress, n as u64, &format!("{label} connect"));
+        let cpu0 = stat.cpu_us()?;
+        let t0 = Instant::now();
+        let clients = fleet::connect_all(&dial, n, opts.connect_concurrency, &pb).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = stat.cpu_us()?.saturating_sub(cpu0);
+        pb.finish_and_clear();
+        m.seconds = secs;
+        m.connects_per_sec = Some(n as f64 / secs);
+        m.server_cpu_us = cpu;
+        m.server_cpu_percent = cpu as f64 / 1e4 / secs;
+        close_all(clients).await;
+        return Ok(m);
+    }
+
+    if opts.scenario == Scenario::Idle {
+        let rss0 = stat.rss_bytes()?;
+        let pb = progress_bar(opts.progress, n as u64, &format!("{label} idle"));
+        let clients = fleet::connect_all(&dial, n, opts.connect_concurrency, &pb).await?;
+        pb.finish_and_clear();
+        if let Some(b) = backend {
+            wait_online(b, n as u64).await?;
+        }
+        // let allocations settle (buffers sized on first use) before reading RSS
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss1 = stat.rss_bytes()?;
+        m.server_rss_per_conn_bytes = Some(rss1.saturating_sub(rss0) as f64 / n as f64);
+        close_all(clients).await;
+        return Ok(m);
+    }
+
+    let pb = progress_bar(opts.progress, n as u64, &format!("{label} connect"));
+    let clients = fleet::connect_all(&dial, n, opts.connect_concurrency, &pb).await?;
+    pb.finish_and_clear();
+    if let Some(b) = backend {
+        wait_online(b, n as u64).await?;
+    }
+    let epoch = Instant::now();
+    let readers = Readers::start(clients, epoch, true);
+
+    // What each client should receive, and the total.
+    let (per_client, total): (Vec<u64>, u64) = match opts.scenario {
+        Scenario::Keys => {
+            let per: Vec<u64> = (0..n as u64)
+                .map(|i| opts.messages / n as u64 + u64::from(i < opts.messages % n as u64))
+                .collect();
+            (per, opts.messages)
+        }
+        Scenario::Latency => {
+            let msgs = latency_messages(opts, n);
+            (vec![msgs; n], msgs * n as u64)
+        }
+        _ => (vec![opts.messages; n], opts.messages * n as u64),
+    };
+    let pb = progress_bar(opts.progress, total, label);
+    let received = readers.received.clone();
+    let ticker = {
+        let pb = pb.clone();
+        let received = received.clone();
+        tokio::spawn(async move {
+            loop {
+                pb.set_position(received.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let cpu0 = stat.cpu_us()?;
+    let t0 = Instant::now();
+    let dropped = match opts.scenario {
+        Scenario::Keys => send_keys(opts, &pusher, &received, epoch).await?,
+        Scenario::Latency => {
+            let msgs = latency_messages(opts, n);
+            let pace = Duration::from_secs_f64(n as f64 / opts.rate.max(1) as f64);
+            send_fanout(opts, &pusher, &received, epoch, msgs, Some(pace), false).await?
+        }
+        Scenario::Broadcast => {
+            send_fanout(opts, &pusher, &received, epoch, opts.messages, None, true).await?
+        }
+        _ => send_fanout(opts, &pusher, &received, epoch, opts.messages, None, false).await?,
+    };
+    let done_at = wait_done(&received, total.saturating_sub(dropped), t0).await;
+    let cpu = stat.cpu_us()?.saturating_sub(cpu0);
+    ticker.abort();
+    pb.finish_and_clear();
+    let secs = done_at.duration_since(t0).as_secs_f64().max(1e-9);
+    let stats = readers.finish().await;
+
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
+    let mut gaps = 0u64;
+    for (s, &want) in stats.iter().zip(&per_client) {
+        m.deliveries += s.received;
+        m.duplicated += s.duplicated;
+        m.misrouted += s.misrouted;
+        m.reordered += s.reordered;
+        gaps += want.saturating_sub(s.unique);
+        if let Some(h) = &s.latency_us {
+            let _ = hist.add(h);
+        }
+    }
+    // Gaps the server reported as dropped (queue full) are not losses.
+    m.lost = gaps.saturating_sub(dropped);
+    m.dropped_queue_full = dropped;
+    m.expected = total;
+    m.seconds = secs;
+    m.deliveries_per_sec = m.deliveries as f64 / secs;
+    m.server_cpu_us = cpu;
+    m.server_cpu_percent = cpu as f64 / 1e4 / secs;
+    m.server_cpu_us_per_delivery = (m.deliveries > 0).then(|| cpu as f64 / m.deliveries as f64);
+    m.latency_us = (!hist.is_empty()).then(|| percentiles(&hist));
+    Ok(m)
+}
+
+fn latency_messages(opts: &BenchOptions, n: usize) -> u64 {
+    let per_sec = opts.rate as f64 / n as f64;
+    (per_sec * opts.duration.as_secs_f64()).ceil().max(1.0) as u64
+}
+
+async fn close_all(clients: Vec<crate::client::PushClient>) {
+    let mut closing: FuturesUnordered<_> = clients.into_iter().map(|c| c.close()).collect();
+    while closing.next().await.is_some() {}
+}
+
+async fn wait_online(backend: &Client, n: u64) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let online = backend
+            .online()
+            .await
+            .map_err(|e| BenchError::Rpc(e.to_string()))?;
+        if online.total >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Rpc(format!(
+                "only {} of {n} clients online",
+                online.total
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `want` deliveries arrived, or nothing arrived for [`QUIET`].
+/// Returns when the last delivery was seen.
+async fn wait_done(received: &std::sync::atomic::AtomicU64, want: u64, t0: Instant) -> Instant {
+    let mut last = received.load(Ordering::Relaxed);
+    let mut last_at = if last > 0 { Instant::now() } else { t0 };
+    loop {
+        let now = received.load(Ordering::Relaxed);
+        if now >= want {
+            return Instant::now();
+        }
+        if now != last {
+            last = now;
+            last_at = Instant::now();
+        } else if last_at.elapsed() > QUIET {
+            return last_at;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Most messages the sender may be ahead of the clients' average progress.
+const WINDOW: u64 = 32;
+
+/// Sends `count` messages to the room (or to everyone), at most `in_flight` calls
+/// at once and at most [`WINDOW`] messages ahead of the clients; paced if `pace`.
+async fn send_fanout(
+    opts: &BenchOptions,
+    pusher: &Pusher,
+    received: &std::sync::atomic::AtomicU64,
+    epoch: Instant,
+    count: u64,
+    pace: Option<Duration>,
+    broadcast: bool,
+) -> Result<u64, BenchError> {
+    let n = opts.clients as u64;
+    let mut dropped = 0u64;
+    let mut inflight = FuturesUnordered::new();
+    let mut ticker = pace.map(|p| {
+        let mut t = tokio::time::interval(p);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    for i in 0..count {
+        if let Some(t) = &mut ticker {
+            // keep completing calls while waiting for the next tick
+            loop {
+                tokio::select! {
+                    _ = t.tick() => break,
+                    Some(r) = inflight.next(), if !inflight.is_empty() => dropped += r?,
+                }
+            }
+        } else {
+            while i > WINDOW && received.load(Ordering::Relaxed) < (i - WINDOW) * n {
+                if let Some(r) = futures_util::FutureExt::now_or_never(inflight.next()).flatten() {
+                    dropped += r?;
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+        }
+        while inflight.len() >= opts.in_flight.max(1) {
+            if let Some(r) = inflight.next().await {
+                dropped += r?;
+            }
+        }
+        let body = fleet::body(
+            i,
+            epoch.elapsed().as_nanos() as u64,
+            ANY_KEY,
+            opts.body_size,
+        );
+        if broadcast {
+            inflight.push(futures_util::future::Either::Left(pusher.broadcast(body)));
+        } else {
+            inflight.push(futures_util::future::Either::Right(pusher.room(body)));
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        dropped += r?;
+    }
+    Ok(dropped)
+}
+
+/// Sends `messages` messages round-robin over the clients' keys, `batch` per call.
+async fn send_keys(
+    opts: &BenchOptions,
+    pusher: &Pusher,
+    received: &std::sync::atomic::AtomicU64,
+    epoch: Instant,
+) -> Result<u64, BenchError> {
+    let n = opts.clients as u64;
+    let window = n * WINDOW;
+    let mut next_index = vec![0u64; opts.clients];
+    let mut dropped = 0u64;
+    let mut inflight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    while sent < opts.messages {
+        while sent > window && received.load(Ordering::Relaxed) + window < sent {
+            if let Some(r) = futures_util::FutureExt::now_or_never(inflight.next()).flatten() {
+                dropped += r?;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        while inflight.len() >= opts.in_flight.max(1) {
+            if let Some(r) = inflight.next().await {
+                dropped += r?;
+            }
+        }
+        let end = (sent + opts.batch as u64).min(opts.messages);
+        let now = epoch.elapsed().as_nanos() as u64;
+        let items: Vec<(u32, Bytes)> = (sent..end)
+            .map(|j| {
+                let key = (j % n) as usize;
+                let index = next_index[key];
+                next_index[key] += 1;
+                (
+                    key as u32,
+                    fleet::body(index, now, key as u32, opts.body_size),
+                )
+            })
+            .collect();
+        inflight.push(pusher.keys(items));
+        sent = end;
+    }
+    while let Some(r) = inflight.next().await {
+        dropped += r?;
+    }
+    Ok(dropped)
+}
+
+fn opt(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}{unit}"),
+        Some(v) => format!("{v:.2}{unit}"),
+        None => "-".into(),
+    }
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(String, String, String)> = Vec::new();
+        let raw = self.raw.as_ref();
+        let both = |name: &str, q: String, r: Option<String>| {
+            (name.to_owned(), q, r.unwrap_or_else(|| "-".into()))
+        };
+        let m = &self.quicpush;
+        rows.push(both(
+            "deliveries",
+            m.deliveries.to_string(),
+            raw.map(|r| r.deliveries.to_string()),
+        ));
+        rows.push(both(
+            "seconds",
+            format!("{:.3}", m.seconds),
+            raw.map(|r| format!("{:.3}", r.seconds)),
+        ));
+        rows.push(both(
+            "deliveries/s",
+            format!("{:.0}", m.deliveries_per_sec),
+            raw.map(|r| format!("{:.0}", r.deliveries_per_sec)),
+        ));
+        rows.push(both(
+            "lost",
+            m.lost.to_string(),
+            raw.map(|r| r.lost.to_string()),
+        ));
+        rows.push(both(
+            "duplicated",
+            m.duplicated.to_string(),
+            raw.map(|r| r.duplicated.to_string()),
+        ));
+        rows.push(both(
+            "misrouted",
+            m.misrouted.to_string(),
+            raw.map(|r| r.misrouted.to_string()),
+        ));
+        rows.push(both(
+            "reordered",
+            m.reordered.to_string(),
+            raw.map(|r| r.reordered.to_string()),
+        ));
+        rows.push(both(
+            "dropped (queue full)",
+            m.dropped_queue_full.to_string(),
+            raw.map(|r| r.dropped_queue_full.to_string()),
+        ));
+        let lat = |l: Option<LatencyUs>| l.map(|l| format!("{} / {} / {}", l.p50, l.p99, l.p999));
+        rows.push(both(
+            "latency p50/p99/p999 µs",
+            lat(m.latency_us).unwrap_or_else(|| "-".into()),
+            raw.and_then(|r| lat(r.latency_us)),
+        ));
+        rows.push(both(
+            "server CPU µs/delivery",
+            opt(m.server_cpu_us_per_delivery, ""),
+            raw.map(|r| opt(r.server_cpu_us_per_delivery, "")),
+        ));
+        rows.push(both(
+            "server CPU %",
+            format!("{:.0}", m.server_cpu_percent),
+            raw.map(|r| format!("{:.0}", r.server_cpu_percent)),
+        ));
+        rows.push(both(
+            "server RSS/conn bytes",
+            opt(m.server_rss_per_conn_bytes, ""),
+            raw.map(|r| opt(r.server_rss_per_conn_bytes, "")),
+        ));
+        rows.push(both(
+            "connects/s",
+            opt(m.connects_per_sec, ""),
+            raw.map(|r| opt(r.connects_per_sec, "")),
+        ));
+        let mut s = format!(
+            "scenario={:?} transport={:?} clients={} messages={} batch={} body={}B\n",
+            self.scenario, self.transport, self.clients, self.messages, self.batch, self.body_size
+        );
+        s.push_str(&format!(
+            "{:<26} {:>20} {:>20}\n",
+            "", "quicpush", "raw floor"
+        ));
+        for (k, q, r) in rows {
+            s.push_str(&format!("{k:<26} {q:>20} {r:>20}\n"));
+        }
+        if let Some(ratio) = self.ratio_to_raw {
+            s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
+        }
+        s
+    }
+}

@@ -1,0 +1,268 @@
+//! The processes a benchmark measures: starting `quicpush serve` or the raw floor
+//! as a child, finding their addresses, and reading their CPU time and memory from
+//! /proc.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::BenchError;
+
+/// A child process being measured, stopped with SIGTERM on drop.
+pub struct ServerProcess {
+    child: Option<Child>,
+    pub pid: u32,
+    pub client_tcp: SocketAddr,
+    pub client_quic: SocketAddr,
+    /// Backend RPC (quicpush) or the control port (raw floor).
+    pub control: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `exe args...` and waits until it has logged every address in `want`
+    /// (log messages ending with `addr=<socket address>`), in order of `want`.
+    pub fn spawn(
+        exe: &Path,
+        args: &[String],
+        want: &[&str],
+    ) -> Result<(Child, Vec<SocketAddr>), BenchError> {
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| BenchError::Spawn(format!("{}: {e}", exe.display())))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| BenchError::Spawn("no stderr pipe".into()))?;
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining the child's log for its whole life, so it never blocks on a
+        // full pipe; warnings and errors are passed through.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("[server] {line}");
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let mut found: Vec<Option<SocketAddr>> = vec![None; want.len()];
+        while found.iter().any(Option::is_none) {
+            let line = match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(l) => l,
+                Err(_) => {
+                    let _ = child.kill();
+                    return Err(BenchError::Spawn(format!(
+                        "{} did not report its addresses",
+                        exe.display()
+                    )));
+                }
+            };
+            for (i, w) in want.iter().enumerate() {
+                if found[i].is_none() {
+                    found[i] = listening_addr(&line, w);
+                }
+            }
+        }
+        Ok((child, found.into_iter().flatten().collect()))
+    }
+
+    /// Starts `quicpush serve` on loopback ports chosen by the kernel, with a
+    /// temporary configuration and fresh certificates in `dir`.
+    pub fn quicpush(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+        let config = dir.join("bench.toml");
+        let text = format!(
+            "[client]\ntcp_bind = [\"127.0.0.1:0\"]\nquic_bind = [\"127.0.0.1:0\"]\n\
+             heartbeat_timeout = \"1h\"\nmax_connections = 1000000\n\
+             [quic]\nidle_timeout = \"1h\"\n\
+             [rpc]\nbind = [\"127.0.0.1:0\"]\n\
+             [tls]\ndir = {dir:?}\n[auth]\nsecret_file = {secret:?}\n",
+            dir = dir,
+            secret = dir.join("token.secret"),
+        );
+        std::fs::write(&config, text)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", config.display())))?;
+        let args = vec![
+            "serve".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        let (child, addrs) = Self::spawn(
+            exe,
+            &args,
+            &[
+                "client TCP listening",
+                "client QUIC listening",
+                "backend RPC listening",
+            ],
+        )?;
+        Ok(ServerProcess {
+            pid: child.id(),
+            child: Some(child),
+            client_tcp: addrs[0],
+            client_quic: addrs[1],
+            control: addrs[2],
+        })
+    }
+
+    /// Starts the raw floor server (`quicpush bench-floor`).
+    pub fn floor(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+        let args = vec![
+            "bench-floor".to_string(),
+            "--certs".into(),
+            dir.display().to_string(),
+        ];
+        let (child, addrs) = Self::spawn(
+            exe,
+            &args,
+            &[
+                "floor TCP listening",
+                "floor QUIC listening",
+                "floor control listening",
+            ],
+        )?;
+        Ok(ServerProcess {
+            pid: child.id(),
+            child: Some(child),
+            client_tcp: addrs[0],
+            client_quic: addrs[1],
+            control: addrs[2],
+        })
+    }
+
+    /// A process started elsewhere: measured, never stopped.
+    pub fn external(pid: u32, client: SocketAddr, control: SocketAddr) -> ServerProcess {
+        ServerProcess {
+            child: None,
+            pid,
+            client_tcp: client,
+            client_quic: client,
+            control,
+        }
+    }
+
+    /// Asks the child to stop (SIGTERM) and waits for it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            for _ in 0..300 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// The address in a log line `... <what> addr=<address>`.
+pub fn listening_addr(line: &str, what: &str) -> Option<SocketAddr> {
+    if !line.contains(what) {
+        return None;
+    }
+    let start = line.find("addr=")? + 5;
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// Clock ticks per second of /proc's CPU times.
+fn clock_ticks() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Reads a process's CPU time and resident memory.
+#[derive(Debug, Clone)]
+pub struct ProcStat {
+    stat: PathBuf,
+    status: PathBuf,
+    tick_us: u64,
+}
+
+impl ProcStat {
+    pub fn new(pid: u32) -> ProcStat {
+        ProcStat {
+            stat: PathBuf::from(format!("/proc/{pid}/stat")),
+            status: PathBuf::from(format!("/proc/{pid}/status")),
+            tick_us: 1_000_000 / clock_ticks().max(1),
+        }
+    }
+
+    /// User + system CPU time, microseconds.
+    pub fn cpu_us(&self) -> Result<u64, BenchError> {
+        let text = std::fs::read_to_string(&self.stat)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", self.stat.display())))?;
+        // Fields after the parenthesised command name; utime and stime are the
+        // 14th and 15th fields of the whole line.
+        let after = text
+            .rfind(')')
+            .map(|i| &text[i + 1..])
+            .ok_or_else(|| BenchError::Io(format!("{}: unexpected format", self.stat.display())))?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok((num(11) + num(12)) * self.tick_us)
+    }
+
+    /// Resident set size, bytes.
+    pub fn rss_bytes(&self) -> Result<u64, BenchError> {
+        let text = std::fs::read_to_string(&self.status)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", self.status.display())))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| BenchError::Io(format!("{}: no VmRSS", self.status.display())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_cpu_and_memory() {
+        let p = ProcStat::new(std::process::id());
+        assert!(p.rss_bytes().unwrap() > 0);
+        let _ = p.cpu_us().unwrap();
+    }
+
+    #[test]
+    fn parses_listening_lines() {
+        let line =
+            "2026-11-24T16:07:36Z  INFO quicpush::server: client TCP listening addr=127.0.0.1:4000";
+        assert_eq!(
+            listening_addr(line, "client TCP listening"),
+            Some("127.0.0.1:4000".parse().unwrap())
+        );
+        assert_eq!(listening_addr(line, "client QUIC listening"), None);
+    }
+}
