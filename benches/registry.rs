@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use quicpush::channel::{Channel, Outbound, PushOutcome, Transport};
+use quicpush::channel::OutReceiver as Receiver;
+use quicpush::channel::{Channel, PushOutcome, Transport};
 use quicpush::protocol::Frame;
 use quicpush::registry::{OpFilter, Registry};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::mpsc::Receiver;
 
 /// Channels registered in every fixture.
 const CHANNELS: usize = 10_000;
@@ -95,7 +95,7 @@ struct Fixture {
     registry: Registry,
     naive: Naive,
     keys: Vec<String>,
-    rxs: Vec<Receiver<Outbound>>,
+    rxs: Vec<Receiver>,
     frame: Bytes,
 }
 
@@ -159,7 +159,7 @@ impl Fixture {
     fn drain(&mut self) -> usize {
         let mut n = 0;
         for rx in &mut self.rxs {
-            while rx.try_recv().is_ok() {
+            while rx.try_recv().is_some() {
                 n += 1;
             }
         }
@@ -170,7 +170,7 @@ impl Fixture {
     fn drain_room(&mut self, room: usize) -> usize {
         let mut n = 0;
         for rx in self.rxs.iter_mut().skip(room).step_by(ROOMS) {
-            while rx.try_recv().is_ok() {
+            while rx.try_recv().is_some() {
                 n += 1;
             }
         }

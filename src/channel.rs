@@ -4,12 +4,14 @@
 //! close signal. Pushes `try_send` into the queue and never wait; the session's
 //! writer owns the receiving side and the socket.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// The transport a client connected over.
@@ -72,6 +74,115 @@ pub enum PushOutcome {
     Filtered,
 }
 
+/// A channel's bounded outbound queue.
+///
+/// A plain mutex around a ring buffer: a push is a lock, a `push_back` and, only
+/// when the queue was empty, one wake-up of the writer, which then drains
+/// everything queued in one go. Cheaper per delivery than a general-purpose
+/// channel, which matters when one push fans out to every client.
+struct OutQueue {
+    state: Mutex<QueueState>,
+    /// The writer waits here for the queue to become non-empty.
+    readable: Notify,
+    /// Replies wait here for room.
+    writable: Notify,
+}
+
+struct QueueState {
+    items: VecDeque<Outbound>,
+    cap: usize,
+    /// No more pushes: the server is closing the channel, or the writer is gone.
+    shut: bool,
+}
+
+enum Push {
+    Queued { was_empty: bool },
+    Full,
+    Shut,
+}
+
+impl OutQueue {
+    fn push(&self, item: Outbound) -> Push {
+        let mut s = self.state.lock();
+        if s.shut {
+            return Push::Shut;
+        }
+        if s.items.len() >= s.cap {
+            return Push::Full;
+        }
+        s.items.push_back(item);
+        Push::Queued {
+            was_empty: s.items.len() == 1,
+        }
+    }
+
+    fn shut(&self) {
+        self.state.lock().shut = true;
+        self.writable.notify_waiters();
+    }
+}
+
+/// The writer's end of a channel's queue. Dropping it shuts the queue: later
+/// pushes report the channel offline.
+pub struct OutReceiver {
+    queue: Arc<OutQueue>,
+}
+
+impl fmt::Debug for OutReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OutReceiver")
+    }
+}
+
+impl OutReceiver {
+    /// Waits until the queue holds something, then moves up to `max` items into
+    /// `out`. Returns how many it moved (never 0).
+    pub async fn recv_many(&mut self, out: &mut Vec<Outbound>, max: usize) -> usize {
+        loop {
+            let n = self.take(out, max);
+            if n > 0 {
+                return n;
+            }
+            self.queue.readable.notified().await;
+        }
+    }
+
+    /// Moves up to `max` queued items into `out` without waiting.
+    pub fn take(&mut self, out: &mut Vec<Outbound>, max: usize) -> usize {
+        let n = {
+            let mut s = self.queue.state.lock();
+            let n = s.items.len().min(max);
+            out.extend(s.items.drain(..n));
+            n
+        };
+        if n > 0 {
+            self.queue.writable.notify_waiters();
+        }
+        n
+    }
+
+    /// One queued item, if any.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        let item = self.queue.state.lock().items.pop_front();
+        if item.is_some() {
+            self.queue.writable.notify_waiters();
+        }
+        item
+    }
+
+    /// Takes no more items: later pushes report the channel offline. What is
+    /// queued stays for [`OutReceiver::take`].
+    pub fn close(&mut self) {
+        self.queue.shut();
+    }
+}
+
+impl Drop for OutReceiver {
+    fn drop(&mut self) {
+        self.queue.shut();
+    }
+}
+
 /// A client's registration: identity, outbound queue and close signal.
 pub struct Channel {
     /// Unique per connection for the life of the process.
@@ -79,7 +190,7 @@ pub struct Channel {
     pub key: Arc<str>,
     pub mid: Option<i64>,
     pub transport: Transport,
-    tx: mpsc::Sender<Outbound>,
+    queue: Arc<OutQueue>,
     close: CancellationToken,
     reason: OnceLock<CloseReason>,
 }
@@ -103,44 +214,76 @@ impl Channel {
         mid: Option<i64>,
         transport: Transport,
         queue_size: usize,
-    ) -> (Arc<Channel>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(queue_size);
+    ) -> (Arc<Channel>, OutReceiver) {
+        let queue = Arc::new(OutQueue {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                cap: queue_size.max(1),
+                shut: false,
+            }),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        });
         let ch = Channel {
             id,
             key,
             mid,
             transport,
-            tx,
+            queue: queue.clone(),
             close: CancellationToken::new(),
             reason: OnceLock::new(),
         };
-        (Arc::new(ch), rx)
+        (Arc::new(ch), OutReceiver { queue })
     }
 
     /// Queues a pushed frame without waiting.
     #[inline]
     pub fn try_push(&self, frame: &Bytes) -> PushOutcome {
-        if self.close.is_cancelled() {
-            // Closing: its writer sends what was queued, then DisconnectReply; a
-            // push now would be reported delivered and never written.
-            return PushOutcome::Offline;
-        }
-        match self.tx.try_send(Outbound::Push(frame.clone())) {
-            Ok(()) => PushOutcome::Delivered,
-            Err(mpsc::error::TrySendError::Full(_)) => PushOutcome::QueueFull,
-            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Offline,
+        match self.queue.push(Outbound::Push(frame.clone())) {
+            Push::Queued { was_empty } => {
+                if was_empty {
+                    self.queue.readable.notify_one();
+                }
+                PushOutcome::Delivered
+            }
+            Push::Full => PushOutcome::QueueFull,
+            // Closing: its writer sends what was queued, then DisconnectReply.
+            Push::Shut => PushOutcome::Offline,
         }
     }
 
     /// Queues a reply, waiting for room: a client that floods requests without
-    /// reading its replies only slows down its own reader.
+    /// reading its replies only slows down its own reader. False if the writer is gone.
     pub async fn reply(&self, frame: Bytes) -> bool {
-        self.tx.send(Outbound::Reply(frame)).await.is_ok()
+        let item = Outbound::Reply(frame);
+        loop {
+            let room = self.queue.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut s = self.queue.state.lock();
+                if s.shut {
+                    return false;
+                }
+                if s.items.len() < s.cap {
+                    s.items.push_back(item);
+                    let was_empty = s.items.len() == 1;
+                    drop(s);
+                    if was_empty {
+                        self.queue.readable.notify_one();
+                    }
+                    return true;
+                }
+            }
+            room.await;
+        }
     }
 
     /// Asks the session to send DisconnectReply and close. The first reason wins.
+    /// Pushes from now on report the channel offline.
     pub fn close(&self, reason: CloseReason) {
         let _ = self.reason.set(reason);
+        self.queue.shut();
         self.close.cancel();
     }
 
@@ -165,13 +308,51 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn writer_wakes_for_a_push_and_drains_everything() {
+        let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
+        let waiter = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let n = rx.recv_many(&mut out, 100).await;
+            (n, rx)
+        });
+        tokio::task::yield_now().await;
+        let f = Bytes::from_static(b"f");
+        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        let (n, mut rx) = waiter.await.unwrap();
+        assert!(n >= 1);
+        for _ in 0..3 {
+            ch.try_push(&f);
+        }
+        let mut out = Vec::new();
+        assert_eq!(rx.recv_many(&mut out, 100).await + n, 4);
+    }
+
+    #[tokio::test]
+    async fn reply_waits_for_room() {
+        let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 1);
+        assert!(ch.reply(Bytes::from_static(b"1")).await);
+        let ch2 = ch.clone();
+        let second = tokio::spawn(async move { ch2.reply(Bytes::from_static(b"2")).await });
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished(), "the queue is full: the reply waits");
+        assert!(rx.try_recv().is_some());
+        assert!(second.await.unwrap());
+        assert!(matches!(rx.try_recv(), Some(Outbound::Reply(b)) if &b[..] == b"2"));
+        drop(rx);
+        assert!(
+            !ch.reply(Bytes::from_static(b"3")).await,
+            "no writer: refused"
+        );
+    }
+
+    #[tokio::test]
     async fn full_queue_is_a_distinct_outcome() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 2);
         let f = Bytes::from_static(b"frame");
         assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
         assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
         assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
-        assert!(matches!(rx.recv().await, Some(Outbound::Push(_))));
+        assert!(matches!(rx.try_recv(), Some(Outbound::Push(_))));
         assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
         drop(rx);
         assert_eq!(ch.try_push(&f), PushOutcome::Offline);
@@ -182,6 +363,7 @@ mod tests {
         let (ch, _rx) = Channel::new(1, "k".into(), None, Transport::Quic, 2);
         assert!(!ch.is_closed());
         ch.close(CloseReason::Replaced);
+        assert_eq!(ch.try_push(&Bytes::from_static(b"x")), PushOutcome::Offline);
         ch.close(CloseReason::Shutdown);
         ch.closed().await;
         assert_eq!(ch.close_reason(), Some(CloseReason::Replaced));

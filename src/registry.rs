@@ -513,10 +513,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::Outbound;
-    use tokio::sync::mpsc::Receiver;
+    use crate::channel::OutReceiver as Receiver;
 
-    fn chan(r: &Registry, key: &str, mid: Option<i64>) -> (Arc<Channel>, Receiver<Outbound>) {
+    fn chan(r: &Registry, key: &str, mid: Option<i64>) -> (Arc<Channel>, Receiver) {
         Channel::new(r.next_id(), key.into(), mid, Transport::Tcp, 8)
     }
 
@@ -524,9 +523,9 @@ mod tests {
         Bytes::from_static(b"f")
     }
 
-    fn drain(rx: &mut Receiver<Outbound>) -> usize {
+    fn drain(rx: &mut Receiver) -> usize {
         let mut n = 0;
-        while rx.try_recv().is_ok() {
+        while rx.try_recv().is_some() {
             n += 1;
         }
         n

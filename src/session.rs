@@ -18,12 +18,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
-use crate::channel::{Channel, CloseReason, Outbound, Transport};
+use crate::channel::{Channel, CloseReason, OutReceiver, Outbound, Transport};
 use crate::protocol::{self, op, Frame, FrameError};
 use crate::registry::{OpFilter, Registry};
 use crate::shutdown::Shutdown;
@@ -352,7 +351,7 @@ async fn handle(
 
 async fn write_loop<W: SessionWrite>(
     mut writer: W,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: OutReceiver,
     chan: Arc<Channel>,
     stop: CancellationToken,
     write_timeout: Duration,
@@ -364,20 +363,14 @@ async fn write_loop<W: SessionWrite>(
         let mut closing = false;
         tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, WRITE_BATCH) => {
-                if n == 0 {
-                    break Ok(());
-                }
-            }
+            _ = rx.recv_many(&mut batch, WRITE_BATCH) => {}
             _ = chan.closed() => closing = true,
             _ = stop.cancelled() => closing = true,
         }
         if closing {
             // Take no more; everything queued before the close still goes out.
             rx.close();
-            while let Ok(m) = rx.try_recv() {
-                batch.push(m);
-            }
+            while rx.take(&mut batch, usize::MAX) > 0 {}
         }
         let mut failed = None;
         for m in batch.drain(..) {
