@@ -53,13 +53,15 @@ pub struct ClientStats {
     /// Messages that arrived after one with a higher index.
     pub reordered: u64,
     pub misrouted: u64,
-    pub latency_us: Option<Histogram<u64>>,
+    /// Latency samples not yet added to the shared histogram.
+    pending_us: Vec<u64>,
+    latency: Option<Latencies>,
     seen: Vec<u64>,
     highest: Option<u64>,
 }
 
 impl ClientStats {
-    fn new(latency: bool) -> Self {
+    fn new(latency: Option<Latencies>) -> Self {
         ClientStats {
             received: 0,
             unique: 0,
@@ -68,9 +70,8 @@ impl ClientStats {
             misrouted: 0,
             seen: Vec::new(),
             highest: None,
-            latency_us: latency.then(|| {
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
-            }),
+            pending_us: Vec::new(),
+            latency,
         }
     }
 
@@ -102,9 +103,34 @@ impl ClientStats {
             Some(h) if index < h => self.reordered += 1,
             _ => self.highest = Some(index),
         }
-        if let Some(h) = &mut self.latency_us {
+        if self.latency.is_some() {
             let now = epoch.elapsed().as_nanos() as u64;
-            let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
+            self.pending_us
+                .push((now.saturating_sub(sent) / 1000).max(1));
+            if self.pending_us.len() >= 256 {
+                self.flush_latency();
+            }
+        }
+    }
+}
+
+/// The latency histogram all clients add to (in batches, to keep the lock rare).
+pub type Latencies = Arc<parking_lot::Mutex<Histogram<u64>>>;
+
+/// A histogram of 1 µs to 60 s at 3 significant digits.
+pub fn new_latencies() -> Latencies {
+    Arc::new(parking_lot::Mutex::new(
+        Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds"),
+    ))
+}
+
+impl ClientStats {
+    fn flush_latency(&mut self) {
+        if let Some(h) = &self.latency {
+            let mut h = h.lock();
+            for v in self.pending_us.drain(..) {
+                let _ = h.record(v);
+            }
         }
     }
 }
@@ -180,10 +206,13 @@ impl Dial {
             None => {
                 let socket =
                     tokio::net::TcpSocket::new_v4().map_err(|e| BenchError::Io(e.to_string()))?;
-                if self.addr.ip().is_loopback() {
+                let block = i / CLIENTS_PER_SOURCE_IP;
+                if self.addr.ip().is_loopback() && block > 0 {
                     // Spread over 127.0.0.x so that more clients than one address has
-                    // ephemeral ports can connect.
-                    let host = 1 + (i / CLIENTS_PER_SOURCE_IP) as u8;
+                    // ephemeral ports can connect. (The first block lets connect()
+                    // choose, which can reuse ports still in TIME_WAIT.)
+                    let _ = socket.set_reuseaddr(true);
+                    let host = 1 + block as u8;
                     let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0);
                     socket
                         .bind(src)
@@ -246,7 +275,7 @@ pub struct Readers {
 
 impl Readers {
     /// Starts a reader task per client.
-    pub fn start(clients: Vec<PushClient>, epoch: Instant, latency: bool) -> Readers {
+    pub fn start(clients: Vec<PushClient>, epoch: Instant, latency: Option<Latencies>) -> Readers {
         let received = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let tasks = clients
@@ -257,7 +286,7 @@ impl Readers {
                     i as u32,
                     c,
                     epoch,
-                    latency,
+                    latency.clone(),
                     received.clone(),
                     stop.clone(),
                 ))
@@ -287,7 +316,7 @@ async fn read(
     me: u32,
     client: PushClient,
     epoch: Instant,
-    latency: bool,
+    latency: Option<Latencies>,
     received: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> ClientStats {
@@ -324,5 +353,6 @@ async fn read(
     if let Some((conn, _)) = quic {
         conn.close(0u32.into(), b"bench done");
     }
+    stats.flush_latency();
     stats
 }

@@ -489,7 +489,8 @@ async fn measure(
         wait_online(b, n as u64).await?;
     }
     let epoch = Instant::now();
-    let readers = Readers::start(clients, epoch, true);
+    let latencies = fleet::new_latencies();
+    let readers = Readers::start(clients, epoch, Some(latencies.clone()));
 
     // What each client should receive, and the total.
     let (per_client, total): (Vec<u64>, u64) = match opts.scenario {
@@ -539,8 +540,6 @@ async fn measure(
     let secs = done_at.duration_since(t0).as_secs_f64().max(1e-9);
     let stats = readers.finish().await;
 
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds");
     let mut gaps = 0u64;
     for (s, &want) in stats.iter().zip(&per_client) {
         m.deliveries += s.received;
@@ -548,9 +547,6 @@ async fn measure(
         m.misrouted += s.misrouted;
         m.reordered += s.reordered;
         gaps += want.saturating_sub(s.unique);
-        if let Some(h) = &s.latency_us {
-            let _ = hist.add(h);
-        }
     }
     // Gaps the server reported as dropped (queue full) are not losses.
     m.lost = gaps.saturating_sub(dropped);
@@ -561,6 +557,7 @@ async fn measure(
     m.server_cpu_us = cpu;
     m.server_cpu_percent = cpu as f64 / 1e4 / secs;
     m.server_cpu_us_per_delivery = (m.deliveries > 0).then(|| cpu as f64 / m.deliveries as f64);
+    let hist = latencies.lock();
     m.latency_us = (!hist.is_empty()).then(|| percentiles(&hist));
     Ok(m)
 }
