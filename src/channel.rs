@@ -147,6 +147,19 @@ impl OutReceiver {
         }
     }
 
+    /// Waits until the queue holds something, then yields once to the scheduler so
+    /// that whatever else is running (a push fanning out to many clients) can queue
+    /// more for this writer first: fewer, larger writes under load.
+    pub async fn ready(&mut self) {
+        loop {
+            if !self.queue.state.lock().items.is_empty() {
+                break;
+            }
+            self.queue.readable.notified().await;
+        }
+        tokio::task::yield_now().await;
+    }
+
     /// Moves up to `max` queued items into `out` without waiting.
     pub fn take(&mut self, out: &mut Vec<Outbound>, max: usize) -> usize {
         let n = {

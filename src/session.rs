@@ -31,6 +31,8 @@ use crate::shutdown::Shutdown;
 const WRITE_BATCH: usize = 256;
 /// How long a finishing writer waits for the peer to take the last bytes.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read buffer growth step.
+const READ_CHUNK: usize = 512;
 /// A writer flushes once this much is buffered, so a backlog of large frames is
 /// written in slices instead of copied whole.
 const FLUSH_AT: usize = 64 * 1024;
@@ -140,8 +142,10 @@ async fn read_frame<R: AsyncRead + Unpin>(
         if let Some(frame) = protocol::decode(buf, max_body)? {
             return Ok(Some(frame));
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
+        if buf.capacity() - buf.len() < 64 {
+            // Small steps: an idle client holds this buffer for hours. decode()
+            // reserves a large frame's whole length once its header is in.
+            buf.reserve(READ_CHUNK);
         }
         let n = reader.read_buf(buf).await.map_err(SessionError::Read)?;
         if n == 0 {
@@ -166,7 +170,7 @@ where
     W: SessionWrite,
 {
     let limits = &ctx.limits;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
 
     let first = tokio::select! {
         r = tokio::time::timeout(limits.handshake_timeout, read_frame(&mut reader, &mut buf, limits.max_body)) => {
@@ -221,7 +225,7 @@ where
         Err(e) => Err(format!("writer task failed: {e}")),
     };
     if W::LINGER && matches!(result, Ok(SessionEnd::ServerClosed(_))) {
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 1024];
         let linger = async { while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {} };
         let _ = tokio::time::timeout(LINGER, linger).await;
     }
@@ -356,14 +360,17 @@ async fn write_loop<W: SessionWrite>(
     stop: CancellationToken,
     write_timeout: Duration,
 ) -> Result<(), String> {
-    let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
-    let mut out = BytesMut::with_capacity(4096);
+    // Both start empty and grow with use: most clients are idle most of the time.
+    let mut batch: Vec<Outbound> = Vec::new();
+    let mut out = BytesMut::new();
     let mut push_seq: u32 = 0;
     let result = loop {
         let mut closing = false;
         tokio::select! {
             biased;
-            _ = rx.recv_many(&mut batch, WRITE_BATCH) => {}
+            _ = rx.ready() => {
+                rx.take(&mut batch, WRITE_BATCH);
+            }
             _ = chan.closed() => closing = true,
             _ = stop.cancelled() => closing = true,
         }
@@ -389,6 +396,10 @@ async fn write_loop<W: SessionWrite>(
         }
         if let Some(e) = failed {
             break Err(e);
+        }
+        if batch.capacity() > 64 {
+            // give a burst's buffer back; idle clients are the common case
+            batch = Vec::new();
         }
         if closing && chan.is_closed() {
             Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
@@ -426,8 +437,8 @@ async fn write_out<W: SessionWrite>(
         Err(_) => return Err(format!("client took no bytes for {write_timeout:?}")),
     }
     out.clear();
-    if out.capacity() > 4 * FLUSH_AT {
-        *out = BytesMut::with_capacity(4096);
+    if out.capacity() > 16 * 1024 {
+        *out = BytesMut::new();
     }
     Ok(())
 }

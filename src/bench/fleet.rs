@@ -22,8 +22,10 @@ use super::{BenchError, BENCH_OP};
 use crate::client::PushClient;
 use crate::protocol::{self, MAX_BODY_LIMIT};
 
-/// Clients per source address: below the ~28,000 ephemeral ports of one address.
-pub const CLIENTS_PER_SOURCE_IP: usize = 25_000;
+/// Clients per source address. One address has ~28,000 ephemeral ports, and the
+/// kernel's search for a free one grows costly long before they run out, so the
+/// load generator spreads its clients over 127.0.0.x in blocks of this size.
+pub const CLIENTS_PER_SOURCE_IP: usize = 1_000;
 /// The `key` field of messages sent to a room or to everyone.
 pub const ANY_KEY: u32 = u32::MAX;
 /// Body bytes the checks need.
@@ -206,11 +208,14 @@ impl Dial {
             None => {
                 let socket =
                     tokio::net::TcpSocket::new_v4().map_err(|e| BenchError::Io(e.to_string()))?;
+                // Close with a reset: thousands of bench clients closing normally
+                // would leave their ports in TIME_WAIT for the next run. (A zero
+                // linger never blocks, which is what the deprecation is about.)
+                #[allow(deprecated)]
+                let _ = socket.set_linger(Some(std::time::Duration::ZERO));
                 let block = i / CLIENTS_PER_SOURCE_IP;
-                if self.addr.ip().is_loopback() && block > 0 {
-                    // Spread over 127.0.0.x so that more clients than one address has
-                    // ephemeral ports can connect. (The first block lets connect()
-                    // choose, which can reuse ports still in TIME_WAIT.)
+                if self.addr.ip().is_loopback() && block < 250 {
+                    // Spread over 127.0.0.1 ..= 127.0.0.250.
                     let _ = socket.set_reuseaddr(true);
                     let host = 1 + block as u8;
                     let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)), 0);

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +25,8 @@ pub const CTL_ONE: u32 = 2;
 
 const QUEUE: usize = 1024;
 
-type Senders = Arc<RwLock<Arc<Vec<Option<mpsc::Sender<Bytes>>>>>>;
+/// Clients that authenticated since the control loop last looked.
+type Senders = Arc<Mutex<Vec<(usize, mpsc::Sender<Bytes>)>>>;
 
 fn local() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -113,20 +114,12 @@ where
     if w.write_all(&reply).await.is_err() {
         return;
     }
-    {
-        let mut guard = match senders.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let mut v: Vec<_> = guard.as_ref().clone();
-        if v.len() <= index {
-            v.resize(index + 1, None);
-        }
-        v[index] = Some(tx);
-        *guard = Arc::new(v);
+    match senders.lock() {
+        Ok(mut g) => g.push((index, tx)),
+        Err(p) => p.into_inner().push((index, tx)),
     }
     let writer = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(256);
+        let mut batch = Vec::new();
         let mut out = BytesMut::new();
         while rx.recv_many(&mut batch, 256).await > 0 {
             for b in batch.drain(..) {
@@ -139,13 +132,14 @@ where
         }
     });
     // Read and drop whatever the client sends until it leaves.
-    let mut sink = [0u8; 4096];
+    let mut sink = vec![0u8; 512];
     while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
     writer.abort();
 }
 
 async fn control_loop(mut sock: tokio::net::TcpStream, senders: Senders) {
     let mut buf = BytesMut::with_capacity(1 << 16);
+    let mut all: Vec<Option<mpsc::Sender<Bytes>>> = Vec::new();
     loop {
         match sock.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -157,10 +151,18 @@ async fn control_loop(mut sock: tokio::net::TcpStream, senders: Senders) {
                 Ok(None) => break,
                 Err(_) => return,
             };
-            let all = match senders.read() {
-                Ok(g) => g.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
+            {
+                let mut pending = match senders.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                for (index, tx) in pending.drain(..) {
+                    if all.len() <= index {
+                        all.resize(index + 1, None);
+                    }
+                    all[index] = Some(tx);
+                }
+            }
             match frame.op {
                 CTL_ALL => {
                     let out = Frame::new(BENCH_OP, 0, frame.body).to_bytes();
