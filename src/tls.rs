@@ -166,7 +166,10 @@ pub fn client_transport(q: &QuicConfig) -> TransportConfig {
         .max_concurrent_bidi_streams(VarInt::from_u32(1))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         // Datagrams are not part of the protocol: buffer none.
-        .datagram_receive_buffer_size(None);
+        .datagram_receive_buffer_size(None)
+        // Keep the initial MTU; probing costs state per connection for little gain
+        // on the small frames pushes carry.
+        .mtu_discovery_config(None);
     t
 }
 
@@ -196,6 +199,8 @@ pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerC
             source,
         })?;
     cfg.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
+    // No resumption tickets: nothing uses them yet, and each costs memory and CPU.
+    cfg.send_tls13_tickets = 0;
     let mut sc = to_quic_server(cfg)?;
     sc.transport_config(Arc::new(client_transport(q)));
     Ok(sc)

@@ -34,6 +34,7 @@ async fn check_deliveries(opts: BenchOptions) {
         assert_eq!(m.lost, 0, "{what}: lost");
         assert_eq!(m.duplicated, 0, "{what}: duplicated");
         assert_eq!(m.misrouted, 0, "{what}: misrouted");
+        assert_eq!(m.bad_seq, 0, "{what}: push sequence");
         assert_eq!(m.dropped_queue_full, 0, "{what}: dropped");
         assert_eq!(m.deliveries, m.expected, "{what}: every delivery arrived");
         assert!(m.latency_us.is_some(), "{what}: latency measured");

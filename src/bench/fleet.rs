@@ -55,6 +55,10 @@ pub struct ClientStats {
     /// Messages that arrived after one with a higher index.
     pub reordered: u64,
     pub misrouted: u64,
+    /// Frames whose push sequence number did not follow the previous one's
+    /// (quicpush numbers each connection's pushes 1, 2, 3, ...; 0 = unnumbered).
+    pub bad_seq: u64,
+    last_seq: u32,
     /// Latency samples not yet added to the shared histogram.
     pending_us: Vec<u64>,
     latency: Option<Latencies>,
@@ -70,6 +74,8 @@ impl ClientStats {
             duplicated: 0,
             reordered: 0,
             misrouted: 0,
+            bad_seq: 0,
+            last_seq: 0,
             seen: Vec::new(),
             highest: None,
             pending_us: Vec::new(),
@@ -77,7 +83,13 @@ impl ClientStats {
         }
     }
 
-    fn check(&mut self, me: u32, body: &[u8], epoch: Instant) {
+    fn check(&mut self, me: u32, seq: u32, body: &[u8], epoch: Instant) {
+        if seq != 0 {
+            if seq != self.last_seq.wrapping_add(1) {
+                self.bad_seq += 1;
+            }
+            self.last_seq = seq;
+        }
         if body.len() < MIN_BODY {
             self.misrouted += 1;
             return;
@@ -333,7 +345,7 @@ async fn read(
             match protocol::decode(&mut buf, MAX_BODY_LIMIT) {
                 Ok(Some(f)) => {
                     if f.op == BENCH_OP {
-                        stats.check(me, &f.body, epoch);
+                        stats.check(me, f.seq, &f.body, epoch);
                         n += 1;
                     }
                 }

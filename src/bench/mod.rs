@@ -152,6 +152,8 @@ pub struct Measurement {
     /// Messages that reached a client after a later one (concurrent calls keep no
     /// order between them).
     pub reordered: u64,
+    /// Pushes whose sequence number did not follow the previous one on its connection.
+    pub bad_seq: u64,
     pub dropped_queue_full: u64,
     pub latency_us: Option<LatencyUs>,
     pub server_cpu_us: u64,
@@ -546,6 +548,7 @@ async fn measure(
         m.duplicated += s.duplicated;
         m.misrouted += s.misrouted;
         m.reordered += s.reordered;
+        m.bad_seq += s.bad_seq;
         gaps += want.saturating_sub(s.unique);
     }
     // Gaps the server reported as dropped (queue full) are not losses.
@@ -774,6 +777,11 @@ impl Report {
             "reordered",
             m.reordered.to_string(),
             raw.map(|r| r.reordered.to_string()),
+        ));
+        rows.push(both(
+            "bad push seq",
+            m.bad_seq.to_string(),
+            raw.map(|r| r.bad_seq.to_string()),
         ));
         rows.push(both(
             "dropped (queue full)",
