@@ -159,9 +159,7 @@ impl Fixture {
     fn drain(&mut self) -> usize {
         let mut n = 0;
         for rx in &mut self.rxs {
-            while rx.try_recv().is_some() {
-                n += 1;
-            }
+            n += rx.drain();
         }
         n
     }
@@ -170,9 +168,7 @@ impl Fixture {
     fn drain_room(&mut self, room: usize) -> usize {
         let mut n = 0;
         for rx in self.rxs.iter_mut().skip(room).step_by(ROOMS) {
-            while rx.try_recv().is_some() {
-                n += 1;
-            }
+            n += rx.drain();
         }
         n
     }

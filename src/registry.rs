@@ -524,11 +524,7 @@ mod tests {
     }
 
     fn drain(rx: &mut Receiver) -> usize {
-        let mut n = 0;
-        while rx.try_recv().is_some() {
-            n += 1;
-        }
-        n
+        rx.drain()
     }
 
     #[test]

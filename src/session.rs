@@ -19,23 +19,18 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, Instrument};
+use tracing::debug;
 
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
-use crate::channel::{Channel, CloseReason, OutReceiver, Outbound, Transport};
+use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
 use crate::protocol::{self, op, Frame, FrameError};
 use crate::registry::{OpFilter, Registry};
 use crate::shutdown::Shutdown;
 
-/// Most queued frames a writer takes per wake-up.
-const WRITE_BATCH: usize = 256;
 /// How long a finishing writer waits for the peer to take the last bytes.
 const FINISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 512;
-/// A writer flushes once this much is buffered, so a backlog of large frames is
-/// written in slices instead of copied whole.
-const FLUSH_AT: usize = 64 * 1024;
 /// After the server closed a session, how long it reads and discards the client's
 /// input, so closing a TCP socket with unread bytes does not reset the connection
 /// and discard the DisconnectReply on its way.
@@ -212,14 +207,19 @@ where
     debug!(mid = ?id.mid, room = ?room, platform = %id.platform, "authenticated");
 
     let stop = CancellationToken::new();
-    let writer_task = tokio::spawn(
-        write_loop(writer, rx, chan.clone(), stop.clone(), limits.write_timeout).in_current_span(),
-    );
+    let writer_task = tokio::spawn(write_loop(
+        writer,
+        rx,
+        chan.clone(),
+        stop.clone(),
+        limits.write_timeout,
+    ));
 
     let result = read_loop(&ctx, &mut reader, &mut buf, &chan, &mut room, &stop).await;
 
     ctx.registry.unregister(&chan);
-    stop.cancel();
+    // The writer sends what is queued, then ends.
+    chan.shut();
     let write_result = match writer_task.await {
         Ok(r) => r,
         Err(e) => Err(format!("writer task failed: {e}")),
@@ -360,54 +360,18 @@ async fn write_loop<W: SessionWrite>(
     stop: CancellationToken,
     write_timeout: Duration,
 ) -> Result<(), String> {
-    // Both start empty and grow with use: most clients are idle most of the time.
-    let mut batch: Vec<Outbound> = Vec::new();
+    // Starts empty and grows with use: most clients are idle most of the time.
     let mut out = BytesMut::new();
-    let mut push_seq: u32 = 0;
     let result = loop {
-        let mut closing = false;
-        tokio::select! {
-            biased;
-            _ = rx.ready() => {
-                rx.take(&mut batch, WRITE_BATCH);
-            }
-            _ = chan.closed() => closing = true,
-            _ = stop.cancelled() => closing = true,
-        }
-        if closing {
-            // Take no more; everything queued before the close still goes out.
-            rx.close();
-            while rx.take(&mut batch, usize::MAX) > 0 {}
-        }
-        let mut failed = None;
-        for m in batch.drain(..) {
-            match m {
-                Outbound::Push(frame) => {
-                    push_seq = push_seq.wrapping_add(1);
-                    protocol::put_with_seq(&mut out, &frame, push_seq);
-                }
-                Outbound::Reply(frame) => out.extend_from_slice(&frame),
-            }
-            if out.len() >= FLUSH_AT && failed.is_none() {
-                if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
-                    failed = Some(e);
-                }
-            }
-        }
-        if let Some(e) = failed {
-            break Err(e);
-        }
-        if batch.capacity() > 64 {
-            // give a burst's buffer back; idle clients are the common case
-            batch = Vec::new();
-        }
-        if closing && chan.is_closed() {
+        // Everything queued, in one buffer; `last` once the queue is shut.
+        let batch = rx.next(&mut out).await;
+        if batch.last && chan.close_reason().is_some() {
             Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
         }
         if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
             break Err(e);
         }
-        if closing {
+        if batch.last {
             break Ok(());
         }
     };
@@ -438,6 +402,7 @@ async fn write_out<W: SessionWrite>(
     }
     out.clear();
     if out.capacity() > 16 * 1024 {
+        // give a burst's buffer back; idle clients are the common case
         *out = BytesMut::new();
     }
     Ok(())
