@@ -1,7 +1,7 @@
 //! One connected client as the registry sees it.
 //!
 //! A [`Channel`] owns the sending side of the client's bounded outbound queue and a
-//! close signal. Pushes `try_send` into the queue and never wait; the session's
+//! close signal. Pushes append to the queue and never wait; the session's
 //! writer owns the receiving side and the socket.
 
 use std::fmt;

@@ -14,9 +14,10 @@
 //! ```
 //!
 //! Data flows one way: backend → rpc → registry → channel queue → writer → socket.
-//! A push never awaits: it encodes the frame once, then `try_send`s the shared bytes
-//! into each recipient's bounded queue under the bucket's lock, which is a plain
-//! (non-async) mutex that is never held across an `.await`.
+//! A push never awaits: it encodes the frame once, then copies it, stamped with the
+//! connection's push sequence, into each recipient's bounded queue under the
+//! bucket's lock, which is a plain (non-async) mutex never held across an `.await`.
+//! A writer swaps its queue's bytes out and sends them in one write.
 //!
 //! # Layout
 //!
@@ -42,8 +43,8 @@
 //!
 //! # Where later work fits
 //!
-//! - Resume without loss: each channel stamps a per-connection push sequence in the
-//!   writer; a per-key replay buffer belongs beside the channel's queue.
+//! - Resume without loss: each channel's queue stamps a per-connection push
+//!   sequence as it accepts a push; a per-key replay buffer belongs beside it.
 //! - Several nodes: the registry is the presence directory to mirror into Redis.
 //! - WebSocket clients: another adapter in `transport` feeding the same session.
 //! - A goim-compatible HTTP API: another front end calling the same

@@ -2,7 +2,7 @@
 //!
 //! Channels are spread over a power-of-two number of buckets by a hash of their key.
 //! Each bucket maps key → channel, room → members and user id → keys, behind one
-//! plain mutex that is held only for map updates and non-blocking `try_send`s,
+//! plain mutex that is held only for map updates and non-blocking queue appends,
 //! never across an `.await`. A room's members live in the buckets of their keys, so
 //! a room push visits every bucket and each pushes to its own members, like goim.
 
