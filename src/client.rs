@@ -82,12 +82,7 @@ impl PushClient {
         server_name: &str,
         config: quinn::ClientConfig,
     ) -> Result<PushClient, PushClientError> {
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint = quinn::Endpoint::client(bind)?;
+        let endpoint = tls::client_endpoint(addr)?;
         let conn = endpoint
             .connect_with(config, addr, server_name)
             .map_err(|e| PushClientError::Quic(e.to_string()))?

@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -37,13 +36,7 @@ async fn in_process_shutdown_sends_disconnect_reply_after_queued_pushes() {
     assert_eq!(reg.online().total, 0);
 }
 
-fn listening_addr(line: &str, what: &str) -> Option<SocketAddr> {
-    if !line.contains(what) {
-        return None;
-    }
-    let start = line.find("addr=")? + 5;
-    line[start..].split_whitespace().next()?.parse().ok()
-}
+use quicpush::bench::process::listening_addr;
 
 #[tokio::test]
 async fn sigterm_disconnects_clients_and_exits_zero() {

@@ -109,7 +109,7 @@ where
     else {
         return;
     };
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
     let reply = Frame::new(op::AUTH_REPLY, auth.seq, Bytes::new()).to_bytes();
     if w.write_all(&reply).await.is_err() {
         return;
@@ -118,23 +118,26 @@ where
         Ok(mut g) => g.push((index, tx)),
         Err(p) => p.into_inner().push((index, tx)),
     }
-    let writer = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        let mut out = BytesMut::new();
-        while rx.recv_many(&mut batch, 256).await > 0 {
-            for b in batch.drain(..) {
-                out.extend_from_slice(&b);
-            }
-            if w.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-    });
+    let writer = tokio::spawn(write_coalesced(rx, w));
     // Read and drop whatever the client sends until it leaves.
     let mut sink = vec![0u8; 512];
     while matches!(r.read(&mut sink).await, Ok(n) if n > 0) {}
     writer.abort();
+}
+
+/// Writes everything queued, one write per wake-up, until the queue closes.
+pub async fn write_coalesced<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Bytes>, mut w: W) {
+    let mut batch = Vec::new();
+    let mut out = BytesMut::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        for b in batch.drain(..) {
+            out.extend_from_slice(&b);
+        }
+        if w.write_all(&out).await.is_err() {
+            return;
+        }
+        out.clear();
+    }
 }
 
 async fn control_loop(mut sock: tokio::net::TcpStream, senders: Senders) {

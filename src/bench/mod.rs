@@ -27,7 +27,6 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::channel::PushOutcome;
@@ -199,21 +198,8 @@ enum Pusher {
 
 impl Pusher {
     fn floor(stream: tokio::net::TcpStream) -> Pusher {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(1024);
-        let mut stream = stream;
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            let mut out = BytesMut::new();
-            while rx.recv_many(&mut batch, 256).await > 0 {
-                for b in batch.drain(..) {
-                    out.extend_from_slice(&b);
-                }
-                if stream.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
+        tokio::spawn(floor::write_coalesced(rx, stream));
         Pusher::Floor(tx)
     }
 

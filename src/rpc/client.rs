@@ -115,12 +115,7 @@ impl Client {
         server_name: &str,
         config: quinn::ClientConfig,
     ) -> Result<Client, ClientError> {
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().expect("literal address")
-        } else {
-            "0.0.0.0:0".parse().expect("literal address")
-        };
-        let endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Socket)?;
+        let endpoint = tls::client_endpoint(addr).map_err(ClientError::Socket)?;
         let connecting = endpoint
             .connect_with(config, addr, server_name)
             .map_err(|e| ClientError::Connect {
