@@ -63,6 +63,12 @@ pub enum ClientError {
     /// The server refused the call.
     #[error("server refused the call: {0}")]
     Rpc(#[from] RpcError),
+    /// The server did not answer the connection attempt in time.
+    #[error("no answer from {addr} within {after:?} (is the server running there?)")]
+    ConnectTimeout {
+        addr: SocketAddr,
+        after: std::time::Duration,
+    },
     /// No reply within the client's call timeout.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
@@ -87,6 +93,9 @@ pub struct Client {
     addr: SocketAddr,
     call_timeout: std::time::Duration,
 }
+
+/// How long connecting may take before it is given up.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long a call waits for its reply by default.
 pub const DEFAULT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -122,8 +131,12 @@ impl Client {
                 addr,
                 reason: e.to_string(),
             })?;
-        let conn = connecting
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| ClientError::ConnectTimeout {
+                addr,
+                after: CONNECT_TIMEOUT,
+            })?
             .map_err(|source| ClientError::Connection { addr, source })?;
         let mut streams = Vec::with_capacity(STREAMS);
         for _ in 0..STREAMS {
