@@ -66,6 +66,11 @@ pub struct ClientConfig {
     pub queue_size: usize,
     /// Most client connections open at once, over all transports.
     pub max_connections: usize,
+    /// Most client connections from one source IP address.
+    pub max_connections_per_ip: usize,
+    /// Frames a client may send per second (a burst of twice as many is allowed);
+    /// beyond, the connection is closed.
+    pub max_frames_per_sec: u32,
 }
 
 impl Default for ClientConfig {
@@ -79,6 +84,8 @@ impl Default for ClientConfig {
             write_timeout: Duration::from_secs(10),
             queue_size: 256,
             max_connections: 100_000,
+            max_connections_per_ip: 10_000,
+            max_frames_per_sec: 100,
         }
     }
 }
@@ -288,6 +295,15 @@ impl Config {
         if c.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
         }
+        if c.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "client.max_connections_per_ip",
+                "must be at least 1",
+            ));
+        }
+        if c.max_frames_per_sec == 0 {
+            return Err(invalid("client.max_frames_per_sec", "must be at least 1"));
+        }
         let q = &self.quic;
         if !q.keep_alive_interval.is_zero() && q.keep_alive_interval >= q.idle_timeout {
             return Err(invalid(
@@ -445,6 +461,14 @@ mod tests {
             ("[client]\nqueue_size = 0\n", "client.queue_size"),
             ("[client]\nqueue_size = 2000000\n", "client.queue_size"),
             ("[client]\nmax_connections = 0\n", "client.max_connections"),
+            (
+                "[client]\nmax_connections_per_ip = 0\n",
+                "client.max_connections_per_ip",
+            ),
+            (
+                "[client]\nmax_frames_per_sec = 0\n",
+                "client.max_frames_per_sec",
+            ),
             ("[quic]\nidle_timeout = \"0s\"\n", "quic.idle_timeout"),
             ("[quic]\nidle_timeout = \"2h\"\n", "quic.idle_timeout"),
             (

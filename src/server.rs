@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -181,6 +180,7 @@ impl Server {
                 heartbeat_timeout: c.heartbeat_timeout,
                 write_timeout: c.write_timeout,
                 queue_size: c.queue_size,
+                max_frames_per_sec: c.max_frames_per_sec,
             },
             shutdown: stop.clone(),
         });
@@ -196,7 +196,7 @@ impl Server {
 
         let sessions = TaskTracker::new();
         let backends = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(c.max_connections));
+        let limits = transport::ConnLimits::new(c.max_connections, c.max_connections_per_ip);
         for l in tcp {
             if let Ok(addr) = l.local_addr() {
                 info!(%addr, "client TCP listening");
@@ -204,7 +204,7 @@ impl Server {
             sessions.spawn(transport::tcp::serve(
                 l,
                 ctx.clone(),
-                limit.clone(),
+                limits.clone(),
                 sessions.clone(),
             ));
         }
@@ -215,7 +215,7 @@ impl Server {
             sessions.spawn(transport::quic::serve(
                 e.clone(),
                 ctx.clone(),
-                limit.clone(),
+                limits.clone(),
                 sessions.clone(),
             ));
         }

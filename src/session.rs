@@ -72,6 +72,42 @@ pub struct SessionLimits {
     pub heartbeat_timeout: Duration,
     pub write_timeout: Duration,
     pub queue_size: usize,
+    /// Frames per second a client may send; bursts of twice as many.
+    pub max_frames_per_sec: u32,
+}
+
+/// A token bucket over the frames a client sends.
+#[derive(Debug)]
+struct FrameRate {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl FrameRate {
+    fn new(per_sec: u32) -> Self {
+        let per_sec = f64::from(per_sec.max(1));
+        FrameRate {
+            per_sec,
+            burst: 2.0 * per_sec,
+            tokens: 2.0 * per_sec,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one frame's token, or says the client is over its rate.
+    fn take(&mut self) -> Result<(), SessionError> {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens < 1.0 {
+            return Err(SessionError::RateLimited(self.per_sec as u32));
+        }
+        self.tokens -= 1.0;
+        Ok(())
+    }
 }
 
 /// What every session shares.
@@ -113,6 +149,9 @@ pub enum SessionError {
     /// A frame's body is invalid for its op.
     #[error("invalid body for op {op}: {reason}")]
     BadBody { op: u32, reason: String },
+    /// The client sent frames faster than `client.max_frames_per_sec` allows.
+    #[error("more than {0} frames per second (inbound rate limit)")]
+    RateLimited(u32),
     /// The writer failed or timed out, so the connection is unusable.
     #[error("write failed: {0}")]
     Write(String),
@@ -245,6 +284,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     stop: &CancellationToken,
 ) -> Result<SessionEnd, SessionError> {
     let limits = &ctx.limits;
+    let mut rate = FrameRate::new(limits.max_frames_per_sec);
     loop {
         let frame = tokio::select! {
             r = tokio::time::timeout(limits.heartbeat_timeout, read_frame(reader, buf, limits.max_body)) => {
@@ -261,9 +301,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         if frame.op == op::RAW {
             for inner in protocol::split_raw(&frame.body, limits.max_body)? {
+                rate.take()?;
                 handle(ctx, chan, room, inner).await?;
             }
         } else {
+            rate.take()?;
             handle(ctx, chan, room, frame).await?;
         }
     }

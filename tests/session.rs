@@ -304,3 +304,71 @@ async fn open_mode_accepts_goim_json_tokens() {
     assert_eq!(&next_push(&mut c).await.body[..], b"hi goim");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_frames_closes_only_the_flooder() {
+    let s = TestServer::start_with(|c| c.client.max_frames_per_sec = 10).await;
+    let backend = s.backend().await;
+    let mut calm = s.client(Via::Quic, "calm").await;
+    for via in BOTH {
+        let mut flooder = s.client(via, "flooder").await;
+        let mut flood = BytesMut::new();
+        for seq in 0..1000 {
+            Frame::new(op::HEARTBEAT, seq, Bytes::new()).encode(&mut flood);
+        }
+        // The writes may fail once the server has closed the connection.
+        let _ = flooder.send_raw(&flood).await;
+        let mut replies = 0;
+        loop {
+            match tokio::time::timeout(WAIT, flooder.next_frame()).await {
+                Ok(Ok(Some(f))) if f.op == op::HEARTBEAT_REPLY => replies += 1,
+                Ok(Ok(Some(f))) => panic!("unexpected {f:?}"),
+                Ok(Ok(None)) | Ok(Err(_)) => break,
+                Err(_) => panic!("the flooder was not disconnected"),
+            }
+        }
+        assert!(
+            replies <= 21,
+            "{replies} heartbeats answered past a burst of 20"
+        );
+        assert_eq!(
+            backend.push_msg("calm", 1000, "unaffected").await.unwrap(),
+            PushOutcome::Delivered
+        );
+        assert_eq!(&next_push(&mut calm).await.body[..], b"unaffected");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn connections_per_source_ip_are_limited() {
+    let s = TestServer::start_with(|c| c.client.max_connections_per_ip = 2).await;
+    let first = s.client(Via::Tcp, "one").await;
+    let _second = s.client(Via::Quic, "two").await;
+    // a third from 127.0.0.1 is refused, over either transport
+    let mut third = s.raw_client(Via::Tcp).await;
+    assert_closed(&mut third).await;
+    let quic = quicpush::client::PushClient::connect_quic(
+        s.quic,
+        "localhost",
+        &s.dir.path().join("ca.pem"),
+    )
+    .await;
+    assert!(quic.is_err(), "a QUIC connection over the limit is refused");
+    // once one leaves, there is room again
+    first.close().await;
+    s.wait_online(1).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut c = s.raw_client(Via::Tcp).await;
+        if c.auth(s.token("three")).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a client left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.stop().await;
+}

@@ -386,6 +386,9 @@ async fn run_stream(
                     Ok(None) => break,
                     Err(e) => return e.to_string(),
                 };
+                if len > codec::MAX_PAYLOAD as u64 {
+                    return format!("reply of {len} bytes exceeds {} bytes", codec::MAX_PAYLOAD);
+                }
                 let total = codec::PREFIX_LEN + len as usize;
                 if buf.len() < total {
                     buf.reserve(total - buf.len());

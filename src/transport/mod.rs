@@ -8,8 +8,92 @@
 pub mod quic;
 pub mod tcp;
 
-use crate::session::{SessionEnd, SessionError};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
+
+use crate::session::{SessionEnd, SessionError};
+
+/// Connection limits shared by every client transport: in total, and per source IP.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    pub total: Arc<Semaphore>,
+    pub per_ip: Arc<IpLimiter>,
+}
+
+impl ConnLimits {
+    pub fn new(total: usize, per_ip: usize) -> Self {
+        ConnLimits {
+            total: Arc::new(Semaphore::new(total)),
+            per_ip: Arc::new(IpLimiter::new(per_ip)),
+        }
+    }
+}
+
+/// Counts connections per source IP address.
+#[derive(Debug)]
+pub struct IpLimiter {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in the per-IP count, given back on drop.
+#[derive(Debug)]
+pub struct IpPermit {
+    limiter: Arc<IpLimiter>,
+    ip: IpAddr,
+}
+
+impl IpLimiter {
+    pub fn new(max: usize) -> Self {
+        IpLimiter {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more connection from `ip`, unless it has `max` already.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpPermit> {
+        let mut counts = self.counts.lock();
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpPermit {
+            limiter: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections counted for `ip`.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.counts.lock().get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for IpPermit {
+    fn drop(&mut self) {
+        let mut counts = self.limiter.counts.lock();
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What a connection holds while it lives.
+#[derive(Debug)]
+pub(crate) struct ConnPermits {
+    _total: OwnedSemaphorePermit,
+    _ip: IpPermit,
+}
 
 /// Logs how a session ended, in the connection's span.
 pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
@@ -19,5 +103,24 @@ pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
         // The client hanging up or its network failing is no server problem.
         Err(e @ SessionError::Read(_)) => info!(error = %e, "connection lost"),
         Err(e) => warn!(error = %e, "connection closed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_ip_limit_counts_and_releases() {
+        let l = Arc::new(IpLimiter::new(2));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let p1 = l.try_acquire(a).unwrap();
+        let _p2 = l.try_acquire(a).unwrap();
+        assert!(l.try_acquire(a).is_none(), "third from the same address");
+        assert!(l.try_acquire(b).is_some(), "other addresses are unaffected");
+        drop(p1);
+        assert_eq!(l.count(a), 1);
+        assert!(l.try_acquire(a).is_some());
     }
 }

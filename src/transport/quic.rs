@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info_span, warn, Instrument};
 
+use super::{ConnLimits, ConnPermits};
 use crate::channel::Transport;
 use crate::session::{self, SessionContext};
 
@@ -24,7 +24,7 @@ pub mod code {
 pub async fn serve(
     endpoint: quinn::Endpoint,
     ctx: Arc<SessionContext>,
-    limit: Arc<Semaphore>,
+    limits: ConnLimits,
     tracker: TaskTracker,
 ) {
     let shutdown = ctx.shutdown.clone();
@@ -38,10 +38,19 @@ pub async fn serve(
         };
         let remote = incoming.remote_address();
         // Over the connection limit the handshake is refused before any work.
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limits.total.clone().try_acquire_owned() else {
             warn!(%remote, "QUIC connection refused: connection limit reached");
             incoming.refuse();
             continue;
+        };
+        let Some(ip_permit) = limits.per_ip.try_acquire(remote.ip()) else {
+            warn!(%remote, "QUIC connection refused: per-IP connection limit reached");
+            incoming.refuse();
+            continue;
+        };
+        let permits = ConnPermits {
+            _total: permit,
+            _ip: ip_permit,
         };
         let span = info_span!("conn", transport = "quic", remote = %remote, key = field::Empty);
         let ctx = ctx.clone();
@@ -70,7 +79,7 @@ pub async fn serve(
                 let result = session::run(ctx, recv, send, Transport::Quic).await;
                 super::log_end(&result);
                 conn.close(code::DONE.into(), b"bye");
-                drop(permit);
+                drop(permits);
             }
             .instrument(span),
         );

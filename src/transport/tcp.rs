@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
-use tracing::{error, field, info_span, Instrument};
+use tracing::{error, field, info_span, warn, Instrument};
 
+use super::{ConnLimits, ConnPermits};
 use crate::channel::Transport;
 use crate::session::{self, SessionContext};
 
@@ -15,7 +15,7 @@ use crate::session::{self, SessionContext};
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<SessionContext>,
-    limit: Arc<Semaphore>,
+    limits: ConnLimits,
     tracker: TaskTracker,
 ) {
     let shutdown = ctx.shutdown.clone();
@@ -23,7 +23,7 @@ pub async fn serve(
         // The permit is taken before accept: over the limit, connections wait in
         // the kernel's backlog instead of costing a task and buffers.
         let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
+            p = limits.total.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
@@ -41,6 +41,15 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(ip_permit) = limits.per_ip.try_acquire(remote.ip()) else {
+            warn!(%remote, "TCP connection refused: per-IP connection limit reached");
+            drop(socket);
+            continue;
+        };
+        let permits = ConnPermits {
+            _total: permit,
+            _ip: ip_permit,
+        };
         let _ = socket.set_nodelay(true);
         let span = info_span!("conn", transport = "tcp", remote = %remote, key = field::Empty);
         let ctx = ctx.clone();
@@ -49,7 +58,7 @@ pub async fn serve(
                 let (reader, writer) = socket.into_split();
                 let result = session::run(ctx, reader, writer, Transport::Tcp).await;
                 super::log_end(&result);
-                drop(permit);
+                drop(permits);
             }
             .instrument(span),
         );
