@@ -723,83 +723,36 @@ fn opt(v: Option<f64>, unit: &str) -> String {
 impl Report {
     /// The human-readable table.
     pub fn table(&self) -> String {
-        let mut rows: Vec<(String, String, String)> = Vec::new();
-        let raw = self.raw.as_ref();
-        let both = |name: &str, q: String, r: Option<String>| {
-            (name.to_owned(), q, r.unwrap_or_else(|| "-".into()))
-        };
-        let m = &self.quicpush;
-        rows.push(both(
-            "deliveries",
-            m.deliveries.to_string(),
-            raw.map(|r| r.deliveries.to_string()),
-        ));
-        rows.push(both(
-            "seconds",
-            format!("{:.3}", m.seconds),
-            raw.map(|r| format!("{:.3}", r.seconds)),
-        ));
-        rows.push(both(
-            "deliveries/s",
-            format!("{:.0}", m.deliveries_per_sec),
-            raw.map(|r| format!("{:.0}", r.deliveries_per_sec)),
-        ));
-        rows.push(both(
-            "lost",
-            m.lost.to_string(),
-            raw.map(|r| r.lost.to_string()),
-        ));
-        rows.push(both(
-            "duplicated",
-            m.duplicated.to_string(),
-            raw.map(|r| r.duplicated.to_string()),
-        ));
-        rows.push(both(
-            "misrouted",
-            m.misrouted.to_string(),
-            raw.map(|r| r.misrouted.to_string()),
-        ));
-        rows.push(both(
-            "reordered",
-            m.reordered.to_string(),
-            raw.map(|r| r.reordered.to_string()),
-        ));
-        rows.push(both(
-            "bad push seq",
-            m.bad_seq.to_string(),
-            raw.map(|r| r.bad_seq.to_string()),
-        ));
-        rows.push(both(
-            "dropped (queue full)",
-            m.dropped_queue_full.to_string(),
-            raw.map(|r| r.dropped_queue_full.to_string()),
-        ));
-        let lat = |l: Option<LatencyUs>| l.map(|l| format!("{} / {} / {}", l.p50, l.p99, l.p999));
-        rows.push(both(
-            "latency p50/p99/p999 µs",
-            lat(m.latency_us).unwrap_or_else(|| "-".into()),
-            raw.and_then(|r| lat(r.latency_us)),
-        ));
-        rows.push(both(
-            "server CPU µs/delivery",
-            opt(m.server_cpu_us_per_delivery, ""),
-            raw.map(|r| opt(r.server_cpu_us_per_delivery, "")),
-        ));
-        rows.push(both(
-            "server CPU %",
-            format!("{:.0}", m.server_cpu_percent),
-            raw.map(|r| format!("{:.0}", r.server_cpu_percent)),
-        ));
-        rows.push(both(
-            "server RSS/conn bytes",
-            opt(m.server_rss_per_conn_bytes, ""),
-            raw.map(|r| opt(r.server_rss_per_conn_bytes, "")),
-        ));
-        rows.push(both(
-            "connects/s",
-            opt(m.connects_per_sec, ""),
-            raw.map(|r| opt(r.connects_per_sec, "")),
-        ));
+        type Cell = fn(&Measurement) -> String;
+        let rows: [(&str, Cell); 14] = [
+            ("deliveries", |m| m.deliveries.to_string()),
+            ("seconds", |m| format!("{:.3}", m.seconds)),
+            ("deliveries/s", |m| format!("{:.0}", m.deliveries_per_sec)),
+            ("lost", |m| m.lost.to_string()),
+            ("duplicated", |m| m.duplicated.to_string()),
+            ("misrouted", |m| m.misrouted.to_string()),
+            ("reordered", |m| m.reordered.to_string()),
+            ("bad push seq", |m| m.bad_seq.to_string()),
+            ("dropped (queue full)", |m| m.dropped_queue_full.to_string()),
+            ("latency p50/p99/p999 µs", |m| {
+                m.latency_us.map_or_else(
+                    || "-".into(),
+                    |l| format!("{} / {} / {}", l.p50, l.p99, l.p999),
+                )
+            }),
+            ("server CPU µs/delivery", |m| {
+                opt(m.server_cpu_us_per_delivery, "")
+            }),
+            ("server CPU %", |m| format!("{:.0}", m.server_cpu_percent)),
+            ("server RSS/conn bytes", |m| {
+                opt(m.server_rss_per_conn_bytes, "")
+            }),
+            ("connects/s", |m| opt(m.connects_per_sec, "")),
+        ];
+        let rows = rows.iter().map(|(name, cell)| {
+            let raw = self.raw.as_ref().map_or_else(|| "-".into(), cell);
+            (name, cell(&self.quicpush), raw)
+        });
         let mut s = format!(
             "scenario={:?} transport={:?} clients={} messages={} batch={} body={}B\n",
             self.scenario, self.transport, self.clients, self.messages, self.batch, self.body_size

@@ -22,13 +22,14 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `exe args...` and waits until it has logged every address in `want`
-    /// (log messages ending with `addr=<socket address>`), in order of `want`.
+    /// Starts `exe args...` and waits until it has logged its client TCP, client
+    /// QUIC and control addresses, the log messages named by `want` (each ending
+    /// with `addr=<socket address>`).
     pub fn spawn(
         exe: &Path,
         args: &[String],
-        want: &[&str],
-    ) -> Result<(Child, Vec<SocketAddr>), BenchError> {
+        want: [&str; 3],
+    ) -> Result<ServerProcess, BenchError> {
         let mut child = Command::new(exe)
             .args(args)
             .env("RUST_LOG", "info")
@@ -70,7 +71,14 @@ impl ServerProcess {
                 }
             }
         }
-        Ok((child, found.into_iter().flatten().collect()))
+        let addrs: Vec<SocketAddr> = found.into_iter().flatten().collect();
+        Ok(ServerProcess {
+            pid: child.id(),
+            child: Some(child),
+            client_tcp: addrs[0],
+            client_quic: addrs[1],
+            control: addrs[2],
+        })
     }
 
     /// Starts `quicpush serve` on loopback ports chosen by the kernel, with a
@@ -93,22 +101,15 @@ impl ServerProcess {
             "--config".into(),
             config.display().to_string(),
         ];
-        let (child, addrs) = Self::spawn(
+        Self::spawn(
             exe,
             &args,
-            &[
+            [
                 "client TCP listening",
                 "client QUIC listening",
                 "backend RPC listening",
             ],
-        )?;
-        Ok(ServerProcess {
-            pid: child.id(),
-            child: Some(child),
-            client_tcp: addrs[0],
-            client_quic: addrs[1],
-            control: addrs[2],
-        })
+        )
     }
 
     /// Starts the raw floor server (`quicpush bench-floor`).
@@ -118,22 +119,15 @@ impl ServerProcess {
             "--certs".into(),
             dir.display().to_string(),
         ];
-        let (child, addrs) = Self::spawn(
+        Self::spawn(
             exe,
             &args,
-            &[
+            [
                 "floor TCP listening",
                 "floor QUIC listening",
                 "floor control listening",
             ],
-        )?;
-        Ok(ServerProcess {
-            pid: child.id(),
-            child: Some(child),
-            client_tcp: addrs[0],
-            client_quic: addrs[1],
-            control: addrs[2],
-        })
+        )
     }
 
     /// A process started elsewhere: measured, never stopped.
