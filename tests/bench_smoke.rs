@@ -1,6 +1,6 @@
 //! A small run of every bench scenario on both transports: checks that nothing is
 //! lost, duplicated or misrouted, never how fast.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::Duration;

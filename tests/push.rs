@@ -1,5 +1,5 @@
 //! Every push method reaches TCP and QUIC clients.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The backend RPC: mutual TLS, typed errors, framing limits, concurrency.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

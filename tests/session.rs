@@ -1,5 +1,5 @@
 //! Client sessions: auth, heartbeats, rooms, subscriptions, replacement, bad frames.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

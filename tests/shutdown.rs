@@ -1,5 +1,5 @@
 //! Graceful shutdown: clients get DisconnectReply, the process exits 0.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

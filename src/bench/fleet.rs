@@ -132,10 +132,10 @@ impl ClientStats {
 pub type Latencies = Arc<parking_lot::Mutex<Histogram<u64>>>;
 
 /// A histogram of 1 µs to 60 s at 3 significant digits.
-pub fn new_latencies() -> Latencies {
-    Arc::new(parking_lot::Mutex::new(
-        Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds"),
-    ))
+pub fn new_latencies() -> Result<Latencies, BenchError> {
+    let h = Histogram::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| BenchError::Options(format!("latency histogram: {e}")))?;
+    Ok(Arc::new(parking_lot::Mutex::new(h)))
 }
 
 impl ClientStats {

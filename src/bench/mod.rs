@@ -477,7 +477,7 @@ async fn measure(
         wait_online(b, n as u64).await?;
     }
     let epoch = Instant::now();
-    let latencies = fleet::new_latencies();
+    let latencies = fleet::new_latencies()?;
     let readers = Readers::start(clients, epoch, Some(latencies.clone()));
 
     // What each client should receive, and the total.

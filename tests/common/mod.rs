@@ -1,6 +1,6 @@
 //! A server started in-process on port 0 with fresh certificates, and helpers to
 //! connect clients and backends to it.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
