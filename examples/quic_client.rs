@@ -6,26 +6,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use quicpush::client::PushClient;
 
+/// A goim v2 client over QUIC that prints each pushed message.
 #[derive(Parser)]
 struct Args {
-    /// The token for the Auth frame (`quicpush token --key KEY`).
-    #[arg(long)]
-    token: String,
-    #[arg(long, default_value = "127.0.0.1:3101")]
-    addr: SocketAddr,
-    /// Exit after this many messages.
-    #[arg(long)]
-    count: Option<u64>,
-    /// Interval between Heartbeats.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    heartbeat: Duration,
+    #[command(flatten)]
+    client: common::ClientArgs,
     /// The CA that signed the server's certificate.
     #[arg(long, default_value = "certs/ca.pem")]
     ca: PathBuf,
@@ -37,6 +27,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = PushClient::connect_quic(args.addr, &args.server_name, &args.ca).await?;
-    common::receive(client, &args.token, args.count, args.heartbeat).await
+    let client = PushClient::connect_quic(args.client.addr, &args.server_name, &args.ca).await?;
+    common::receive(client, &args.client).await
 }

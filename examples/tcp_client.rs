@@ -7,30 +7,19 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use clap::Parser;
 use quicpush::client::PushClient;
 
+/// A goim v2 client over TCP that prints each pushed message.
 #[derive(Parser)]
 struct Args {
-    /// The token for the Auth frame (`quicpush token --key KEY`).
-    #[arg(long)]
-    token: String,
-    #[arg(long, default_value = "127.0.0.1:3101")]
-    addr: SocketAddr,
-    /// Exit after this many messages.
-    #[arg(long)]
-    count: Option<u64>,
-    /// Interval between Heartbeats.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    heartbeat: Duration,
+    #[command(flatten)]
+    client: common::ClientArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = PushClient::connect_tcp(args.addr).await?;
-    common::receive(client, &args.token, args.count, args.heartbeat).await
+    let client = PushClient::connect_tcp(args.client.addr).await?;
+    common::receive(client, &args.client).await
 }

@@ -14,6 +14,7 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Heade
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuthMode;
+use crate::registry::MAX_FILTER_OPS;
 
 /// Longest key or room id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
@@ -211,25 +212,15 @@ fn identity(
     platform: String,
     mut accepts: Vec<u32>,
 ) -> Result<Identity, AuthError> {
-    if key.len() > MAX_ID_LEN {
-        return Err(AuthError::InvalidClaim {
-            claim: "key",
-            reason: "longer than 256 bytes",
-        });
+    for (claim, value) in [("key", &key), ("room_id", &room), ("platform", &platform)] {
+        if value.len() > MAX_ID_LEN {
+            return Err(AuthError::InvalidClaim {
+                claim,
+                reason: "longer than 256 bytes",
+            });
+        }
     }
-    if room.len() > MAX_ID_LEN {
-        return Err(AuthError::InvalidClaim {
-            claim: "room_id",
-            reason: "longer than 256 bytes",
-        });
-    }
-    if platform.len() > MAX_ID_LEN {
-        return Err(AuthError::InvalidClaim {
-            claim: "platform",
-            reason: "longer than 256 bytes",
-        });
-    }
-    if accepts.len() > 1024 {
+    if accepts.len() > MAX_FILTER_OPS {
         return Err(AuthError::InvalidClaim {
             claim: "accepts",
             reason: "more than 1024 ops",

@@ -1,10 +1,27 @@
 //! What the example clients share: the receive loop.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use quicpush::client::PushClient;
 use quicpush::protocol::{self, op, Frame};
+
+/// The options both example clients take.
+#[derive(clap::Args)]
+pub struct ClientArgs {
+    /// The token for the Auth frame (`quicpush token --key KEY`).
+    #[arg(long)]
+    pub token: String,
+    #[arg(long, default_value = "127.0.0.1:3101")]
+    pub addr: SocketAddr,
+    /// Exit after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Interval between Heartbeats.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+}
 
 fn print(f: &Frame) {
     println!(
@@ -18,12 +35,8 @@ fn print(f: &Frame) {
 /// Authenticates, then prints every pushed message as one line, sending a
 /// Heartbeat every `heartbeat`. Returns after `count` messages, or when the server
 /// closes the connection if no count was given.
-pub async fn receive(
-    mut client: PushClient,
-    token: &str,
-    count: Option<u64>,
-    heartbeat: Duration,
-) -> Result<()> {
+pub async fn receive(mut client: PushClient, args: &ClientArgs) -> Result<()> {
+    let (token, count, heartbeat) = (&args.token, args.count, args.heartbeat);
     client.auth(token.as_bytes().to_vec()).await?;
     eprintln!("authenticated; waiting for messages");
     let mut seen = 0u64;

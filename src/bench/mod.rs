@@ -632,20 +632,14 @@ async fn send_fanout(
                     Some(r) = inflight.next(), if !inflight.is_empty() => dropped += r?,
                 }
             }
+        }
+        // Paced sends only wait for a free call slot, not for the clients.
+        let window = if ticker.is_some() {
+            u64::MAX
         } else {
-            while i > WINDOW && received.load(Ordering::Relaxed) < (i - WINDOW) * n {
-                if let Some(r) = futures_util::FutureExt::now_or_never(inflight.next()).flatten() {
-                    dropped += r?;
-                    continue;
-                }
-                tokio::time::sleep(Duration::from_micros(500)).await;
-            }
-        }
-        while inflight.len() >= opts.in_flight.max(1) {
-            if let Some(r) = inflight.next().await {
-                dropped += r?;
-            }
-        }
+            WINDOW * n
+        };
+        dropped += make_room(&mut inflight, received, i * n, window, opts.in_flight).await?;
         let body = fleet::body(
             i,
             epoch.elapsed().as_nanos() as u64,
@@ -658,6 +652,44 @@ async fn send_fanout(
             inflight.push(futures_util::future::Either::Right(pusher.room(body)));
         }
     }
+    Ok(dropped + finish_calls(&mut inflight).await?)
+}
+
+/// Waits until the clients have read all but `window` of the `sent` deliveries and
+/// fewer than `in_flight` calls are pending, collecting finished calls meanwhile.
+/// Returns the deliveries those calls reported dropped.
+async fn make_room<F>(
+    inflight: &mut FuturesUnordered<F>,
+    received: &std::sync::atomic::AtomicU64,
+    sent: u64,
+    window: u64,
+    in_flight: usize,
+) -> Result<u64, BenchError>
+where
+    F: std::future::Future<Output = Result<u64, BenchError>>,
+{
+    let mut dropped = 0;
+    while received.load(Ordering::Relaxed).saturating_add(window) < sent {
+        if let Some(r) = futures_util::FutureExt::now_or_never(inflight.next()).flatten() {
+            dropped += r?;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    while inflight.len() >= in_flight.max(1) {
+        if let Some(r) = inflight.next().await {
+            dropped += r?;
+        }
+    }
+    Ok(dropped)
+}
+
+/// Waits for every pending call; returns the deliveries they reported dropped.
+async fn finish_calls<F>(inflight: &mut FuturesUnordered<F>) -> Result<u64, BenchError>
+where
+    F: std::future::Future<Output = Result<u64, BenchError>>,
+{
+    let mut dropped = 0;
     while let Some(r) = inflight.next().await {
         dropped += r?;
     }
@@ -678,18 +710,7 @@ async fn send_keys(
     let mut inflight = FuturesUnordered::new();
     let mut sent = 0u64;
     while sent < opts.messages {
-        while sent > window && received.load(Ordering::Relaxed) + window < sent {
-            if let Some(r) = futures_util::FutureExt::now_or_never(inflight.next()).flatten() {
-                dropped += r?;
-                continue;
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
-        }
-        while inflight.len() >= opts.in_flight.max(1) {
-            if let Some(r) = inflight.next().await {
-                dropped += r?;
-            }
-        }
+        dropped += make_room(&mut inflight, received, sent, window, opts.in_flight).await?;
         let end = (sent + opts.batch as u64).min(opts.messages);
         let now = epoch.elapsed().as_nanos() as u64;
         let items: Vec<(u32, Bytes)> = (sent..end)
@@ -706,10 +727,7 @@ async fn send_keys(
         inflight.push(pusher.keys(items));
         sent = end;
     }
-    while let Some(r) = inflight.next().await {
-        dropped += r?;
-    }
-    Ok(dropped)
+    Ok(dropped + finish_calls(&mut inflight).await?)
 }
 
 fn opt(v: Option<f64>, unit: &str) -> String {
