@@ -260,6 +260,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The defaults, with every listener on loopback port 0 (the kernel picks) and
+    /// certificates and the token secret in `dir`: for tests and benchmarks.
+    pub fn loopback(dir: &Path) -> Config {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut c = Config::default();
+        c.client.tcp_bind = vec![any];
+        c.client.quic_bind = vec![any];
+        c.rpc.bind = vec![any];
+        c.tls.dir = dir.to_owned();
+        c.auth.secret_file = dir.join("token.secret");
+        c
+    }
+
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.client;

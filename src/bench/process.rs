@@ -5,11 +5,24 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
 use super::BenchError;
+use crate::Config;
+
+/// Most log lines a [`ServerProcess`] keeps; later ones are counted, not kept.
+const MAX_LOG_LINES: usize = 200_000;
+
+/// The log lines a child wrote to stderr.
+#[derive(Debug, Default)]
+struct LogLines {
+    lines: Vec<String>,
+    dropped: usize,
+}
 
 /// A child process being measured, stopped with SIGTERM on drop.
 pub struct ServerProcess {
@@ -19,6 +32,7 @@ pub struct ServerProcess {
     pub client_quic: SocketAddr,
     /// Backend RPC (quicpush) or the control port (raw floor).
     pub control: SocketAddr,
+    log: Arc<Mutex<LogLines>>,
 }
 
 impl ServerProcess {
@@ -30,9 +44,10 @@ impl ServerProcess {
         args: &[String],
         want: [&str; 3],
     ) -> Result<ServerProcess, BenchError> {
+        let log_filter = std::env::var("QUICPUSH_CHILD_LOG").unwrap_or_else(|_| "info".into());
         let mut child = Command::new(exe)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -43,12 +58,22 @@ impl ServerProcess {
             .take()
             .ok_or_else(|| BenchError::Spawn("no stderr pipe".into()))?;
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(LogLines::default()));
+        let keep = log.clone();
         // Keeps draining the child's log for its whole life, so it never blocks on a
-        // full pipe; warnings and errors are passed through.
+        // full pipe; warnings and errors are passed through, every line is kept.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("WARN") || line.contains("ERROR") {
                     eprintln!("[server] {line}");
+                }
+                {
+                    let mut log = keep.lock();
+                    if log.lines.len() < MAX_LOG_LINES {
+                        log.lines.push(line.clone());
+                    } else {
+                        log.dropped += 1;
+                    }
                 }
                 let _ = tx.send(line);
             }
@@ -78,28 +103,26 @@ impl ServerProcess {
             client_tcp: addrs[0],
             client_quic: addrs[1],
             control: addrs[2],
+            log,
         })
     }
 
-    /// Starts `quicpush serve` on loopback ports chosen by the kernel, with a
-    /// temporary configuration and fresh certificates in `dir`.
-    pub fn quicpush(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
-        let config = dir.join("bench.toml");
-        let text = format!(
-            "[client]\ntcp_bind = [\"127.0.0.1:0\"]\nquic_bind = [\"127.0.0.1:0\"]\n\
-             heartbeat_timeout = \"1h\"\nmax_connections = 1000000\n\
-             [quic]\nidle_timeout = \"1h\"\n\
-             [rpc]\nbind = [\"127.0.0.1:0\"]\n\
-             [tls]\ndir = {dir:?}\n[auth]\nsecret_file = {secret:?}\n",
-            dir = dir,
-            secret = dir.join("token.secret"),
-        );
-        std::fs::write(&config, text)
-            .map_err(|e| BenchError::Io(format!("{}: {e}", config.display())))?;
+    /// Starts `quicpush serve` with `config`, whose listeners should be on port 0
+    /// (the kernel's choice is read from the log).
+    pub fn quicpush_with(
+        exe: &Path,
+        dir: &Path,
+        config: &Config,
+    ) -> Result<ServerProcess, BenchError> {
+        let path = dir.join("quicpush.toml");
+        let text = toml::to_string(config)
+            .map_err(|e| BenchError::Io(format!("cannot write the server's config: {e}")))?;
+        std::fs::write(&path, text)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", path.display())))?;
         let args = vec![
             "serve".to_string(),
             "--config".into(),
-            config.display().to_string(),
+            path.display().to_string(),
         ];
         Self::spawn(
             exe,
@@ -110,6 +133,51 @@ impl ServerProcess {
                 "backend RPC listening",
             ],
         )
+    }
+
+    /// Every log line the child has written so far (up to a bound).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().lines.clone()
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn sigterm(&self) -> Result<(), BenchError> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .map_err(|e| BenchError::Io(format!("kill -TERM {}: {e}", self.pid)))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(BenchError::Io(format!("kill -TERM {}: {status}", self.pid)))
+        }
+    }
+
+    /// Waits up to `limit` for the child to exit (after [`ServerProcess::sigterm`]).
+    /// `None` if it is still running, or was started elsewhere.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `quicpush serve` on loopback ports chosen by the kernel, with a
+    /// temporary configuration and fresh certificates in `dir`.
+    pub fn quicpush(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+        let mut config = Config::loopback(dir);
+        config.client.heartbeat_timeout = Duration::from_secs(3600);
+        config.client.max_connections = 1_000_000;
+        config.quic.idle_timeout = Duration::from_secs(3600);
+        Self::quicpush_with(exe, dir, &config)
     }
 
     /// Starts the raw floor server (`quicpush bench-floor`).
@@ -138,6 +206,7 @@ impl ServerProcess {
             client_tcp: client,
             client_quic: client,
             control,
+            log: Arc::default(),
         }
     }
 
