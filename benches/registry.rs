@@ -125,7 +125,7 @@ impl Fixture {
                     Some(room.as_str().into()),
                     OpFilter::default()
                 )
-                .is_none());
+                .is_ok_and(|old| old.is_none()));
             naive.register(chan, &room);
             keys.push(key);
             rxs.push(rx);

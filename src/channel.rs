@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -40,6 +41,8 @@ pub enum CloseReason {
     Kicked,
     /// The server is shutting down.
     Shutdown,
+    /// Its queue refused pushes and did not drain for `client.slow_consumer_timeout`.
+    SlowConsumer,
 }
 
 impl fmt::Display for CloseReason {
@@ -48,6 +51,9 @@ impl fmt::Display for CloseReason {
             CloseReason::Replaced => "replaced by a new connection with the same key",
             CloseReason::Kicked => "kicked by a backend",
             CloseReason::Shutdown => "server shutting down",
+            CloseReason::SlowConsumer => {
+                "slow consumer: queue full and not drained within client.slow_consumer_timeout"
+            }
         })
     }
 }
@@ -89,11 +95,20 @@ struct QueueState {
     push_seq: u32,
     /// No more pushes: the server is closing the channel, or the client is gone.
     shut: bool,
+    /// When a push was first refused since the writer last caught up.
+    lagging_since: Option<Instant>,
+    /// How long the queue may lag before the client is a slow consumer.
+    slow_after: Duration,
 }
 
 enum Push {
-    Queued { was_empty: bool },
-    Full,
+    Queued {
+        was_empty: bool,
+    },
+    /// Refused; `slow` once the queue has lagged for longer than `slow_after`.
+    Full {
+        slow: bool,
+    },
     Shut,
 }
 
@@ -104,7 +119,12 @@ impl OutQueue {
             return Push::Shut;
         }
         if s.frames >= s.cap {
-            return Push::Full;
+            // Only the refusing path reads the clock.
+            let now = Instant::now();
+            let since = *s.lagging_since.get_or_insert(now);
+            return Push::Full {
+                slow: now.duration_since(since) >= s.slow_after,
+            };
         }
         if stamp_seq {
             s.push_seq = s.push_seq.wrapping_add(1);
@@ -183,6 +203,15 @@ impl OutReceiver {
         batch
     }
 
+    /// Tells the queue the writer has sent everything it took: if nothing was
+    /// queued meanwhile, the client has caught up and is no longer lagging.
+    pub fn written(&mut self) {
+        let mut s = self.chan.queue.state.lock();
+        if s.frames == 0 {
+            s.lagging_since = None;
+        }
+    }
+
     /// Discards everything queued; returns how many frames that was.
     pub fn drain(&mut self) -> usize {
         let mut out = BytesMut::new();
@@ -221,13 +250,28 @@ impl fmt::Debug for Channel {
 }
 
 impl Channel {
-    /// A channel and the receiving side of its queue of `queue_size` frames.
+    /// A channel and the receiving side of its queue of `queue_size` frames, with
+    /// no slow-consumer limit (see [`Channel::with_limits`]).
     pub fn new(
         id: u64,
         key: Arc<str>,
         mid: Option<i64>,
         transport: Transport,
         queue_size: usize,
+    ) -> (Arc<Channel>, OutReceiver) {
+        Self::with_limits(id, key, mid, transport, queue_size, Duration::MAX)
+    }
+
+    /// A channel whose queue holds `queue_size` frames and which is closed as a
+    /// slow consumer when a push is refused after the queue has been lagging
+    /// (refusing pushes without the writer catching up) for `slow_after`.
+    pub fn with_limits(
+        id: u64,
+        key: Arc<str>,
+        mid: Option<i64>,
+        transport: Transport,
+        queue_size: usize,
+        slow_after: Duration,
     ) -> (Arc<Channel>, OutReceiver) {
         let queue = OutQueue {
             state: Mutex::new(QueueState {
@@ -236,6 +280,8 @@ impl Channel {
                 cap: queue_size.max(1),
                 push_seq: 0,
                 shut: false,
+                lagging_since: None,
+                slow_after,
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -263,7 +309,12 @@ impl Channel {
                 }
                 PushOutcome::Delivered
             }
-            Push::Full => PushOutcome::QueueFull,
+            Push::Full { slow } => {
+                if slow {
+                    self.close(CloseReason::SlowConsumer);
+                }
+                PushOutcome::QueueFull
+            }
             // Closing: its writer sends what was queued, then DisconnectReply.
             Push::Shut => PushOutcome::Offline,
         }
@@ -284,7 +335,7 @@ impl Channel {
                     return true;
                 }
                 Push::Shut => return false,
-                Push::Full => room.await,
+                Push::Full { .. } => room.await,
             }
         }
     }
@@ -392,6 +443,39 @@ mod tests {
         assert_eq!(rx.drain(), 1);
         drop(rx);
         assert!(!ch.reply(frame(b"3")).await, "no writer: refused");
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_lags_past_the_limit_closes_its_channel() {
+        let slow_after = Duration::from_millis(50);
+        let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 1, slow_after);
+        let f = frame(b"f");
+        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull, "lagging starts");
+        std::thread::sleep(slow_after);
+        // the writer took the frame but has not finished writing it: still lagging
+        let mut out = BytesMut::new();
+        assert_eq!(rx.take(&mut out).frames, 1);
+        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
+        assert!(ch.is_closed(), "refused after lagging for {slow_after:?}");
+        assert_eq!(ch.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(ch.try_push(&f), PushOutcome::Offline);
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_catches_up_ends_the_lag() {
+        let slow_after = Duration::from_millis(50);
+        let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 1, slow_after);
+        let f = frame(b"f");
+        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
+        std::thread::sleep(slow_after);
+        assert_eq!(rx.drain(), 1);
+        rx.written();
+        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull, "a new lag starts");
+        assert!(!ch.is_closed());
     }
 
     #[tokio::test]

@@ -64,6 +64,10 @@ pub struct ClientConfig {
     pub write_timeout: Duration,
     /// Frames queued per client before pushes to it report `queue full`.
     pub queue_size: usize,
+    /// A client whose queue refuses pushes and does not drain for this long is
+    /// disconnected (a slow consumer).
+    #[serde(with = "humantime_serde")]
+    pub slow_consumer_timeout: Duration,
     /// Most client connections open at once, over all transports.
     pub max_connections: usize,
     /// Most client connections from one source IP address.
@@ -83,6 +87,7 @@ impl Default for ClientConfig {
             heartbeat_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
             queue_size: 256,
+            slow_consumer_timeout: Duration::from_secs(5),
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             max_frames_per_sec: 100,
@@ -155,11 +160,16 @@ impl Default for RpcConfig {
 pub struct RegistryConfig {
     /// Number of buckets; a power of two.
     pub buckets: usize,
+    /// Most rooms with members at once; joining one more is refused.
+    pub max_rooms: usize,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig { buckets: 32 }
+        RegistryConfig {
+            buckets: 32,
+            max_rooms: 100_000,
+        }
     }
 }
 
@@ -292,6 +302,7 @@ impl Config {
             ("client.handshake_timeout", c.handshake_timeout),
             ("client.heartbeat_timeout", c.heartbeat_timeout),
             ("client.write_timeout", c.write_timeout),
+            ("client.slow_consumer_timeout", c.slow_consumer_timeout),
             ("quic.idle_timeout", self.quic.idle_timeout),
             ("rpc.idle_timeout", self.rpc.idle_timeout),
         ] {
@@ -371,6 +382,9 @@ impl Config {
                 "registry.buckets",
                 format!("{b} is not a power of two in 1..=65536"),
             ));
+        }
+        if self.registry.max_rooms == 0 {
+            return Err(invalid("registry.max_rooms", "must be at least 1"));
         }
         if self.shutdown.grace.is_zero() {
             return Err(invalid("shutdown.grace", "must be greater than zero"));
@@ -472,6 +486,11 @@ mod tests {
             ),
             ("[client]\nwrite_timeout = \"0s\"\n", "client.write_timeout"),
             ("[client]\nqueue_size = 0\n", "client.queue_size"),
+            (
+                "[client]\nslow_consumer_timeout = \"0s\"\n",
+                "client.slow_consumer_timeout",
+            ),
+            ("[registry]\nmax_rooms = 0\n", "registry.max_rooms"),
             ("[client]\nqueue_size = 2000000\n", "client.queue_size"),
             ("[client]\nmax_connections = 0\n", "client.max_connections"),
             (

@@ -76,6 +76,11 @@ impl Default for OpFilter {
     }
 }
 
+/// Joining a new room would make more rooms than the registry's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("room limit reached: {0} rooms exist (registry.max_rooms)")]
+pub struct RoomsFull(pub usize);
+
 /// A Sub or Unsub would make the filter list more than [`MAX_FILTER_OPS`] ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("op filter would hold more than {MAX_FILTER_OPS} ops")]
@@ -161,13 +166,18 @@ type CountShard = Mutex<HashMap<Arc<str>, u64, ahash::RandomState>>;
 struct RoomCounts {
     shards: Box<[CountShard]>,
     hasher: ahash::RandomState,
+    /// Rooms with at least one member.
+    rooms: AtomicUsize,
+    max_rooms: usize,
 }
 
 impl RoomCounts {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, max_rooms: usize) -> Self {
         RoomCounts {
             shards: (0..n).map(|_| Mutex::new(HashMap::default())).collect(),
             hasher: ahash::RandomState::new(),
+            rooms: AtomicUsize::new(0),
+            max_rooms,
         }
     }
 
@@ -176,8 +186,22 @@ impl RoomCounts {
         &self.shards[h % self.shards.len()]
     }
 
-    fn join(&self, room: &Arc<str>) {
-        *self.shard(room).lock().entry(room.clone()).or_default() += 1;
+    /// Counts one more member; a room that does not exist yet is created only
+    /// while there are fewer than `max_rooms`.
+    fn join(&self, room: &Arc<str>) -> Result<(), RoomsFull> {
+        let mut shard = self.shard(room).lock();
+        if let Some(n) = shard.get_mut(room) {
+            *n += 1;
+            return Ok(());
+        }
+        let max = self.max_rooms;
+        self.rooms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(RoomsFull)?;
+        shard.insert(room.clone(), 1);
+        Ok(())
     }
 
     fn leave(&self, room: &str) {
@@ -186,6 +210,7 @@ impl RoomCounts {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 shard.remove(room);
+                self.rooms.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -204,7 +229,20 @@ struct BucketInner {
 }
 
 impl BucketInner {
-    fn join_room(&mut self, idx: usize, room: Option<Arc<str>>, counts: &RoomCounts) {
+    /// Moves entry `idx` to `room` (or out of any room). A refused new room leaves
+    /// the entry where it was.
+    fn join_room(
+        &mut self,
+        idx: usize,
+        room: Option<Arc<str>>,
+        counts: &RoomCounts,
+    ) -> Result<(), RoomsFull> {
+        if self.entries[idx].room == room {
+            return Ok(());
+        }
+        if let Some(room) = &room {
+            counts.join(room)?;
+        }
         let old = std::mem::replace(&mut self.entries[idx].room, room.clone());
         if let Some(old) = old {
             if let Some(members) = self.rooms.get_mut(&old) {
@@ -217,14 +255,14 @@ impl BucketInner {
             }
         }
         if let Some(room) = room {
-            if self.rooms.entry(room.clone()).or_default().insert(idx) {
-                counts.join(&room);
-            }
+            self.rooms.entry(room).or_default().insert(idx);
         }
+        Ok(())
     }
 
     fn remove(&mut self, idx: usize, counts: &RoomCounts) -> Arc<Channel> {
-        self.join_room(idx, None, counts);
+        // Leaving a room is never refused.
+        let _ = self.join_room(idx, None, counts);
         let e = self.entries.remove(idx);
         self.by_key.remove(&e.chan.key);
         if let Some(mid) = e.chan.mid {
@@ -265,8 +303,14 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// A registry of `buckets` buckets (rounded up to a power of two).
+    /// A registry of `buckets` buckets (rounded up to a power of two), with no
+    /// room limit.
     pub fn new(buckets: usize) -> Self {
+        Self::with_max_rooms(buckets, usize::MAX)
+    }
+
+    /// A registry of `buckets` buckets holding at most `max_rooms` rooms.
+    pub fn with_max_rooms(buckets: usize, max_rooms: usize) -> Self {
         let n = buckets.max(1).next_power_of_two();
         Registry {
             buckets: (0..n).map(|_| Mutex::new(BucketInner::default())).collect(),
@@ -275,7 +319,7 @@ impl Registry {
             next_id: AtomicU64::new(1),
             online_tcp: AtomicUsize::new(0),
             online_quic: AtomicUsize::new(0),
-            room_counts: RoomCounts::new(n),
+            room_counts: RoomCounts::new(n, max_rooms),
         }
     }
 
@@ -302,15 +346,20 @@ impl Registry {
     }
 
     /// Adds a channel. A channel already online with the same key is removed and
-    /// returned, so the caller can close it.
+    /// returned, so the caller can close it. Refused, changing nothing, when `room`
+    /// would be one room more than the limit.
     pub fn register(
         &self,
         chan: Arc<Channel>,
         room: Option<Arc<str>>,
         accepts: OpFilter,
-    ) -> Option<Arc<Channel>> {
+    ) -> Result<Option<Arc<Channel>>, RoomsFull> {
         let mut b = self.bucket(&chan.key).lock();
         let counts = &self.room_counts;
+        // Taken first, so a refusal leaves everything as it was.
+        if let Some(room) = &room {
+            counts.join(room)?;
+        }
         let replaced = b
             .by_key
             .get(&chan.key)
@@ -333,8 +382,11 @@ impl Registry {
         if let Some(mid) = mid {
             b.users.entry(mid).or_default().push(idx);
         }
-        b.join_room(idx, room, counts);
-        replaced
+        if let Some(room) = room {
+            b.entries[idx].room = Some(room.clone());
+            b.rooms.entry(room).or_default().insert(idx);
+        }
+        Ok(replaced)
     }
 
     /// Removes `chan` if it is still the channel registered under its key.
@@ -350,16 +402,23 @@ impl Registry {
         }
     }
 
-    /// Moves `chan` to `room` (or out of any room). False when it is no longer registered.
-    pub fn change_room(&self, chan: &Channel, room: Option<Arc<str>>) -> bool {
+    /// Moves `chan` to `room` (or out of any room). `Ok(false)` when it is no
+    /// longer registered; refused, leaving it where it was, when `room` would be
+    /// one room more than the limit.
+    pub fn change_room(&self, chan: &Channel, room: Option<Arc<str>>) -> Result<bool, RoomsFull> {
         let mut b = self.bucket(&chan.key).lock();
         match b.entry_of(chan) {
             Some(idx) => {
-                b.join_room(idx, room, &self.room_counts);
-                true
+                b.join_room(idx, room, &self.room_counts)?;
+                Ok(true)
             }
-            None => false,
+            None => Ok(false),
         }
+    }
+
+    /// Rooms with at least one member.
+    pub fn room_count(&self) -> usize {
+        self.room_counts.rooms.load(Ordering::Relaxed)
     }
 
     /// Applies a Sub (`add`) or Unsub to `chan`'s op filter. `Ok(false)` when the
@@ -531,7 +590,7 @@ mod tests {
     fn push_by_key_and_offline() {
         let r = Registry::new(4);
         let (a, mut ra) = chan(&r, "a", None);
-        assert!(r.register(a, None, OpFilter::default()).is_none());
+        assert!(r.register(a, None, OpFilter::default()).unwrap().is_none());
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
         assert_eq!(r.push_key("b", 1000, &frame()), PushOutcome::Offline);
         assert_eq!(drain(&mut ra), 1);
@@ -543,8 +602,11 @@ mod tests {
         let r = Registry::new(4);
         let (a1, _r1) = chan(&r, "a", Some(1));
         let (a2, mut r2) = chan(&r, "a", Some(1));
-        r.register(a1.clone(), Some("room".into()), OpFilter::default());
-        let old = r.register(a2.clone(), Some("room".into()), OpFilter::default());
+        r.register(a1.clone(), Some("room".into()), OpFilter::default())
+            .unwrap();
+        let old = r
+            .register(a2.clone(), Some("room".into()), OpFilter::default())
+            .unwrap();
         assert_eq!(old.map(|c| c.id), Some(a1.id));
         assert_eq!(r.online().total, 1);
         assert_eq!(r.room_online("room"), 1);
@@ -566,7 +628,8 @@ mod tests {
         for i in 0..50 {
             let (c, rx) = chan(&r, &format!("k{i}"), None);
             let room = if i % 2 == 0 { "even" } else { "odd" };
-            r.register(c.clone(), Some(room.into()), OpFilter::default());
+            r.register(c.clone(), Some(room.into()), OpFilter::default())
+                .unwrap();
             keep.push((c, rx));
         }
         assert_eq!(r.room_online("even"), 25);
@@ -577,7 +640,7 @@ mod tests {
         let t = r.push_room("odd", 1000, &frame());
         assert_eq!(t.delivered, 25);
         for (c, _) in &keep {
-            r.change_room(c, Some("all".into()));
+            r.change_room(c, Some("all".into())).unwrap();
         }
         assert_eq!(r.rooms(), vec![("all".to_string(), 50)]);
         for (c, _) in &keep {
@@ -588,10 +651,47 @@ mod tests {
     }
 
     #[test]
+    fn new_rooms_beyond_the_limit_are_refused_and_change_nothing() {
+        let r = Registry::with_max_rooms(4, 2);
+        let (a, _ra) = chan(&r, "a", None);
+        let (b, _rb) = chan(&r, "b", None);
+        let (c, _rc) = chan(&r, "c", Some(7));
+        r.register(a.clone(), Some("r1".into()), OpFilter::default())
+            .unwrap();
+        r.register(b.clone(), Some("r2".into()), OpFilter::default())
+            .unwrap();
+        assert!(matches!(
+            r.register(c.clone(), Some("r3".into()), OpFilter::default()),
+            Err(RoomsFull(2))
+        ));
+        assert!(r.get("c").is_none(), "a refused registration adds nothing");
+        assert!(r.push_users(&[7], 1000, &frame()).delivered == 0);
+        assert_eq!(r.online().total, 2);
+        // moving to a new room is refused and leaves the channel where it was
+        assert_eq!(r.change_room(&a, Some("r3".into())), Err(RoomsFull(2)));
+        assert_eq!(r.push_room("r1", 1000, &frame()).delivered, 1);
+        // existing rooms can still be joined; a room emptied frees its place
+        r.register(c.clone(), Some("r1".into()), OpFilter::default())
+            .unwrap();
+        assert_eq!(r.change_room(&b, Some("r1".into())), Ok(true));
+        assert_eq!(r.room_count(), 1);
+        assert_eq!(r.change_room(&a, Some("r3".into())), Ok(true));
+        assert_eq!(
+            r.rooms(),
+            vec![("r1".to_string(), 2), ("r3".to_string(), 1)]
+        );
+        for ch in [&a, &b, &c] {
+            r.unregister(ch);
+        }
+        assert_eq!(r.room_count(), 0);
+    }
+
+    #[test]
     fn op_filter_and_sub_unsub() {
         let r = Registry::new(2);
         let (a, _ra) = chan(&r, "a", None);
-        r.register(a.clone(), None, OpFilter::new(vec![1000]));
+        r.register(a.clone(), None, OpFilter::new(vec![1000]))
+            .unwrap();
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
         assert_eq!(r.update_filter(&a, &[1001], true), Ok(true));
@@ -630,8 +730,10 @@ mod tests {
         let r = Registry::new(1);
         let (slow, _rs) = Channel::new(r.next_id(), "slow".into(), None, Transport::Tcp, 1);
         let (fast, mut rf) = Channel::new(r.next_id(), "fast".into(), None, Transport::Quic, 8);
-        r.register(slow, Some("r".into()), OpFilter::default());
-        r.register(fast, Some("r".into()), OpFilter::default());
+        r.register(slow, Some("r".into()), OpFilter::default())
+            .unwrap();
+        r.register(fast, Some("r".into()), OpFilter::default())
+            .unwrap();
         assert_eq!(r.push_room("r", 1, &frame()).delivered, 2);
         let t = r.push_room("r", 1, &frame());
         assert_eq!((t.delivered, t.queue_full), (1, 1));
@@ -652,7 +754,7 @@ mod tests {
         let mut keep = Vec::new();
         for i in 0..20 {
             let (c, rx) = chan(&r, &format!("k{i}"), None);
-            r.register(c.clone(), None, OpFilter::default());
+            r.register(c.clone(), None, OpFilter::default()).unwrap();
             keep.push((c, rx));
         }
         let total: u64 = (0..r.bucket_count())

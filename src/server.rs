@@ -122,7 +122,10 @@ impl Server {
                 warn!(addrs = ?public, "auth.mode = \"open\" accepts unverified tokens on non-loopback addresses");
             }
         }
-        let registry = Arc::new(Registry::new(config.registry.buckets));
+        let registry = Arc::new(Registry::with_max_rooms(
+            config.registry.buckets,
+            config.registry.max_rooms,
+        ));
         Ok(Server {
             config,
             tcp,
@@ -180,6 +183,7 @@ impl Server {
                 heartbeat_timeout: c.heartbeat_timeout,
                 write_timeout: c.write_timeout,
                 queue_size: c.queue_size,
+                slow_consumer_timeout: c.slow_consumer_timeout,
                 max_frames_per_sec: c.max_frames_per_sec,
             },
             shutdown: stop.clone(),

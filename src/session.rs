@@ -24,7 +24,7 @@ use tracing::debug;
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
 use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
 use crate::protocol::{self, op, Frame, FrameError};
-use crate::registry::{OpFilter, Registry};
+use crate::registry::{OpFilter, Registry, RoomsFull};
 use crate::shutdown::Shutdown;
 
 /// How long a finishing writer waits for the peer to take the last bytes.
@@ -72,6 +72,9 @@ pub struct SessionLimits {
     pub heartbeat_timeout: Duration,
     pub write_timeout: Duration,
     pub queue_size: usize,
+    /// A client whose queue refuses pushes and does not drain for this long is
+    /// disconnected.
+    pub slow_consumer_timeout: Duration,
     /// Frames per second a client may send; bursts of twice as many.
     pub max_frames_per_sec: u32,
 }
@@ -152,6 +155,9 @@ pub enum SessionError {
     /// The client sent frames faster than `client.max_frames_per_sec` allows.
     #[error("more than {0} frames per second (inbound rate limit)")]
     RateLimited(u32),
+    /// The client asked to join a new room when the node has `registry.max_rooms`.
+    #[error("{0}")]
+    RoomsFull(#[from] RoomsFull),
     /// The writer failed or timed out, so the connection is unusable.
     #[error("write failed: {0}")]
     Write(String),
@@ -219,20 +225,21 @@ where
     let id = ctx.auth.verify(&auth.body)?;
     tracing::Span::current().record("key", id.key.as_str());
 
-    let (chan, rx) = Channel::new(
+    let (chan, rx) = Channel::with_limits(
         ctx.registry.next_id(),
         id.key.as_str().into(),
         id.mid,
         transport,
         limits.queue_size,
+        limits.slow_consumer_timeout,
     );
     // AuthReply goes first in the queue, before any push can.
     chan.reply(Frame::new(op::AUTH_REPLY, auth.seq, Bytes::new()).to_bytes())
         .await;
     let mut room: Option<Arc<str>> = id.room.as_deref().map(Arc::from);
-    if let Some(old) = ctx
-        .registry
-        .register(chan.clone(), room.clone(), OpFilter::new(id.accepts))
+    if let Some(old) =
+        ctx.registry
+            .register(chan.clone(), room.clone(), OpFilter::new(id.accepts))?
     {
         debug!(
             old_conn = old.id,
@@ -257,13 +264,23 @@ where
     let result = read_loop(&ctx, &mut reader, &mut buf, &chan, &mut room, &stop).await;
 
     ctx.registry.unregister(&chan);
-    // The writer sends what is queued, then ends.
+    // The writer sends what is queued, then ends; a slow consumer would not take
+    // it, so its connection is dropped at once.
     chan.shut();
+    if matches!(
+        result,
+        Ok(SessionEnd::ServerClosed(CloseReason::SlowConsumer))
+    ) {
+        writer_task.abort();
+    }
     let write_result = match writer_task.await {
         Ok(r) => r,
+        Err(e) if e.is_cancelled() => Ok(()),
         Err(e) => Err(format!("writer task failed: {e}")),
     };
-    if W::LINGER && matches!(result, Ok(SessionEnd::ServerClosed(_))) {
+    let lingers =
+        matches!(result, Ok(SessionEnd::ServerClosed(r)) if r != CloseReason::SlowConsumer);
+    if W::LINGER && lingers {
         let mut sink = vec![0u8; 1024];
         let linger = async { while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {} };
         let _ = tokio::time::timeout(LINGER, linger).await;
@@ -355,8 +372,9 @@ async fn handle(
                     reason: format!("room id longer than {MAX_ID_LEN} bytes"),
                 });
             }
-            *room = (!id.is_empty()).then(|| Arc::from(id));
-            ctx.registry.change_room(chan, room.clone());
+            let next = (!id.is_empty()).then(|| Arc::from(id));
+            ctx.registry.change_room(chan, next.clone())?;
+            *room = next;
             debug!(room = ?room, "changed room");
             reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
         }
@@ -413,6 +431,7 @@ async fn write_loop<W: SessionWrite>(
         if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
             break Err(e);
         }
+        rx.written();
         if batch.last {
             break Ok(());
         }

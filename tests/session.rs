@@ -49,6 +49,45 @@ async fn heartbeat_reply_carries_the_room_online_count() {
 }
 
 #[tokio::test]
+async fn rooms_beyond_the_limit_are_refused() {
+    let s = TestServer::start_with(|c| c.registry.max_rooms = 2).await;
+    let backend = s.backend().await;
+    let in_room = |key: &str, room: &str| {
+        let mut claims = s.claims(key);
+        claims.room_id = Some(room.into());
+        claims
+    };
+    let mut a = s.client_with(Via::Tcp, &in_room("a", "r1")).await;
+    let _b = s.client_with(Via::Quic, &in_room("b", "r2")).await;
+    for via in BOTH {
+        // Auth into a third room: closed before AuthReply
+        let mut c = s.raw_client(via).await;
+        c.send(op::AUTH, s.sign(&in_room("c", "r3"))).await.unwrap();
+        assert_closed(&mut c).await;
+    }
+    // an existing room can still be joined
+    let mut d = s.client_with(Via::Tcp, &in_room("d", "r1")).await;
+    // ChangeRoom into a third room closes the client; it stays counted nowhere
+    a.send(op::CHANGE_ROOM, "r3").await.unwrap();
+    assert_closed(&mut a).await;
+    s.wait_online(2).await;
+    let rooms: Vec<(String, u64)> = backend
+        .rooms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.room, r.online))
+        .collect();
+    assert_eq!(rooms, vec![("r1".into(), 1), ("r2".into(), 1)]);
+    backend
+        .broadcast_room("r1", 1000, "still here")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut d).await.body[..], b"still here");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn change_room_moves_the_client() {
     let s = TestServer::start().await;
     let backend = s.backend().await;

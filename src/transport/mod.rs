@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::channel::CloseReason;
 use crate::session::{SessionEnd, SessionError};
 
 /// Connection limits shared by every client transport: in total, and per source IP.
@@ -99,6 +100,9 @@ pub(crate) struct ConnPermits {
 pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
     match result {
         Ok(SessionEnd::ClientClosed) => debug!("connection closed by client"),
+        Ok(SessionEnd::ServerClosed(reason @ CloseReason::SlowConsumer)) => {
+            warn!(%reason, "connection closed by server")
+        }
         Ok(SessionEnd::ServerClosed(reason)) => info!(%reason, "connection closed by server"),
         // The client hanging up or its network failing is no server problem.
         Err(e @ SessionError::Read(_)) => info!(error = %e, "connection lost"),
