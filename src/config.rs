@@ -64,6 +64,10 @@ pub struct ClientConfig {
     pub write_timeout: Duration,
     /// Frames queued per client before pushes to it report `queue full`.
     pub queue_size: usize,
+    /// Kernel send buffer of each client TCP socket, bytes; 0 keeps the
+    /// kernel's default and autotuning. Small values bound a stalled client's
+    /// memory in the kernel and make its queue fill sooner.
+    pub tcp_send_buffer: u32,
     /// A client whose queue refuses pushes and does not drain for this long is
     /// disconnected (a slow consumer).
     #[serde(with = "humantime_serde")]
@@ -87,6 +91,7 @@ impl Default for ClientConfig {
             heartbeat_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
             queue_size: 256,
+            tcp_send_buffer: 0,
             slow_consumer_timeout: Duration::from_secs(5),
             max_connections: 100_000,
             max_connections_per_ip: 10_000,

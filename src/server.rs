@@ -52,6 +52,22 @@ pub enum ServerError {
     },
 }
 
+/// A TCP listener whose accepted sockets inherit a send buffer of `send_buffer`
+/// bytes (0: the kernel's default and autotuning).
+fn bind_tcp(addr: SocketAddr, send_buffer: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if send_buffer > 0 {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// A server with every socket bound, ready to [`run`](Server::run).
 pub struct Server {
     config: Config,
@@ -91,8 +107,7 @@ impl Server {
         let mut tcp = Vec::new();
         for &addr in &config.client.tcp_bind {
             tcp.push(
-                TcpListener::bind(addr)
-                    .await
+                bind_tcp(addr, config.client.tcp_send_buffer)
                     .map_err(bind_err("client TCP", addr))?,
             );
         }
