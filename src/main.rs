@@ -115,6 +115,12 @@ struct BenchArgs {
     /// Clients connecting at once.
     #[arg(long, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Extra clients in the room (room, broadcast) that never read.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
+    /// `client.tcp_send_buffer` of the server the bench starts, bytes (0: kernel default).
+    #[arg(long, default_value_t = 0)]
+    tcp_send_buffer: u32,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -420,6 +426,8 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         raw: a.raw,
         in_flight: a.in_flight,
         connect_concurrency: a.connect_concurrency,
+        stalled: a.stalled,
+        tcp_send_buffer: a.tcp_send_buffer,
         target,
         exe,
         progress: !a.quiet,

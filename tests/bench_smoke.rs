@@ -21,13 +21,15 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         raw: false,
         in_flight: 16,
         connect_concurrency: 64,
+        stalled: 0,
+        tcp_send_buffer: 0,
         target: Target::Spawn { exe: exe.clone() },
         exe,
         progress: false,
     }
 }
 
-async fn check_deliveries(opts: BenchOptions) {
+async fn check_deliveries(opts: BenchOptions) -> bench::Report {
     let what = format!("{:?} over {:?}", opts.scenario, opts.transport);
     let r = bench::run(&opts).await.unwrap();
     for m in std::iter::once(&r.quicpush).chain(r.raw.as_ref()) {
@@ -42,6 +44,7 @@ async fn check_deliveries(opts: BenchOptions) {
     if opts.raw {
         assert!(r.ratio_to_raw.is_some(), "{what}: ratio to raw");
     }
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,6 +62,18 @@ async fn room_broadcast_keys_and_latency_lose_nothing() {
         single.batch = 1;
         check_deliveries(single).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_in_the_room_costs_the_readers_nothing() {
+    let mut opts = options(Scenario::Room, BenchTransport::Tcp);
+    opts.stalled = 1;
+    opts.tcp_send_buffer = 4096;
+    opts.raw = true;
+    let r = check_deliveries(opts).await;
+    assert_eq!(r.stalled, 1);
+    assert!(r.quicpush.stalled_disconnected.is_some());
+    assert!(r.raw.unwrap().stalled_disconnected.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,10 +216,29 @@ impl Dial {
 
     /// Connects and authenticates client `i`.
     pub async fn connect(&self, i: usize) -> Result<PushClient, BenchError> {
+        self.connect_with(i, None).await
+    }
+
+    /// Connects and authenticates client `i`, meant never to be read: over TCP
+    /// its receive buffer is small, so the server's queue for it fills soon.
+    pub async fn connect_stalled(&self, i: usize) -> Result<PushClient, BenchError> {
+        self.connect_with(i, Some(4096)).await
+    }
+
+    async fn connect_with(
+        &self,
+        i: usize,
+        recv_buffer: Option<u32>,
+    ) -> Result<PushClient, BenchError> {
         let mut client = match &self.quic {
             None => {
                 let socket =
                     tokio::net::TcpSocket::new_v4().map_err(|e| BenchError::Io(e.to_string()))?;
+                if let Some(size) = recv_buffer {
+                    socket
+                        .set_recv_buffer_size(size)
+                        .map_err(|e| BenchError::Io(format!("receive buffer: {e}")))?;
+                }
                 // Close with a reset: thousands of bench clients closing normally
                 // would leave their ports in TIME_WAIT for the next run. (A zero
                 // linger never blocks, which is what the deprecation is about.)

@@ -123,6 +123,11 @@ pub struct BenchOptions {
     pub in_flight: usize,
     /// Clients connecting at once.
     pub connect_concurrency: usize,
+    /// Extra clients in the same audience (room, broadcast) that authenticate and
+    /// then never read: what a stalled client costs the others.
+    pub stalled: usize,
+    /// `client.tcp_send_buffer` of the started server (0: kernel default).
+    pub tcp_send_buffer: u32,
     pub target: Target,
     /// Binary that serves `serve` and `bench-floor` (this one, normally).
     pub exe: PathBuf,
@@ -160,6 +165,8 @@ pub struct Measurement {
     pub server_cpu_percent: f64,
     pub server_rss_per_conn_bytes: Option<f64>,
     pub connects_per_sec: Option<f64>,
+    /// Stalled clients the server had disconnected by the end (quicpush only).
+    pub stalled_disconnected: Option<usize>,
 }
 
 /// The report `quicpush bench` prints and writes as JSON.
@@ -171,6 +178,7 @@ pub struct Report {
     pub messages: u64,
     pub batch: usize,
     pub body_size: usize,
+    pub stalled: usize,
     pub deliveries: u64,
     pub deliveries_per_sec: f64,
     pub lost: u64,
@@ -192,7 +200,9 @@ pub struct Report {
 
 /// How the load reaches a server: quicpush's RPC, or the floor's control socket.
 enum Pusher {
-    Quicpush(Arc<Client>),
+    /// The backend connection, and how many stalled clients each fan-out reaches:
+    /// that many `queue full` per message are theirs, not the readers'.
+    Quicpush(Arc<Client>, u64),
     Floor(mpsc::Sender<Bytes>),
 }
 
@@ -213,10 +223,10 @@ impl Pusher {
     /// One message to the room; returns how many deliveries the server dropped.
     async fn room(&self, body: Bytes) -> Result<u64, BenchError> {
         match self {
-            Pusher::Quicpush(c) => c
+            Pusher::Quicpush(c, stalled) => c
                 .broadcast_room(ROOM, BENCH_OP, body)
                 .await
-                .map(|t| t.queue_full)
+                .map(|t| t.queue_full.saturating_sub(*stalled))
                 .map_err(|e| BenchError::Rpc(e.to_string())),
             Pusher::Floor(tx) => {
                 Self::floor_send(tx, Frame::new(floor::CTL_ALL, 0, body).to_bytes()).await
@@ -226,7 +236,7 @@ impl Pusher {
 
     async fn broadcast(&self, body: Bytes) -> Result<u64, BenchError> {
         match self {
-            Pusher::Quicpush(c) => c
+            Pusher::Quicpush(c, _) => c
                 .broadcast(BENCH_OP, body, 0)
                 .await
                 .map(|_| 0)
@@ -239,7 +249,7 @@ impl Pusher {
 
     async fn keys(&self, items: Vec<(u32, Bytes)>) -> Result<u64, BenchError> {
         match self {
-            Pusher::Quicpush(c) => {
+            Pusher::Quicpush(c, _) => {
                 let rpc = |e: crate::rpc::ClientError| BenchError::Rpc(e.to_string());
                 if let [(key, body)] = &items[..] {
                     let o = c
@@ -310,15 +320,24 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.batch == 0 {
         return Err(BenchError::Options("--batch must be at least 1".into()));
     }
+    if opts.stalled > 0 && !matches!(opts.scenario, Scenario::Room | Scenario::Broadcast) {
+        return Err(BenchError::Options(
+            "--stalled applies to the room and broadcast scenarios".into(),
+        ));
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let tmp =
         tempfile::tempdir().map_err(|e| BenchError::Io(format!("temporary directory: {e}")))?;
 
     let (server, certs) = match &opts.target {
-        Target::Spawn { exe } => (
-            ServerProcess::quicpush(exe, tmp.path())?,
-            tmp.path().to_owned(),
-        ),
+        Target::Spawn { exe } => {
+            let mut config = process::bench_config(tmp.path());
+            config.client.tcp_send_buffer = opts.tcp_send_buffer;
+            (
+                ServerProcess::quicpush_with(exe, tmp.path(), &config)?,
+                tmp.path().to_owned(),
+            )
+        }
         Target::External {
             pid,
             client_addr,
@@ -349,7 +368,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         &server,
         &certs,
         login,
-        Pusher::Quicpush(backend.clone()),
+        Pusher::Quicpush(backend.clone(), opts.stalled as u64),
         Some(&backend),
         "quicpush",
     )
@@ -395,6 +414,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         messages: opts.messages,
         batch: opts.batch,
         body_size: opts.body_size,
+        stalled: opts.stalled,
         deliveries: quicpush.deliveries,
         deliveries_per_sec: quicpush.deliveries_per_sec,
         lost: quicpush.lost,
@@ -473,8 +493,16 @@ async fn measure(
     let pb = progress_bar(opts.progress, n as u64, &format!("{label} connect"));
     let clients = fleet::connect_all(&dial, n, opts.connect_concurrency, &pb).await?;
     pb.finish_and_clear();
+    // The floor has no slow-consumer handling to measure: stalled clients are
+    // quicpush's alone.
+    let mut stalled = Vec::new();
+    if backend.is_some() {
+        for i in n..n + opts.stalled {
+            stalled.push(dial.connect_stalled(i).await?);
+        }
+    }
     if let Some(b) = backend {
-        wait_online(b, n as u64).await?;
+        wait_online(b, (n + stalled.len()) as u64).await?;
     }
     let epoch = Instant::now();
     let latencies = fleet::new_latencies()?;
@@ -546,6 +574,18 @@ async fn measure(
     m.server_cpu_us = cpu;
     m.server_cpu_percent = cpu as f64 / 1e4 / secs;
     m.server_cpu_us_per_delivery = (m.deliveries > 0).then(|| cpu as f64 / m.deliveries as f64);
+    if let (Some(b), false) = (backend, stalled.is_empty()) {
+        let mut gone = 0;
+        for i in n..n + stalled.len() {
+            let o = b
+                .push_msg(format!("bench-{i}"), BENCH_OP, Bytes::new())
+                .await
+                .map_err(|e| BenchError::Rpc(e.to_string()))?;
+            gone += usize::from(o == PushOutcome::Offline);
+        }
+        m.stalled_disconnected = Some(gone);
+    }
+    drop(stalled);
     let hist = latencies.lock();
     m.latency_us = (!hist.is_empty()).then(|| percentiles(&hist));
     Ok(m)
@@ -742,7 +782,7 @@ impl Report {
     /// The human-readable table.
     pub fn table(&self) -> String {
         type Cell = fn(&Measurement) -> String;
-        let rows: [(&str, Cell); 14] = [
+        let rows: [(&str, Cell); 15] = [
             ("deliveries", |m| m.deliveries.to_string()),
             ("seconds", |m| format!("{:.3}", m.seconds)),
             ("deliveries/s", |m| format!("{:.0}", m.deliveries_per_sec)),
@@ -766,14 +806,24 @@ impl Report {
                 opt(m.server_rss_per_conn_bytes, "")
             }),
             ("connects/s", |m| opt(m.connects_per_sec, "")),
+            ("stalled disconnected", |m| {
+                m.stalled_disconnected
+                    .map_or_else(|| "-".into(), |n| n.to_string())
+            }),
         ];
         let rows = rows.iter().map(|(name, cell)| {
             let raw = self.raw.as_ref().map_or_else(|| "-".into(), cell);
             (name, cell(&self.quicpush), raw)
         });
         let mut s = format!(
-            "scenario={:?} transport={:?} clients={} messages={} batch={} body={}B\n",
-            self.scenario, self.transport, self.clients, self.messages, self.batch, self.body_size
+            "scenario={:?} transport={:?} clients={} stalled={} messages={} batch={} body={}B\n",
+            self.scenario,
+            self.transport,
+            self.clients,
+            self.stalled,
+            self.messages,
+            self.batch,
+            self.body_size
         );
         s.push_str(&format!(
             "{:<26} {:>20} {:>20}\n",

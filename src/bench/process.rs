@@ -170,16 +170,6 @@ impl ServerProcess {
         }
     }
 
-    /// Starts `quicpush serve` on loopback ports chosen by the kernel, with a
-    /// temporary configuration and fresh certificates in `dir`.
-    pub fn quicpush(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
-        let mut config = Config::loopback(dir);
-        config.client.heartbeat_timeout = Duration::from_secs(3600);
-        config.client.max_connections = 1_000_000;
-        config.quic.idle_timeout = Duration::from_secs(3600);
-        Self::quicpush_with(exe, dir, &config)
-    }
-
     /// Starts the raw floor server (`quicpush bench-floor`).
     pub fn floor(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
         let args = vec![
@@ -236,6 +226,17 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// The configuration benchmarks start `quicpush serve` with: loopback ports
+/// chosen by the kernel, certificates in `dir`, no idle or connection limits in
+/// the way of a long run.
+pub fn bench_config(dir: &Path) -> Config {
+    let mut config = Config::loopback(dir);
+    config.client.heartbeat_timeout = Duration::from_secs(3600);
+    config.client.max_connections = 1_000_000;
+    config.quic.idle_timeout = Duration::from_secs(3600);
+    config
 }
 
 /// The address in a log line `... <what> addr=<address>`.
