@@ -215,6 +215,8 @@ impl Server {
 
         let sessions = TaskTracker::new();
         let backends = TaskTracker::new();
+        // Backend calls are answered until the clients have drained.
+        let rpc_drain = Shutdown::new();
         let limits = transport::ConnLimits::new(c.max_connections, c.max_connections_per_ip);
         for l in tcp {
             if let Ok(addr) = l.local_addr() {
@@ -248,6 +250,7 @@ impl Server {
                 config.rpc.max_request_bytes,
                 backends.clone(),
                 stop.clone(),
+                rpc_drain.clone(),
             ));
         }
         drop(dispatcher);
@@ -269,8 +272,17 @@ impl Server {
         }
         info!(
             clients = closing,
-            "clients disconnected; closing QUIC endpoints"
+            "clients disconnected; answering the backend calls already read"
         );
+        rpc_drain.cancel();
+        backends.close();
+        if tokio::time::timeout(grace, backends.wait()).await.is_err() {
+            warn!(
+                remaining = backends.len(),
+                "grace period over: some backend streams did not finish"
+            );
+        }
+        info!("closing QUIC endpoints");
         let code = transport::quic::code::SHUTDOWN.into();
         for e in quic.iter().chain(&rpc) {
             e.close(code, b"server shutting down");
@@ -283,8 +295,6 @@ impl Server {
         if tokio::time::timeout(grace, idle).await.is_err() {
             warn!("grace period over: QUIC endpoints not idle");
         }
-        backends.close();
-        let _ = tokio::time::timeout(grace, backends.wait()).await;
         info!("shutdown complete");
     }
 }

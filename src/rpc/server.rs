@@ -1,10 +1,17 @@
 //! Serving backend connections: one accept task per bound endpoint, one task per
 //! connection, one task per stream. Each stream carries a sequence of calls; the
 //! server answers them in order, one coalesced write per batch of calls read.
+//!
+//! Shutdown has two steps: `shutdown` stops accepting backends (calls keep being
+//! answered while the clients drain); `drain` then has each stream answer every
+//! call it has read, finish, and wait for the backend to have the replies, so
+//! closing the endpoint afterwards loses no reply.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::AsyncReadExt;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -14,13 +21,18 @@ use super::proto::{Request, Response, RpcError};
 use crate::codec;
 use crate::shutdown::Shutdown;
 
-/// Serves one RPC endpoint until shutdown.
+/// How long a draining stream waits for the backend to acknowledge its replies.
+const REPLY_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one RPC endpoint: accepts backends until `shutdown`, answers their
+/// calls until `drain`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     dispatcher: Arc<Dispatcher>,
     max_request: usize,
     tracker: TaskTracker,
     shutdown: Shutdown,
+    drain: Shutdown,
 ) {
     loop {
         let incoming = tokio::select! {
@@ -34,6 +46,7 @@ pub async fn serve(
         let span = info_span!("rpc", remote = %remote);
         let dispatcher = dispatcher.clone();
         let t = tracker.clone();
+        let drain = drain.clone();
         tracker.spawn(
             async move {
                 let conn = match incoming.await {
@@ -44,7 +57,7 @@ pub async fn serve(
                     }
                 };
                 info!("backend connected");
-                serve_connection(conn, dispatcher, max_request, t).await;
+                serve_connection(conn, dispatcher, max_request, t, drain).await;
             }
             .instrument(span),
         );
@@ -56,13 +69,21 @@ async fn serve_connection(
     dispatcher: Arc<Dispatcher>,
     max_request: usize,
     tracker: TaskTracker,
+    drain: Shutdown,
 ) {
     loop {
-        match conn.accept_bi().await {
+        let accepted = tokio::select! {
+            a = conn.accept_bi() => a,
+            // open streams finish on their own; the endpoint closes the connection
+            _ = drain.cancelled() => return,
+        };
+        match accepted {
             Ok((send, recv)) => {
                 let d = dispatcher.clone();
                 let span = info_span!("stream", id = %send.id());
-                tracker.spawn(serve_stream(send, recv, d, max_request).instrument(span));
+                tracker.spawn(
+                    serve_stream(send, recv, d, max_request, drain.clone()).instrument(span),
+                );
             }
             Err(quinn::ConnectionError::ApplicationClosed(_))
             | Err(quinn::ConnectionError::LocallyClosed) => {
@@ -80,25 +101,41 @@ async fn serve_connection(
 /// Replies buffered before they are written even if more calls are waiting.
 const FLUSH_AT: usize = 256 * 1024;
 
-/// Answers the calls on one stream until the backend finishes it.
+/// Answers the calls on one stream until the backend finishes it, or until
+/// `drain`: then the calls already read are answered and the stream finished.
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     dispatcher: Arc<Dispatcher>,
     max_request: usize,
+    drain: Shutdown,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
     // Bytes of an oversize request still to be skipped.
     let mut skip: u64 = 0;
+    let mut draining = false;
     loop {
-        match recv.read_buf(&mut buf).await {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(error = %e, "stream read ended");
-                break;
+        tokio::select! {
+            biased;
+            _ = drain.cancelled() => {
+                draining = true;
+                // Every call that has arrived is answered: take what is buffered
+                // without waiting for more.
+                while let Some(Ok(n)) = recv.read_buf(&mut buf).now_or_never() {
+                    if n == 0 {
+                        break;
+                    }
+                }
             }
+            r = recv.read_buf(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(error = %e, "stream read ended");
+                    break;
+                }
+            },
         }
         loop {
             if skip > 0 {
@@ -179,8 +216,21 @@ async fn serve_stream(
             }
             out.clear();
         }
+        if draining {
+            if !buf.is_empty() {
+                debug!(
+                    bytes = buf.len(),
+                    "shutting down: an incomplete call is left unanswered"
+                );
+            }
+            let _ = recv.stop(crate::transport::quic::code::SHUTDOWN.into());
+            break;
+        }
     }
-    let _ = send.finish();
+    if send.finish().is_ok() && draining {
+        // Closing the endpoint would discard replies the backend has not acknowledged.
+        let _ = tokio::time::timeout(REPLY_ACK_TIMEOUT, send.stopped()).await;
+    }
 }
 
 fn reply(out: &mut BytesMut, id: u64, response: &Response) {
