@@ -21,6 +21,8 @@ use super::proto::{Request, Response, RpcError};
 use crate::codec;
 use crate::shutdown::Shutdown;
 
+/// How long a backend's TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a draining stream waits for the backend to acknowledge its replies.
 const REPLY_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -49,10 +51,14 @@ pub async fn serve(
         let drain = drain.clone();
         tracker.spawn(
             async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
+                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
                         warn!(error = %e, "backend handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(timeout = ?HANDSHAKE_TIMEOUT, "backend handshake not completed in time");
                         return;
                     }
                 };

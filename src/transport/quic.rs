@@ -56,14 +56,20 @@ pub async fn serve(
         let ctx = ctx.clone();
         tracker.spawn(
             async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
+                let timeout = ctx.limits.handshake_timeout;
+                // A peer that starts a handshake and goes quiet holds a permit only
+                // this long (dropping the attempt closes it).
+                let conn = match tokio::time::timeout(timeout, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
                         warn!(error = %e, "QUIC handshake failed");
                         return;
                     }
+                    Err(_) => {
+                        warn!(?timeout, "QUIC handshake not completed in time");
+                        return;
+                    }
                 };
-                let timeout = ctx.limits.handshake_timeout;
                 let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
