@@ -135,10 +135,18 @@ async fn serve_stream(
                 }
             }
             r = recv.read_buf(&mut buf) => match r {
-                Ok(0) => break,
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        info!(
+                            partial_request_bytes = buf.len(),
+                            "stream finished in the middle of a request; the request is dropped"
+                        );
+                    }
+                    break;
+                }
                 Ok(_) => {}
                 Err(e) => {
-                    debug!(error = %e, "stream read ended");
+                    log_read_end(&e, buf.len());
                     break;
                 }
             },
@@ -236,6 +244,27 @@ async fn serve_stream(
     if send.finish().is_ok() && draining {
         // Closing the endpoint would discard replies the backend has not acknowledged.
         let _ = tokio::time::timeout(REPLY_ACK_TIMEOUT, send.stopped()).await;
+    }
+}
+
+/// Logs why a stream's reads ended with an error. A reset, or a loss with a request
+/// half read (`partial` bytes buffered), drops that request, so it is logged at info;
+/// a stream ending with its connection between requests is routine.
+fn log_read_end(e: &std::io::Error, partial: usize) {
+    if e.kind() == std::io::ErrorKind::ConnectionReset {
+        info!(
+            error = %e,
+            partial_request_bytes = partial,
+            "backend reset the stream; a request half sent is dropped"
+        );
+    } else if partial > 0 {
+        info!(
+            error = %e,
+            partial_request_bytes = partial,
+            "stream lost in the middle of a request; the request is dropped"
+        );
+    } else {
+        debug!(error = %e, "stream read ended");
     }
 }
 
