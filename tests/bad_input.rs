@@ -1293,6 +1293,17 @@ async fn run_table() {
 
     let lines = p.log_lines();
     assert!(!lines.iter().any(|l| l.contains("panicked")));
+    // Tokens and keys never reach the log, even at debug: every JWT starts with
+    // `eyJ` (base64 of `{"`), and the secret and private keys are files here.
+    let secret_text = std::fs::read_to_string(c.dir.join("token.secret")).unwrap();
+    for l in &lines {
+        assert!(!l.contains("eyJ"), "a token in the log: {l}");
+        assert!(!l.contains("PRIVATE KEY"), "a private key in the log: {l}");
+        assert!(
+            !l.contains(secret_text.trim()),
+            "the token secret in the log: {l}"
+        );
+    }
     p.sigterm().unwrap();
     let status = p
         .wait_exit(Duration::from_secs(30))
