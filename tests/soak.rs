@@ -1233,6 +1233,8 @@ struct RoundReport {
     timeline: Vec<(u64, u64)>,
     load_secs: f64,
     emptied: bool,
+    /// Seconds from the last client leaving to the server reporting none.
+    empty_after: f64,
     left_online: u64,
     left_rooms: usize,
 }
@@ -1346,10 +1348,12 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
     let load_secs = start.elapsed().as_secs_f64();
 
     // Every client has left: the registry must say so (sessions end asynchronously).
+    let left_at = Instant::now();
     let emptied = poll_until(EMPTY_WAIT, || async move {
         control.online().await.unwrap().total == 0 && control.rooms().await.unwrap().is_empty()
     })
     .await;
+    let empty_after = left_at.elapsed().as_secs_f64();
     sampling.store(false, Ordering::Relaxed);
     let (peak_rss, timeline) = sampler.await.unwrap();
 
@@ -1359,6 +1363,7 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
         churning: churned.len() as u64,
         load_secs,
         emptied,
+        empty_after,
         left_online: control.online().await.unwrap().total,
         left_rooms: control.rooms().await.unwrap().len(),
         peak_rss,
@@ -1496,8 +1501,8 @@ impl RoundReport {
             timeline.join(", ")
         );
         println!(
-            "afterwards        online {}, rooms {}; load {:.1} s",
-            self.left_online, self.left_rooms, self.load_secs
+            "afterwards        online {}, rooms {} ({:.1} s after the last client left); load {:.1} s",
+            self.left_online, self.left_rooms, self.empty_after, self.load_secs
         );
         for e in v
             .examples
