@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use super::BenchError;
 use crate::Config;
 
-/// Most log lines a [`ServerProcess`] keeps; later ones are counted, not kept.
+/// Most log lines a [`ServerProcess`] keeps; later ones are counted, not kept,
+/// except errors and panics, which are always kept.
 const MAX_LOG_LINES: usize = 200_000;
 
 /// The log lines a child wrote to stderr.
@@ -69,7 +70,10 @@ impl ServerProcess {
                 }
                 {
                     let mut log = keep.lock();
-                    if log.lines.len() < MAX_LOG_LINES {
+                    if log.lines.len() < MAX_LOG_LINES
+                        || line.contains("ERROR")
+                        || line.contains("panicked")
+                    {
                         log.lines.push(line.clone());
                     } else {
                         log.dropped += 1;
@@ -135,9 +139,15 @@ impl ServerProcess {
         )
     }
 
-    /// Every log line the child has written so far (up to a bound).
+    /// Every log line the child has written so far (up to a bound; errors and
+    /// panics past it too).
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().lines.clone()
+    }
+
+    /// Log lines past the bound that were counted but not kept.
+    pub fn log_dropped(&self) -> usize {
+        self.log.lock().dropped
     }
 
     /// Sends SIGTERM without waiting.
