@@ -160,7 +160,21 @@ pub enum SessionError {
     RoomsFull(#[from] RoomsFull),
     /// The writer failed or timed out, so the connection is unusable.
     #[error("write failed: {0}")]
-    Write(String),
+    Write(#[from] WriteError),
+}
+
+/// Why a session's writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The socket refused the bytes (for example, the client hung up).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The client accepted no bytes within `client.write_timeout`.
+    #[error("client took no bytes for {0:?}")]
+    Timeout(Duration),
+    /// The writer task ended abnormally.
+    #[error("writer task failed: {0}")]
+    Task(String),
 }
 
 /// How a session ended without an error.
@@ -276,7 +290,7 @@ where
     let write_result = match writer_task.await {
         Ok(r) => r,
         Err(e) if e.is_cancelled() => Ok(()),
-        Err(e) => Err(format!("writer task failed: {e}")),
+        Err(e) => Err(WriteError::Task(e.to_string())),
     };
     let lingers =
         matches!(result, Ok(SessionEnd::ServerClosed(r)) if r != CloseReason::SlowConsumer);
@@ -419,7 +433,7 @@ async fn write_loop<W: SessionWrite>(
     chan: Arc<Channel>,
     stop: CancellationToken,
     write_timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     // Starts empty and grows with use: most clients are idle most of the time.
     let mut out = BytesMut::new();
     let result = loop {
@@ -448,7 +462,7 @@ async fn write_out<W: SessionWrite>(
     writer: &mut W,
     out: &mut BytesMut,
     write_timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     if out.is_empty() {
         return Ok(());
     }
@@ -458,8 +472,8 @@ async fn write_out<W: SessionWrite>(
     };
     match tokio::time::timeout(write_timeout, write).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("client took no bytes for {write_timeout:?}")),
+        Ok(Err(e)) => return Err(WriteError::Io(e)),
+        Err(_) => return Err(WriteError::Timeout(write_timeout)),
     }
     out.clear();
     if out.capacity() > 16 * 1024 {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::channel::CloseReason;
-use crate::session::{SessionEnd, SessionError};
+use crate::session::{SessionEnd, SessionError, WriteError};
 
 /// Connection limits shared by every client transport: in total, and per source IP.
 #[derive(Debug, Clone)]
@@ -104,8 +104,11 @@ pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
             warn!(%reason, "connection closed by server")
         }
         Ok(SessionEnd::ServerClosed(reason)) => info!(%reason, "connection closed by server"),
-        // The client hanging up or its network failing is no server problem.
-        Err(e @ SessionError::Read(_)) => info!(error = %e, "connection lost"),
+        // The client hanging up or its network failing is no server problem, whether
+        // the reader or the writer notices it first.
+        Err(e @ (SessionError::Read(_) | SessionError::Write(WriteError::Io(_)))) => {
+            info!(error = %e, "connection lost")
+        }
         Err(e) => warn!(error = %e, "connection closed"),
     }
 }
