@@ -64,6 +64,13 @@ impl SessionWrite for quinn::SendStream {
     }
 }
 
+/// An in-memory connection (`tokio::io::duplex` split in two): for tests and fuzzing.
+impl SessionWrite for tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    async fn finish(&mut self) {
+        let _ = self.shutdown().await;
+    }
+}
+
 /// Limits applied to every session.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
