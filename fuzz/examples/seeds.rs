@@ -191,6 +191,12 @@ fn token() {
         br#"{"mid":123,"key":"","room_id":"live://1000","platform":"web","accepts":[1000,1001,1002]}"#,
     );
     write(&dir, "open-minimal", br#" {"key":"k"} "#);
+    // claims alone: the target also signs its input and verifies that
+    write(
+        &dir,
+        "claims",
+        br#"{"key":"k1","mid":42,"room_id":"live://1","accepts":[1000,1001],"exp":4102444800}"#,
+    );
 }
 
 fn config() {
