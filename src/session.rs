@@ -64,6 +64,13 @@ impl SessionWrite for quinn::SendStream {
     }
 }
 
+/// An in-memory connection (`tokio::io::duplex` split in two): for tests and fuzzing.
+impl SessionWrite for tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    async fn finish(&mut self) {
+        let _ = self.shutdown().await;
+    }
+}
+
 /// Limits applied to every session.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
@@ -481,4 +488,70 @@ async fn write_out<W: SessionWrite>(
         *out = BytesMut::new();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Arc<SessionContext> {
+        Arc::new(SessionContext {
+            registry: Arc::new(Registry::new(4)),
+            auth: Authenticator::Open,
+            limits: SessionLimits {
+                max_body: protocol::DEFAULT_MAX_BODY,
+                handshake_timeout: Duration::from_secs(5),
+                heartbeat_timeout: Duration::from_secs(10),
+                write_timeout: Duration::from_secs(1),
+                queue_size: 8,
+                slow_consumer_timeout: Duration::from_secs(5),
+                max_frames_per_sec: 100,
+            },
+            shutdown: Shutdown::new(),
+        })
+    }
+
+    /// Plays `input` as a client that then half-closes, and returns how the session
+    /// ended and the frames the client read.
+    async fn play(
+        ctx: &Arc<SessionContext>,
+        input: &[u8],
+    ) -> (Result<SessionEnd, SessionError>, Vec<Frame>) {
+        let (client, server) = tokio::io::duplex(1024);
+        let (read, write) = tokio::io::split(server);
+        let session = tokio::spawn(run(ctx.clone(), read, write, Transport::Tcp));
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        client_write.write_all(input).await.unwrap();
+        client_write.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        client_read.read_to_end(&mut out).await.unwrap();
+        let result = session.await.unwrap();
+        let mut buf = BytesMut::from(&out[..]);
+        let mut frames = Vec::new();
+        while let Some(f) = protocol::decode(&mut buf, protocol::MAX_BODY_LIMIT).unwrap() {
+            frames.push(f);
+        }
+        assert!(buf.is_empty(), "whole frames only");
+        (result, frames)
+    }
+
+    fn frames(fs: &[Frame]) -> Vec<u8> {
+        fs.iter().flat_map(|f| f.to_bytes()).collect()
+    }
+
+    #[tokio::test]
+    async fn runs_over_an_in_memory_connection() {
+        let ctx = ctx();
+        let input = frames(&[
+            Frame::new(op::AUTH, 1, &br#"{"key":"k","room_id":"r"}"#[..]),
+            Frame::new(op::HEARTBEAT, 2, Bytes::new()),
+        ]);
+        let (result, replies) = play(&ctx, &input).await;
+        assert_eq!(result.unwrap(), SessionEnd::ClientClosed);
+        let got: Vec<(u32, u32)> = replies.iter().map(|f| (f.op, f.seq)).collect();
+        assert_eq!(got, [(op::AUTH_REPLY, 1), (op::HEARTBEAT_REPLY, 2)]);
+        assert_eq!(&replies[1].body[..], &1u32.to_be_bytes());
+        assert_eq!(ctx.registry.online().total, 0);
+        assert!(ctx.registry.rooms().is_empty());
+    }
 }
