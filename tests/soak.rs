@@ -30,12 +30,12 @@
 //! - After every client left, the server reports no connection and no room; it
 //!   logged no error and no panic, and it exits 0 on SIGTERM.
 //!
-//! The load runs twice: a warm-up round of a quarter of the duration, then the soak.
+//! The load runs twice: a warm-up round of half the duration, then the soak.
 //! The server's RSS after the soak (and 5 s idle) must be within 10% of its level
 //! before the soak (after the warm-up, every client gone, 5 s idle): the allocator
 //! keeps what a load once needed, so a server without a leak ends the soak near
 //! that level, while a leak grows with the connections and messages served, and
-//! the soak serves four times as many. The level before any client (started, one backend connected: about
+//! the soak serves twice as many. The level before any client (started, one backend connected: about
 //! 8.5 MiB, nearly all of it the binary's pages) is printed too, but is no bar:
 //! glibc's malloc keeps the memory freed after a load peak in its per-thread arenas
 //! (about 40 MiB after 2,000 clients), and long-lived pools (log spans, QUIC
@@ -1559,7 +1559,7 @@ async fn idle_rss(stat: &ProcStat) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "soak test, about a minute and a half: cargo test --release --test soak -- --ignored --nocapture"]
+#[ignore = "soak test, about two minutes: cargo test --release --test soak -- --ignored --nocapture"]
 async fn soak() {
     let wall = Instant::now();
     let secs: u64 = env_or("QUICPUSH_SOAK_SECS", 60);
@@ -1567,7 +1567,7 @@ async fn soak() {
     let seed: u64 = env_or("QUICPUSH_SOAK_SEED", rand::random());
     assert!(clients >= 8, "QUICPUSH_SOAK_CLIENTS must be at least 8");
     assert!(secs >= 1, "QUICPUSH_SOAK_SECS must be at least 1");
-    let warm_secs = (secs / 4).max(1);
+    let warm_secs = (secs / 2).max(1);
     // Each client holds a socket (TCP) or shares one (QUIC).
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     println!("soak: {clients} clients, {warm_secs} s warm-up + {secs} s, seed {seed}");
@@ -1661,7 +1661,7 @@ async fn soak() {
         status.is_some_and(|s| s.success()),
         "server exit: {status:?}"
     );
-    // A leak grows with the work done: the soak serves four times the warm-up's
+    // A leak grows with the work done: the soak serves twice the warm-up's
     // connections and messages, so it must end near the level it started from.
     let limit = rss_warm as f64 * (1.0 + RSS_TOLERANCE);
     assert!(
