@@ -4,12 +4,15 @@
 //! and the process exits 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{connect_to, Via};
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use quicpush::bench::process::ServerProcess;
@@ -154,19 +157,8 @@ async fn sigterm_during_a_push_storm_loses_nothing_reported_delivered() {
         let mut claims = quicpush::auth::claims_for(&format!("k{i}"), Duration::from_secs(600));
         claims.room_id = Some(format!("r{}", i % ROOMS));
         let token = quicpush::auth::issue(&secret, &claims).unwrap();
-        let ca = ca.clone();
-        let (tcp, quic) = (server.client_tcp, server.client_quic);
-        async move {
-            let mut c = if i < TCP_CLIENTS {
-                PushClient::connect_tcp(tcp).await.unwrap()
-            } else {
-                PushClient::connect_quic(quic, "localhost", &ca)
-                    .await
-                    .unwrap()
-            };
-            c.auth(token).await.unwrap();
-            c
-        }
+        let via = if i < TCP_CLIENTS { Via::Tcp } else { Via::Quic };
+        connect_to(&server, via, &ca, token)
     }))
     .await;
     let readers: Vec<_> = clients

@@ -4,10 +4,13 @@
 //! receives every message, in order, exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{connect_to, Via};
 use futures_util::future::join_all;
 use quicpush::bench::process::ServerProcess;
 use quicpush::channel::PushOutcome;
@@ -93,20 +96,8 @@ async fn a_stalled_client_is_disconnected_and_costs_the_others_nothing() {
     let ids: Vec<usize> = (0..TCP_CLIENTS + QUIC_CLIENTS).collect();
     for chunk in ids.chunks(50) {
         let clients = join_all(chunk.iter().map(|&i| {
-            let token = token(&format!("active-{i}"));
-            let ca = ca.clone();
-            let (tcp, quic) = (server.client_tcp, server.client_quic);
-            async move {
-                let mut c = if i < TCP_CLIENTS {
-                    PushClient::connect_tcp(tcp).await.unwrap()
-                } else {
-                    PushClient::connect_quic(quic, "localhost", &ca)
-                        .await
-                        .unwrap()
-                };
-                c.auth(token).await.unwrap();
-                c
-            }
+            let via = if i < TCP_CLIENTS { Via::Tcp } else { Via::Quic };
+            connect_to(&server, via, &ca, token(&format!("active-{i}")))
         }))
         .await;
         for c in clients {

@@ -143,6 +143,23 @@ impl TestServer {
     }
 }
 
+/// A client of a `quicpush serve` child process, authenticated with `token`.
+pub async fn connect_to(
+    server: &quicpush::bench::process::ServerProcess,
+    via: Via,
+    ca: &std::path::Path,
+    token: String,
+) -> PushClient {
+    let mut c = match via {
+        Via::Tcp => PushClient::connect_tcp(server.client_tcp).await.unwrap(),
+        Via::Quic => PushClient::connect_quic(server.client_quic, "localhost", ca)
+            .await
+            .unwrap(),
+    };
+    c.auth(token).await.unwrap();
+    c
+}
+
 /// The next frame, failing the test after a timeout.
 pub async fn next(c: &mut PushClient) -> Frame {
     tokio::time::timeout(WAIT, c.next_frame())
