@@ -307,6 +307,22 @@ impl Backend {
             .push(format!("backend {} {method}: {e}", self.id));
     }
 
+    /// A call's value, or (after recording the error) `on_error`; and whether it failed.
+    fn settle<T, E: std::fmt::Display>(
+        &mut self,
+        method: &str,
+        result: Result<T, E>,
+        on_error: T,
+    ) -> (T, bool) {
+        match result {
+            Ok(v) => (v, false),
+            Err(e) => {
+                self.error(method, e);
+                (on_error, true)
+            }
+        }
+    }
+
     fn random_client(&mut self) -> u32 {
         self.rng.gen_range(0..self.clients)
     }
@@ -342,17 +358,9 @@ impl Backend {
         let seq = self.next_seq();
         let b = body(Kind::Key, self.id, seq, client);
         let at = Instant::now();
-        match self.rpc.push_msg(key_of(client), OP, b).await {
-            Ok(outcome) => self.record(Target::Key { client, outcome }, at, false),
-            Err(e) => {
-                self.error("PushMsg", &e);
-                let t = Target::Key {
-                    client,
-                    outcome: PushOutcome::Delivered,
-                };
-                self.record(t, at, true);
-            }
-        }
+        let result = self.rpc.push_msg(key_of(client), OP, b).await;
+        let (outcome, failed) = self.settle("PushMsg", result, PushOutcome::Delivered);
+        self.record(Target::Key { client, outcome }, at, failed);
     }
 
     async fn mpush_msg(&mut self) {
@@ -422,14 +430,9 @@ impl Backend {
         let seq = self.next_seq();
         let b = body(Kind::User, self.id, seq, NO_TARGET);
         let at = Instant::now();
-        match self.rpc.push_user(mids.clone(), OP, b).await {
-            Ok(tally) => self.record(Target::User { mids, tally }, at, false),
-            Err(e) => {
-                self.error("PushUser", &e);
-                let tally = Tally::default();
-                self.record(Target::User { mids, tally }, at, true);
-            }
-        }
+        let result = self.rpc.push_user(mids.clone(), OP, b).await;
+        let (tally, failed) = self.settle("PushUser", result, Tally::default());
+        self.record(Target::User { mids, tally }, at, failed);
     }
 
     async fn broadcast_room(&mut self) {
@@ -438,14 +441,9 @@ impl Backend {
         let seq = self.next_seq();
         let b = body(Kind::Room, self.id, seq, room);
         let at = Instant::now();
-        match self.rpc.broadcast_room(room_name(room), OP, b).await {
-            Ok(tally) => self.record(Target::Room { room, tally }, at, false),
-            Err(e) => {
-                self.error("BroadcastRoom", &e);
-                let tally = Tally::default();
-                self.record(Target::Room { room, tally }, at, true);
-            }
-        }
+        let result = self.rpc.broadcast_room(room_name(room), OP, b).await;
+        let (tally, failed) = self.settle("BroadcastRoom", result, Tally::default());
+        self.record(Target::Room { room, tally }, at, failed);
     }
 
     async fn broadcast(&mut self) {
@@ -453,13 +451,9 @@ impl Backend {
         let seq = self.next_seq();
         let b = body(Kind::Broadcast, self.id, seq, NO_TARGET);
         let at = Instant::now();
-        match self.rpc.broadcast(OP, b, 0).await {
-            Ok(_) => self.record(Target::Broadcast, at, false),
-            Err(e) => {
-                self.error("Broadcast", &e);
-                self.record(Target::Broadcast, at, true);
-            }
-        }
+        let result = self.rpc.broadcast(OP, b, 0).await.map(|_| ());
+        let ((), failed) = self.settle("Broadcast", result, ());
+        self.record(Target::Broadcast, at, failed);
     }
 }
 
