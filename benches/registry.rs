@@ -23,8 +23,15 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quicpush::channel::OutReceiver as Receiver;
 use quicpush::channel::{Channel, PushOutcome, Transport};
-use quicpush::protocol::Frame;
+use quicpush::protocol::{Frame, PushMeta, Source};
 use quicpush::registry::{OpFilter, Registry};
+
+/// Pushes in this bench keep no history (the registry has none).
+const META: PushMeta = PushMeta {
+    source: Source::Key,
+    epoch: 0,
+    offset: 0,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -62,7 +69,7 @@ impl Naive {
 
     fn push_key(&self, key: &str, frame: &Bytes) -> PushOutcome {
         match self.keys.lock().unwrap().get(key) {
-            Some(c) => c.try_push(frame),
+            Some(c) => c.try_push(frame, META),
             None => PushOutcome::Offline,
         }
     }
@@ -73,7 +80,7 @@ impl Naive {
         let mut n = 0;
         if let Some(members) = rooms.get(room) {
             for c in members {
-                n += (c.try_push(frame) == PushOutcome::Delivered) as u64;
+                n += (c.try_push(frame, META) == PushOutcome::Delivered) as u64;
             }
         }
         n
@@ -84,7 +91,7 @@ impl Naive {
         let keys = self.keys.lock().unwrap();
         let mut n = 0;
         for c in keys.values() {
-            n += (c.try_push(frame) == PushOutcome::Delivered) as u64;
+            n += (c.try_push(frame, META) == PushOutcome::Delivered) as u64;
         }
         n
     }
@@ -264,7 +271,7 @@ fn broadcast(c: &mut Criterion, fx: &mut Fixture) {
         b.iter_custom(|iters| {
             chunked(fx, iters, 16, all, Fixture::drain, |fx, _| {
                 (0..fx.registry.bucket_count())
-                    .map(|b| fx.registry.push_bucket(b, OP, &fx.frame).delivered)
+                    .map(|b| fx.registry.push_bucket(b, OP, &fx.frame, META).delivered)
                     .sum()
             })
         })

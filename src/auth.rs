@@ -6,6 +6,10 @@
 //! - `open` mode: the body is goim's plain JSON token, not verified.
 //!
 //! Either way the result is an [`Identity`]; an empty key gets a generated UUID.
+//!
+//! A client that wants to resume adds a `resume` object (see [`crate::resume`]):
+//! a field of the open token, or, in jwt mode, a JSON body `{"token": "<jwt>",
+//! "resume": {...}}` in place of the bare JWT.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -15,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::AuthMode;
 use crate::registry::MAX_FILTER_OPS;
+use crate::resume::ResumeRequest;
 
 /// Longest key or room id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
@@ -38,6 +43,12 @@ pub enum AuthError {
     /// The token is not a well-formed HS256 JWT with the required claims.
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// The resume request names another key than the one authenticated.
+    #[error("resume request is for key {asked:?}, but the token authenticates {key:?}")]
+    ResumeKeyMismatch { asked: String, key: String },
+    /// The resume request is not valid JSON of the expected shape.
+    #[error("malformed resume request: {0}")]
+    BadResume(String),
     /// A claim has a value the server does not accept.
     #[error("invalid claim `{claim}`: {reason}")]
     InvalidClaim {
@@ -72,6 +83,8 @@ pub struct Identity {
     pub platform: String,
     /// Ops this client wants; empty means all.
     pub accepts: Vec<u32>,
+    /// Present when the client negotiated resume: its positions.
+    pub resume: Option<ResumeRequest>,
 }
 
 /// JWT claims, also used by `quicpush token` to issue tokens.
@@ -104,6 +117,26 @@ struct OpenToken {
     platform: String,
     #[serde(default)]
     accepts: Vec<u32>,
+    #[serde(default)]
+    resume: Option<serde_json::Value>,
+}
+
+/// jwt mode's JSON body, for a client that resumes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwtEnvelope {
+    token: String,
+    #[serde(default)]
+    resume: Option<serde_json::Value>,
+}
+
+fn parse_resume(v: Option<serde_json::Value>) -> Result<Option<ResumeRequest>, AuthError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| AuthError::BadResume(e.to_string())),
+    }
 }
 
 /// Checks Auth bodies according to the configured mode.
@@ -153,8 +186,19 @@ impl Authenticator {
         }
         match self {
             Authenticator::Jwt { key, validation } => {
-                let token = std::str::from_utf8(body)
-                    .map_err(|_| AuthError::Malformed("token is not UTF-8".into()))?;
+                let (token, resume) = if body.first() == Some(&b'{') {
+                    let env: JwtEnvelope = serde_json::from_slice(body)
+                        .map_err(|e| AuthError::Malformed(format!("auth body: {e}")))?;
+                    (
+                        std::borrow::Cow::Owned(env.token),
+                        parse_resume(env.resume)?,
+                    )
+                } else {
+                    let t = std::str::from_utf8(body)
+                        .map_err(|_| AuthError::Malformed("token is not UTF-8".into()))?;
+                    (std::borrow::Cow::Borrowed(t), None)
+                };
+                let token = &*token;
                 let data =
                     jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e
                         .kind()
@@ -170,6 +214,8 @@ impl Authenticator {
                     c.room_id.unwrap_or_default(),
                     c.platform.unwrap_or_default(),
                     c.accepts,
+                    resume,
+                    false,
                 )
             }
             Authenticator::Open => {
@@ -181,6 +227,8 @@ impl Authenticator {
                     t.room_id,
                     t.platform,
                     t.accepts,
+                    parse_resume(t.resume)?,
+                    true,
                 )
             }
         }
@@ -211,6 +259,8 @@ fn identity(
     room: String,
     platform: String,
     mut accepts: Vec<u32>,
+    resume: Option<ResumeRequest>,
+    adopt_key: bool,
 ) -> Result<Identity, AuthError> {
     for (claim, value) in [("key", &key), ("room_id", &room), ("platform", &platform)] {
         if value.len() > MAX_ID_LEN {
@@ -229,16 +279,36 @@ fn identity(
     accepts.sort_unstable();
     accepts.dedup();
     let key = if key.is_empty() {
-        uuid::Uuid::new_v4().to_string()
+        // In open mode (unverified anyway) a resuming client that let the server
+        // pick its key comes back with it. A JWT without a key never adopts one
+        // from the client: that would let any holder of such a token read any
+        // key's history.
+        match resume
+            .as_ref()
+            .filter(|_| adopt_key)
+            .and_then(|r| r.key.clone())
+        {
+            Some(k) if !k.is_empty() && k.len() <= MAX_ID_LEN => k,
+            _ => uuid::Uuid::new_v4().to_string(),
+        }
     } else {
         key
     };
+    if let Some(asked) = resume.as_ref().and_then(|r| r.key.as_ref()) {
+        if *asked != key {
+            return Err(AuthError::ResumeKeyMismatch {
+                asked: asked.clone(),
+                key,
+            });
+        }
+    }
     Ok(Identity {
         key,
         mid,
         room: (!room.is_empty()).then_some(room),
         platform,
         accepts,
+        resume,
     })
 }
 
@@ -402,6 +472,64 @@ mod tests {
             Authenticator::Open.verify(b"{nope"),
             Err(AuthError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn resume_is_read_in_both_modes_and_must_name_the_same_key() {
+        let open = Authenticator::Open;
+        let id = open
+            .verify(
+                br#"{"key":"k1","resume":{"key":"k1","positions":{"key":{"epoch":3,"offset":9}}}}"#,
+            )
+            .unwrap();
+        let r = id.resume.unwrap();
+        assert_eq!(
+            r.positions.key,
+            Some(crate::resume::Position {
+                epoch: 3,
+                offset: 9
+            })
+        );
+        assert!(open.verify(br#"{"key":"k1"}"#).unwrap().resume.is_none());
+        assert_eq!(
+            open.verify(br#"{"key":"k1","resume":{"key":"k2"}}"#),
+            Err(AuthError::ResumeKeyMismatch {
+                asked: "k2".into(),
+                key: "k1".into()
+            })
+        );
+        assert!(matches!(
+            open.verify(br#"{"key":"k1","resume":{"positions":{"key":{"epoch":"x"}}}}"#),
+            Err(AuthError::BadResume(_))
+        ));
+        // open mode: a generated key comes back through the resume request
+        let id = open.verify(br#"{"resume":{"key":"gen-1"}}"#).unwrap();
+        assert_eq!(id.key, "gen-1");
+
+        let a = Authenticator::jwt(SECRET);
+        let t = token(&claims_for("k1", Duration::from_secs(60)));
+        let body = format!(r#"{{"token":"{t}","resume":{{"key":"k1"}}}}"#);
+        let id = a.verify(body.as_bytes()).unwrap();
+        assert_eq!((id.key.as_str(), id.resume.is_some()), ("k1", true));
+        let body = format!(r#"{{"token":"{t}","resume":{{"key":"k2"}}}}"#);
+        assert!(matches!(
+            a.verify(body.as_bytes()),
+            Err(AuthError::ResumeKeyMismatch { .. })
+        ));
+        // a JWT without a key never adopts the client's
+        let keyless = token(&Claims {
+            exp: now_secs() + 60,
+            ..Claims::default()
+        });
+        let body = format!(r#"{{"token":"{keyless}","resume":{{"key":"victim"}}}}"#);
+        assert!(matches!(
+            a.verify(body.as_bytes()),
+            Err(AuthError::ResumeKeyMismatch { .. })
+        ));
+        assert!(
+            a.verify(t.as_bytes()).unwrap().resume.is_none(),
+            "a bare JWT"
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol;
+use crate::history::Position;
+use crate::protocol::{self, PushMeta, Source};
 
 /// The transport a client connected over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,6 +44,9 @@ pub enum CloseReason {
     Shutdown,
     /// Its queue refused pushes and did not drain for `client.slow_consumer_timeout`.
     SlowConsumer,
+    /// A resume-capable connection's queue refused a push kept in history: rather
+    /// than skip it, the server closes the connection and the client resumes.
+    Overflow,
 }
 
 impl fmt::Display for CloseReason {
@@ -53,6 +57,9 @@ impl fmt::Display for CloseReason {
             CloseReason::Shutdown => "server shutting down",
             CloseReason::SlowConsumer => {
                 "slow consumer: queue full and not drained within client.slow_consumer_timeout"
+            }
+            CloseReason::Overflow => {
+                "queue full for a push kept in history: the client resumes to get it"
             }
         })
     }
@@ -69,6 +76,10 @@ pub enum PushOutcome {
     QueueFull,
     /// The client's accepts list does not hold the op.
     Filtered,
+    /// Not queued to a live connection, but kept in history: a client that resumes
+    /// gets it (the key is offline with live history, or its resume-capable
+    /// connection is closing or was closed to catch up).
+    Stored,
 }
 
 /// A channel's bounded outbound queue: the bytes its writer will send next.
@@ -99,6 +110,11 @@ struct QueueState {
     lagging_since: Option<Instant>,
     /// How long the queue may lag before the client is a slow consumer.
     slow_after: Duration,
+    /// Frames carry the resume extension.
+    resume: bool,
+    /// Per source: pushes of this epoch up to this offset were already queued (a
+    /// replay), so a live copy of one is dropped.
+    floors: [Position; 4],
 }
 
 enum Push {
@@ -110,15 +126,36 @@ enum Push {
         slow: bool,
     },
     Shut,
+    /// Already queued by a replay.
+    Duplicate,
+}
+
+/// How a frame is stamped as it is copied into the queue.
+#[derive(Clone, Copy)]
+enum Stamp {
+    /// A reply: as it is.
+    Reply,
+    /// A push: the next push seq and, on a resume-capable connection, the extension.
+    Push(PushMeta),
 }
 
 impl OutQueue {
-    fn append(&self, frame: &[u8], stamp_seq: bool) -> Push {
+    fn append(&self, frame: &[u8], stamp: Stamp, force: bool) -> Push {
         let mut s = self.state.lock();
         if s.shut {
             return Push::Shut;
         }
-        if s.frames >= s.cap {
+        if let Stamp::Push(meta) = stamp {
+            let floor = s.floors[meta.source.index()];
+            if s.resume
+                && meta.is_tracked()
+                && meta.epoch == floor.epoch
+                && meta.offset <= floor.offset
+            {
+                return Push::Duplicate;
+            }
+        }
+        if s.frames >= s.cap && !force {
             // Only the refusing path reads the clock.
             let now = Instant::now();
             let since = *s.lagging_since.get_or_insert(now);
@@ -126,12 +163,17 @@ impl OutQueue {
                 slow: now.duration_since(since) >= s.slow_after,
             };
         }
-        if stamp_seq {
-            s.push_seq = s.push_seq.wrapping_add(1);
-            let seq = s.push_seq;
-            protocol::put_with_seq(&mut s.buf, frame, seq);
-        } else {
-            s.buf.extend_from_slice(frame);
+        match stamp {
+            Stamp::Push(meta) => {
+                s.push_seq = s.push_seq.wrapping_add(1);
+                let seq = s.push_seq;
+                if s.resume {
+                    protocol::put_with_ext(&mut s.buf, frame, seq, meta);
+                } else {
+                    protocol::put_with_seq(&mut s.buf, frame, seq);
+                }
+            }
+            Stamp::Reply => s.buf.extend_from_slice(frame),
         }
         s.frames += 1;
         Push::Queued {
@@ -232,6 +274,8 @@ pub struct Channel {
     pub key: Arc<str>,
     pub mid: Option<i64>,
     pub transport: Transport,
+    /// The connection negotiated resume: pushes carry the extension.
+    pub resume: bool,
     /// Inline, so a fan-out reaches the queue in one hop from the registry's entry.
     queue: OutQueue,
     close: CancellationToken,
@@ -273,6 +317,19 @@ impl Channel {
         queue_size: usize,
         slow_after: Duration,
     ) -> (Arc<Channel>, OutReceiver) {
+        Self::with_resume(id, key, mid, transport, queue_size, slow_after, false)
+    }
+
+    /// As [`Channel::with_limits`], for a connection that negotiated resume (`resume`).
+    pub fn with_resume(
+        id: u64,
+        key: Arc<str>,
+        mid: Option<i64>,
+        transport: Transport,
+        queue_size: usize,
+        slow_after: Duration,
+        resume: bool,
+    ) -> (Arc<Channel>, OutReceiver) {
         let queue = OutQueue {
             state: Mutex::new(QueueState {
                 buf: BytesMut::new(),
@@ -282,6 +339,8 @@ impl Channel {
                 shut: false,
                 lagging_since: None,
                 slow_after,
+                resume,
+                floors: [Position::default(); 4],
             }),
             readable: Notify::new(),
             writable: Notify::new(),
@@ -291,6 +350,7 @@ impl Channel {
             key,
             mid,
             transport,
+            resume,
             queue,
             close: CancellationToken::new(),
             reason: OnceLock::new(),
@@ -299,15 +359,24 @@ impl Channel {
         (ch.clone(), OutReceiver { chan: ch })
     }
 
-    /// Queues a pushed frame without waiting.
+    /// Queues a pushed frame (encoded once for every recipient, with a 16-byte
+    /// header) without waiting; `meta` says where it came from.
     #[inline]
-    pub fn try_push(&self, frame: &Bytes) -> PushOutcome {
-        match self.queue.append(frame, true) {
+    pub fn try_push(&self, frame: &Bytes, meta: PushMeta) -> PushOutcome {
+        let resumable = self.resume && meta.is_tracked();
+        match self.queue.append(frame, Stamp::Push(meta), false) {
             Push::Queued { was_empty } => {
                 if was_empty {
                     self.queue.readable.notify_one();
                 }
                 PushOutcome::Delivered
+            }
+            Push::Duplicate => PushOutcome::Delivered,
+            // Skipping a push kept in history would leave a hole the client cannot
+            // see; closing lets it resume and get every push in order.
+            Push::Full { .. } if resumable => {
+                self.close(CloseReason::Overflow);
+                PushOutcome::Stored
             }
             Push::Full { slow } => {
                 if slow {
@@ -315,9 +384,42 @@ impl Channel {
                 }
                 PushOutcome::QueueFull
             }
+            Push::Shut if resumable => PushOutcome::Stored,
             // Closing: its writer sends what was queued, then DisconnectReply.
             Push::Shut => PushOutcome::Offline,
         }
+    }
+
+    /// Queues a replayed push whatever the queue's bound (a replay is bounded by
+    /// `history.size` per source). False if the queue is shut.
+    pub fn force_push(&self, frame: &Bytes, meta: PushMeta) -> bool {
+        self.force(frame, Stamp::Push(meta))
+    }
+
+    /// Queues a reply at once, whatever the queue's bound: for AuthReply and a
+    /// resume-capable ChangeRoomReply, queued under the registry's lock so that no
+    /// push can come before them. False if the queue is shut.
+    pub fn force_reply(&self, frame: &Bytes) -> bool {
+        self.force(frame, Stamp::Reply)
+    }
+
+    fn force(&self, frame: &Bytes, stamp: Stamp) -> bool {
+        match self.queue.append(frame, stamp, true) {
+            Push::Queued { was_empty } => {
+                if was_empty {
+                    self.queue.readable.notify_one();
+                }
+                true
+            }
+            Push::Duplicate => true,
+            Push::Full { .. } | Push::Shut => false,
+        }
+    }
+
+    /// Live pushes from `source` up to `pos` are already queued (or before the
+    /// client's position): drop live copies of them.
+    pub fn set_floor(&self, source: Source, pos: Position) {
+        self.queue.state.lock().floors[source.index()] = pos;
     }
 
     /// Queues a reply, waiting for room: a client that floods requests without
@@ -327,7 +429,7 @@ impl Channel {
             let room = self.queue.writable.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match self.queue.append(&frame, false) {
+            match self.queue.append(&frame, Stamp::Reply, false) {
                 Push::Queued { was_empty } => {
                     if was_empty {
                         self.queue.readable.notify_one();
@@ -335,6 +437,7 @@ impl Channel {
                     return true;
                 }
                 Push::Shut => return false,
+                Push::Duplicate => return true,
                 Push::Full { .. } => room.await,
             }
         }
@@ -380,25 +483,81 @@ mod tests {
         Frame::new(1000, 0, body).to_bytes()
     }
 
+    const KEY: PushMeta = PushMeta {
+        source: Source::Key,
+        epoch: 0,
+        offset: 0,
+    };
+
+    fn at(offset: u64) -> PushMeta {
+        PushMeta {
+            source: Source::Key,
+            epoch: 7,
+            offset,
+        }
+    }
+
+    #[tokio::test]
+    async fn resumable_channel_stamps_the_extension_drops_replayed_copies_and_closes_on_overflow() {
+        let (ch, mut rx) =
+            Channel::with_resume(1, "k".into(), None, Transport::Tcp, 2, Duration::MAX, true);
+        assert!(ch.force_push(&frame(b"r1"), at(1)));
+        ch.set_floor(
+            Source::Key,
+            Position {
+                epoch: 7,
+                offset: 1,
+            },
+        );
+        assert_eq!(
+            ch.try_push(&frame(b"r1"), at(1)),
+            PushOutcome::Delivered,
+            "a duplicate"
+        );
+        assert_eq!(ch.try_push(&frame(b"l2"), at(2)), PushOutcome::Delivered);
+        let mut out = BytesMut::new();
+        rx.take(&mut out);
+        let got: Vec<_> = std::iter::from_fn(|| protocol::decode_server(&mut out, 4096).unwrap())
+            .map(|(f, m)| (f.seq, f.body, m.map(|m| m.offset)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Bytes::from_static(b"r1"), Some(1)),
+                (2, Bytes::from_static(b"l2"), Some(2))
+            ]
+        );
+        // untracked pushes that do not fit are refused as for goim clients
+        assert_eq!(ch.try_push(&frame(b"a"), KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&frame(b"b"), KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&frame(b"c"), KEY), PushOutcome::QueueFull);
+        assert!(!ch.is_closed());
+        // a tracked one closes the connection: its client resumes from history
+        assert_eq!(ch.try_push(&frame(b"l3"), at(3)), PushOutcome::Stored);
+        assert_eq!(ch.close_reason(), Some(CloseReason::Overflow));
+        assert_eq!(ch.try_push(&frame(b"l4"), at(4)), PushOutcome::Stored);
+        assert_eq!(ch.try_push(&frame(b"x"), KEY), PushOutcome::Offline);
+    }
+
     #[tokio::test]
     async fn full_queue_is_a_distinct_outcome() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 2);
         let f = frame(b"frame");
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
         assert_eq!(rx.drain(), 2);
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
         drop(rx);
-        assert_eq!(ch.try_push(&f), PushOutcome::Offline);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Offline);
     }
 
     #[tokio::test]
     async fn pushes_are_stamped_with_the_connection_sequence() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
-        ch.try_push(&frame(b"a"));
+        ch.try_push(&frame(b"a"), KEY);
         assert!(ch.reply(Frame::new(3, 77, Bytes::new()).to_bytes()).await);
-        ch.try_push(&frame(b"b"));
+        ch.try_push(&frame(b"b"), KEY);
         let mut out = BytesMut::new();
         let batch = rx.next(&mut out).await;
         assert_eq!(
@@ -426,7 +585,7 @@ mod tests {
             rx.next(&mut out).await
         });
         tokio::task::yield_now().await;
-        assert_eq!(ch.try_push(&frame(b"f")), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&frame(b"f"), KEY), PushOutcome::Delivered);
         assert_eq!(waiter.await.unwrap().frames, 1);
     }
 
@@ -450,17 +609,21 @@ mod tests {
         let slow_after = Duration::from_millis(50);
         let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 1, slow_after);
         let f = frame(b"f");
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull, "lagging starts");
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "lagging starts"
+        );
         std::thread::sleep(slow_after);
         // the writer took the frame but has not finished writing it: still lagging
         let mut out = BytesMut::new();
         assert_eq!(rx.take(&mut out).frames, 1);
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
         assert!(ch.is_closed(), "refused after lagging for {slow_after:?}");
         assert_eq!(ch.close_reason(), Some(CloseReason::SlowConsumer));
-        assert_eq!(ch.try_push(&f), PushOutcome::Offline);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Offline);
     }
 
     #[tokio::test]
@@ -468,13 +631,17 @@ mod tests {
         let slow_after = Duration::from_millis(50);
         let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 1, slow_after);
         let f = frame(b"f");
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
         std::thread::sleep(slow_after);
         assert_eq!(rx.drain(), 1);
         rx.written();
-        assert_eq!(ch.try_push(&f), PushOutcome::Delivered);
-        assert_eq!(ch.try_push(&f), PushOutcome::QueueFull, "a new lag starts");
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "a new lag starts"
+        );
         assert!(!ch.is_closed());
     }
 
@@ -482,12 +649,12 @@ mod tests {
     async fn close_shuts_the_queue_and_wakes_the_writer() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Quic, 2);
         assert!(!ch.is_closed());
-        ch.try_push(&frame(b"queued before"));
+        ch.try_push(&frame(b"queued before"), KEY);
         ch.close(CloseReason::Replaced);
         ch.close(CloseReason::Shutdown);
         ch.closed().await;
         assert_eq!(ch.close_reason(), Some(CloseReason::Replaced));
-        assert_eq!(ch.try_push(&frame(b"x")), PushOutcome::Offline);
+        assert_eq!(ch.try_push(&frame(b"x"), KEY), PushOutcome::Offline);
         let mut out = BytesMut::new();
         assert_eq!(
             rx.next(&mut out).await,

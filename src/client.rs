@@ -1,5 +1,10 @@
-//! A minimal goim v2 client over TCP or QUIC: what the examples, the integration
-//! tests and load tools use to play a device.
+//! A goim v2 client over TCP or QUIC: what the examples, the integration tests and
+//! load tools use to play a device.
+//!
+//! [`PushClient`] is one connection. [`ResumeState`] is what a resuming client
+//! keeps between connections (its key and last position per source), and
+//! [`ResumingClient`] reconnects with backoff and jitter and resumes, so a caller
+//! sees one unbroken stream of pushes: each once, in per-source order.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,7 +12,8 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::protocol::{self, op, Frame, FrameError, MAX_BODY_LIMIT};
+use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source, MAX_BODY_LIMIT};
+use crate::resume::{Positions, ResumeReply, ResumeRequest};
 use crate::tls::{self, TlsError};
 
 /// Why a client operation failed.
@@ -31,6 +37,9 @@ pub enum PushClientError {
     /// The server answered Auth with something else.
     #[error("expected AuthReply (8), got op {0}")]
     AuthRefused(u32),
+    /// The resume answer in AuthReply is not the expected JSON.
+    #[error("bad resume reply: {0}")]
+    BadResumeReply(String),
 }
 
 /// The read half of a client connection.
@@ -140,10 +149,39 @@ impl PushClient {
         self.send(op::HEARTBEAT, Bytes::new()).await
     }
 
+    /// Sends Auth asking for resume from `state`'s positions, waits for AuthReply and
+    /// applies its answer to `state`. `token` is a JWT or, in open mode, goim's JSON
+    /// token (whose object gets the `resume` field).
+    pub async fn auth_resume(
+        &mut self,
+        token: &[u8],
+        state: &mut ResumeState,
+    ) -> Result<ResumeReply, PushClientError> {
+        let body = resume_auth_body(token, &state.request())
+            .map_err(|e| PushClientError::BadResumeReply(e.to_string()))?;
+        self.send(op::AUTH, body).await?;
+        let f = match self.next_frame().await? {
+            Some(f) if f.op == op::AUTH_REPLY => f,
+            Some(f) => return Err(PushClientError::AuthRefused(f.op)),
+            None => return Err(PushClientError::Closed),
+        };
+        let reply: ResumeReply = serde_json::from_slice(&f.body)
+            .map_err(|e| PushClientError::BadResumeReply(e.to_string()))?;
+        state.apply(&reply);
+        Ok(reply)
+    }
+
     /// The next frame from the server; `None` when the server closed the stream.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, PushClientError> {
+        Ok(self.next_frame_meta().await?.map(|(f, _)| f))
+    }
+
+    /// The next frame and, on a resume-capable connection, where the push came from.
+    pub async fn next_frame_meta(
+        &mut self,
+    ) -> Result<Option<(Frame, Option<PushMeta>)>, PushClientError> {
         loop {
-            if let Some(f) = protocol::decode(&mut self.buf, MAX_BODY_LIMIT)? {
+            if let Some(f) = protocol::decode_server(&mut self.buf, MAX_BODY_LIMIT)? {
                 return Ok(Some(f));
             }
             self.buf.reserve(4096);
@@ -173,4 +211,269 @@ impl PushClient {
             endpoint.wait_idle().await;
         }
     }
+}
+
+/// The Auth body asking for resume: `token`'s open-mode JSON object with a `resume`
+/// field, or `{"token": <jwt>, "resume": ...}` for a JWT.
+pub fn resume_auth_body(token: &[u8], req: &ResumeRequest) -> Result<Vec<u8>, serde_json::Error> {
+    let resume = serde_json::to_value(req)?;
+    match serde_json::from_slice::<serde_json::Value>(token) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.insert("resume".into(), resume);
+            serde_json::to_vec(&m)
+        }
+        _ => {
+            let jwt = String::from_utf8_lossy(token).trim().to_owned();
+            serde_json::to_vec(&serde_json::json!({ "token": jwt, "resume": resume }))
+        }
+    }
+}
+
+/// What a resuming client keeps between connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResumeState {
+    /// The connection's key, as the server last said.
+    pub key: Option<String>,
+    /// The last position received per source.
+    pub positions: Positions,
+    /// Resumes that came back "not recovered", per source, since this state began.
+    pub not_recovered: u64,
+    /// Resumes whose every asked source was recovered.
+    pub recovered: u64,
+}
+
+impl ResumeState {
+    /// The resume request for the next connection.
+    pub fn request(&self) -> ResumeRequest {
+        ResumeRequest {
+            key: self.key.clone(),
+            positions: self.positions.clone(),
+        }
+    }
+
+    /// Notes a received push: its source's position moves to it.
+    pub fn observe(&mut self, meta: &PushMeta) {
+        if meta.is_tracked() {
+            self.positions.set(
+                meta.source,
+                Some(crate::resume::Position {
+                    epoch: meta.epoch,
+                    offset: meta.offset,
+                }),
+            );
+        }
+    }
+
+    /// Applies AuthReply's answer. A recovered source keeps its position: the
+    /// replay that follows moves it. Any other source starts at the stream's top
+    /// (a not-recovered one must be resynced from the backend).
+    pub fn apply(&mut self, reply: &ResumeReply) {
+        self.key = Some(reply.key.clone());
+        let mut all_recovered = true;
+        let mut asked = false;
+        for source in Source::ALL {
+            let Some(st) = reply.source(source) else {
+                self.positions.set(source, None);
+                continue;
+            };
+            match st.recovered {
+                Some(true) => asked = true,
+                Some(false) => {
+                    asked = true;
+                    all_recovered = false;
+                    self.not_recovered += 1;
+                    self.positions.set(source, Some(st.position()));
+                }
+                None => self.positions.set(source, Some(st.position())),
+            }
+        }
+        if asked && all_recovered {
+            self.recovered += 1;
+        }
+    }
+}
+
+/// How [`ResumingClient`] reaches the server.
+#[derive(Clone)]
+pub enum Dial {
+    Tcp(SocketAddr),
+    Quic {
+        addr: SocketAddr,
+        server_name: String,
+        config: quinn::ClientConfig,
+    },
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dial::Tcp(a) => write!(f, "tcp://{a}"),
+            Dial::Quic { addr, .. } => write!(f, "quic://{addr}"),
+        }
+    }
+}
+
+impl Dial {
+    /// Connects once.
+    pub async fn connect(&self) -> Result<PushClient, PushClientError> {
+        match self {
+            Dial::Tcp(a) => PushClient::connect_tcp(*a).await,
+            Dial::Quic {
+                addr,
+                server_name,
+                config,
+            } => PushClient::connect_quic_with(*addr, server_name, config.clone()).await,
+        }
+    }
+}
+
+/// What [`ResumingClient::next`] returns.
+#[derive(Debug)]
+pub enum Event {
+    /// A push, with where it came from.
+    Push(Frame, PushMeta),
+    /// A frame that is not a push (a reply).
+    Reply(Frame),
+    /// The connection was lost (the error, if any) and a new one resumed.
+    Resumed(ResumeReply),
+}
+
+/// Reconnect backoff: from `min`, doubling to `max`, each wait jittered by ±50 %.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub min: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: std::time::Duration::from_millis(50),
+            max: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// A client that reconnects and resumes whenever its connection is lost.
+pub struct ResumingClient {
+    dial: Dial,
+    token: Bytes,
+    backoff: Backoff,
+    pub state: ResumeState,
+    conn: Option<PushClient>,
+    /// Connections made, the first included.
+    pub connects: u64,
+}
+
+impl std::fmt::Debug for ResumingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumingClient")
+            .field("dial", &self.dial)
+            .field("state", &self.state)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl ResumingClient {
+    /// Connects and authenticates (with resume), retrying with backoff until it does.
+    pub async fn connect(
+        dial: Dial,
+        token: impl Into<Bytes>,
+        backoff: Backoff,
+    ) -> (Self, ResumeReply) {
+        let mut c = ResumingClient {
+            dial,
+            token: token.into(),
+            backoff,
+            state: ResumeState::default(),
+            conn: None,
+            connects: 0,
+        };
+        let reply = c.reconnect().await;
+        (c, reply)
+    }
+
+    async fn reconnect(&mut self) -> ResumeReply {
+        let mut wait = self.backoff.min;
+        loop {
+            match self.try_connect().await {
+                Ok(reply) => return reply,
+                Err(e) => {
+                    tracing::debug!(error = %e, dial = ?self.dial, "reconnect failed");
+                    let jitter = rand::random::<f64>() + 0.5;
+                    tokio::time::sleep(wait.mul_f64(jitter)).await;
+                    wait = (wait * 2).min(self.backoff.max);
+                }
+            }
+        }
+    }
+
+    async fn try_connect(&mut self) -> Result<ResumeReply, PushClientError> {
+        let mut c = self.dial.connect().await?;
+        let reply = c.auth_resume(&self.token, &mut self.state).await?;
+        self.connects += 1;
+        self.conn = Some(c);
+        Ok(reply)
+    }
+
+    /// Drops the connection as a network change would; the next [`Self::next`]
+    /// reconnects and resumes.
+    pub fn drop_connection(&mut self) {
+        self.conn = None;
+    }
+
+    /// The current connection, if any (to send Heartbeats or other frames).
+    pub fn connection(&mut self) -> Option<&mut PushClient> {
+        self.conn.as_mut()
+    }
+
+    /// The next push or reply; reconnects and resumes when the connection is lost.
+    pub async fn next(&mut self) -> Event {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Event::Resumed(self.reconnect().await);
+            };
+            match conn.next_frame_meta().await {
+                Ok(Some((f, Some(meta)))) if is_push(f.op) => {
+                    self.state.observe(&meta);
+                    return Event::Push(f, meta);
+                }
+                Ok(Some((f, Some(meta)))) if f.op == op::CHANGE_ROOM_REPLY => {
+                    // the new room's position; live pushes from it follow
+                    let pos = meta.is_tracked().then_some(crate::resume::Position {
+                        epoch: meta.epoch,
+                        offset: meta.offset,
+                    });
+                    self.state.positions.set(Source::Room, pos);
+                    return Event::Reply(f);
+                }
+                Ok(Some((f, _))) if f.op == op::DISCONNECT_REPLY => self.conn = None,
+                Ok(Some((f, _))) => return Event::Reply(f),
+                Ok(None) | Err(_) => self.conn = None,
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(mut self) {
+        if let Some(c) = self.conn.take() {
+            c.close().await;
+        }
+    }
+}
+
+/// Whether a server-sent op is a push (as opposed to a reply to the client).
+fn is_push(op: u32) -> bool {
+    !matches!(
+        op,
+        op::HANDSHAKE_REPLY
+            | op::HEARTBEAT_REPLY
+            | op::SEND_MSG_REPLY
+            | op::DISCONNECT_REPLY
+            | op::AUTH_REPLY
+            | op::CHANGE_ROOM_REPLY
+            | op::SUB_REPLY
+            | op::UNSUB_REPLY
+    )
 }

@@ -41,6 +41,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub shutdown: ShutdownConfig,
+    pub history: HistoryConfig,
 }
 
 /// Client-facing listeners and per-connection behaviour.
@@ -121,8 +122,12 @@ pub struct QuicConfig {
 impl Default for QuicConfig {
     fn default() -> Self {
         QuicConfig {
-            idle_timeout: Duration::from_secs(300),
-            keep_alive_interval: Duration::ZERO,
+            // Phones sit behind NATs and carrier firewalls that forget a UDP
+            // mapping after as little as 30 s of silence: a keep-alive every 15 s
+            // keeps it with room for one lost packet, and a dead path is noticed
+            // within a minute (4 keep-alives), after which the client resumes.
+            idle_timeout: Duration::from_secs(60),
+            keep_alive_interval: Duration::from_secs(15),
             stream_receive_window: 64 * 1024,
             receive_window: 128 * 1024,
             send_window: 1024 * 1024,
@@ -174,6 +179,44 @@ impl Default for RegistryConfig {
         RegistryConfig {
             buckets: 32,
             max_rooms: 100_000,
+        }
+    }
+}
+
+/// Push history per source, for clients that resume after losing their connection.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// `false`: no history, no resume; pushes to offline keys report `Offline`.
+    pub enabled: bool,
+    /// Pushes kept per stream (one stream per key, user id, room, and broadcasts).
+    pub size: usize,
+    /// Bytes kept over all streams, a hard cap: the oldest pushes go first.
+    pub bytes: usize,
+    /// A stream no one pushed to or resumed from for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Keep pushes to keys (PushMsg, MPushMsg, MPushMsgs).
+    pub key: bool,
+    /// Keep pushes to user ids (PushUser).
+    pub user: bool,
+    /// Keep room pushes (BroadcastRoom): one entry per push in the room's stream.
+    pub room: bool,
+    /// Keep broadcasts (Broadcast without a speed; paced broadcasts are never kept).
+    pub all: bool,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: true,
+            size: 100,
+            bytes: 64 << 20,
+            ttl: Duration::from_secs(600),
+            key: true,
+            user: true,
+            room: false,
+            all: false,
         }
     }
 }
@@ -394,6 +437,19 @@ impl Config {
         if self.shutdown.grace.is_zero() {
             return Err(invalid("shutdown.grace", "must be greater than zero"));
         }
+        let h = &self.history;
+        if h.size == 0 || h.size > 100_000 {
+            return Err(invalid(
+                "history.size",
+                format!("{} is outside 1..=100000", h.size),
+            ));
+        }
+        if h.bytes < 64 * 1024 {
+            return Err(invalid("history.bytes", "must be at least 65536"));
+        }
+        if h.ttl < Duration::from_secs(1) || h.ttl > Duration::from_secs(7 * 86400) {
+            return Err(invalid("history.ttl", "must be between 1s and 7 days"));
+        }
         Ok(())
     }
 }
@@ -535,6 +591,11 @@ mod tests {
             ("[registry]\nbuckets = 12\n", "registry.buckets"),
             ("[registry]\nbuckets = 131072\n", "registry.buckets"),
             ("[shutdown]\ngrace = \"0s\"\n", "shutdown.grace"),
+            ("[history]\nsize = 0\n", "history.size"),
+            ("[history]\nsize = 100001\n", "history.size"),
+            ("[history]\nbytes = 1000\n", "history.bytes"),
+            ("[history]\nttl = \"500ms\"\n", "history.ttl"),
+            ("[history]\nttl = \"8days\"\n", "history.ttl"),
         ];
         for (text, field) in cases {
             assert_eq!(field_of(text), *field, "for {text:?}");

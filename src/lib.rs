@@ -19,33 +19,68 @@
 //! bucket's lock, which is a plain (non-async) mutex never held across an `.await`.
 //! A writer swaps its queue's bytes out and sends them in one write.
 //!
+//! # Resume without loss (history)
+//!
+//! ```text
+//! backend ─▶ rpc::dispatch ─▶ registry ──append once──▶ history (per source stream)
+//!                               │  (offset, epoch)            ▲ read since position
+//!                               ▼                             │
+//!               channel queue: frame + resume extension ◀── session: Auth{resume}
+//! ```
+//!
+//! Every push has a source: the key (`K`), the user id (`M`), the room (`R`) or
+//! broadcast (`A`). With history on for that kind, the registry appends the encoded
+//! frame **once** to the source's stream (epoch + offset) before it fans out, in the
+//! same order it fans out: a key push appends and pushes under the key's bucket
+//! lock; a user or room push takes the stream's ordering lock (sync, never across an
+//! `.await`) around append + fan-out; broadcasts append in their ordered submit.
+//! Lock order: ordering lock → bucket → history shard → channel queue.
+//!
+//! A connection that negotiated resume in Auth gets each push with a 16-byte header
+//! extension (headerLen 32: kind, epoch, offset) that goim clients skip, since they
+//! take the body at headerLen. The extension is stamped while the frame is copied
+//! into the queue, as the seq is: a push is still encoded once. After registering,
+//! its session reads each stream since the client's position and places AuthReply
+//! (JSON: epoch, top offset, recovered per source) and the replay at the front of
+//! the queue; live pushes that arrived meanwhile stay behind them, and a per-source
+//! floor drops live copies of what was replayed. A resume-capable connection whose
+//! queue refuses a history-backed push is closed (nothing is skipped silently): its
+//! client resumes and gets it from history.
+//!
 //! # Layout
 //!
-//! - [`protocol`]: goim v2 frames (16-byte header + body), ops, encode/decode. No I/O.
+//! - [`protocol`]: goim v2 frames (16-byte header + body), ops, encode/decode, and
+//!   the resume header extension. No I/O.
+//! - [`history`]: the [`history::HistoryStore`] trait (streams with epoch and offset,
+//!   retention by size, bytes and TTL) and its in-memory implementation.
+//! - [`resume`]: the resume negotiation: what Auth asks for and AuthReply answers.
+//! - [`netsim`]: a lossy network in the process: a wrapping `quinn::AsyncUdpSocket`
+//!   with seeded loss, reordering, delay, a bandwidth cap and network switches.
 //! - [`codec`]: the RPC wire encoding (bincode); every use of bincode lives here.
 //! - [`config`]: the server's TOML configuration: serde defaults, `load → validate`.
 //! - [`certs`]: generating the CA, server, backend certificates and the token secret.
 //! - [`tls`]: rustls/quinn configurations built from `certs/` (ring provider only).
-//! - [`auth`]: the Auth frame's token: HS256 JWT or goim's open JSON.
+//! - [`auth`]: the Auth frame's token: HS256 JWT or goim's open JSON, plus the
+//!   optional resume request.
 //! - [`channel`]: one connected client as the registry sees it: key, bounded outbound
-//!   queue and a close signal.
+//!   queue (stamping seq and, when negotiated, the resume extension) and a close signal.
 //! - [`registry`]: the sharded buckets: key → channel, room → members, user id → keys;
-//!   every push fans out from here.
+//!   every push fans out from here, appending to history first.
 //! - [`session`]: the one reader/writer loop for a client, generic over
-//!   `AsyncRead`/`AsyncWrite`, shared by every transport.
+//!   `AsyncRead`/`AsyncWrite`, shared by every transport; it runs the recovery.
 //! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session.
 //! - [`rpc`]: the backend API: request/reply types, the QUIC server and the client
 //!   library backends use.
-//! - [`client`]: a minimal goim client over TCP or QUIC, for examples, tests and load tools.
+//! - [`client`]: a goim client over TCP or QUIC, for examples, tests and load tools;
+//!   it keeps its last offsets and resumes.
 //! - [`bench`]: `quicpush bench`, the load generator and the raw floor it compares against.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
 //! # Where later work fits
 //!
-//! - Resume without loss: each channel's queue stamps a per-connection push
-//!   sequence as it accepts a push; a per-key replay buffer belongs beside it.
-//! - Several nodes: the registry is the presence directory to mirror into Redis.
+//! - Several nodes: the registry is the presence directory to mirror into Redis; the
+//!   history store gets a Redis implementation behind the same trait.
 //! - WebSocket clients: another adapter in `transport` feeding the same session.
 //! - A goim-compatible HTTP API: another front end calling the same
 //!   `rpc::dispatch` that the QUIC RPC server calls.
@@ -57,8 +92,11 @@ pub mod channel;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod history;
+// pub mod netsim; (lands with the network simulator)
 pub mod protocol;
 pub mod registry;
+pub mod resume;
 pub mod rpc;
 pub mod server;
 pub mod session;

@@ -10,6 +10,24 @@
 //!
 //! This module does no I/O: [`decode`] takes frames off a buffer that a transport
 //! filled, [`Frame::encode`] appends a frame to a buffer a writer will flush.
+//!
+//! # The resume extension
+//!
+//! On a connection that negotiated resume (see [`crate::resume`]), every pushed
+//! frame the server sends has headerLen 32: the 16-byte goim header, then a 16-byte
+//! extension saying where the push came from. goim's clients take the body at
+//! headerLen, so they would skip it; clients that did not negotiate resume never
+//! see it.
+//!
+//! | field    | type | note                                          |
+//! |----------|------|-----------------------------------------------|
+//! | source   | u8   | 1 key, 2 user, 3 room, 4 broadcast ([`Source`]) |
+//! | reserved | 3 B  | zero                                          |
+//! | epoch    | u32  | the source stream's epoch; 0 = not in history |
+//! | offset   | u64  | the push's offset in that stream; 0 = not in history |
+//!
+//! ChangeRoomReply on such a connection carries the same extension with the new
+//! room's epoch and top offset. Frames a client sends always have headerLen 16.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -67,6 +85,9 @@ pub enum FrameError {
     /// The body is larger than the configured limit.
     #[error("body of {body} bytes exceeds the limit of {max} bytes")]
     BodyTooLarge { body: usize, max: usize },
+    /// A server-sent resume extension names no known source.
+    #[error("resume extension names an unknown source")]
+    BadExtension,
     /// A Raw frame's body does not split into whole frames.
     #[error("raw frame body holds a truncated frame")]
     TruncatedRaw,
@@ -110,6 +131,152 @@ pub fn put_header(dst: &mut BytesMut, body_len: usize, ver: u16, op: u32, seq: u
     dst.put_u16(ver);
     dst.put_u32(op);
     dst.put_u32(seq);
+}
+
+/// Length of the resume extension that follows the header on negotiated connections.
+pub const EXT_LEN: usize = 16;
+/// headerLen of a server-sent frame that carries the resume extension.
+pub const EXT_HEADER_LEN: usize = HEADER_LEN + EXT_LEN;
+
+/// Where a push came from: the stream a resuming client keeps a position in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// Pushed to the connection's key (PushMsg, MPushMsg, MPushMsgs).
+    Key = 1,
+    /// Pushed to the connection's user id (PushUser).
+    User = 2,
+    /// Pushed to the connection's room (BroadcastRoom).
+    Room = 3,
+    /// Pushed to every connection (Broadcast).
+    All = 4,
+}
+
+impl Source {
+    /// Every source, in wire order.
+    pub const ALL: [Source; 4] = [Source::Key, Source::User, Source::Room, Source::All];
+
+    /// The source for a wire value.
+    pub fn from_u8(v: u8) -> Option<Source> {
+        match v {
+            1 => Some(Source::Key),
+            2 => Some(Source::User),
+            3 => Some(Source::Room),
+            4 => Some(Source::All),
+            _ => None,
+        }
+    }
+
+    /// Index 0..4, for per-source arrays.
+    pub fn index(self) -> usize {
+        self as usize - 1
+    }
+
+    /// The name used in the resume JSON (`key`, `user`, `room`, `all`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Key => "key",
+            Source::User => "user",
+            Source::Room => "room",
+            Source::All => "all",
+        }
+    }
+}
+
+/// What the resume extension of one pushed frame says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushMeta {
+    pub source: Source,
+    /// The stream's epoch; 0 when the push is not kept in history.
+    pub epoch: u32,
+    /// The push's offset in its stream; 0 when it is not kept in history.
+    pub offset: u64,
+}
+
+impl PushMeta {
+    /// A push from `source` that no history keeps.
+    pub fn untracked(source: Source) -> Self {
+        PushMeta {
+            source,
+            epoch: 0,
+            offset: 0,
+        }
+    }
+
+    /// Whether the push is in a history stream (a resuming client can get it again).
+    pub fn is_tracked(&self) -> bool {
+        self.offset != 0
+    }
+}
+
+/// Copies a frame encoded with a 16-byte header into `dst` with headerLen 32 and the
+/// resume extension, replacing its seq.
+pub fn put_with_ext(dst: &mut BytesMut, encoded: &[u8], seq: u32, meta: PushMeta) {
+    if encoded.len() < HEADER_LEN {
+        dst.put_slice(encoded);
+        return;
+    }
+    let body = &encoded[HEADER_LEN..];
+    dst.reserve(EXT_HEADER_LEN + body.len());
+    dst.put_u32((EXT_HEADER_LEN + body.len()) as u32);
+    dst.put_u16(EXT_HEADER_LEN as u16);
+    dst.put_slice(&encoded[6..SEQ_OFFSET]);
+    dst.put_u32(seq);
+    dst.put_u8(meta.source as u8);
+    dst.put_slice(&[0, 0, 0]);
+    dst.put_u32(meta.epoch);
+    dst.put_u64(meta.offset);
+    dst.put_slice(body);
+}
+
+/// Takes one server-sent frame off the front of `src`: headerLen 16, or 32 with the
+/// resume extension, whose fields are returned beside the frame. For clients.
+pub fn decode_server(
+    src: &mut BytesMut,
+    max_body: usize,
+) -> Result<Option<(Frame, Option<PushMeta>)>, FrameError> {
+    if src.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let header_len = u16::from_be_bytes([src[4], src[5]]) as usize;
+    if header_len == HEADER_LEN {
+        return Ok(decode(src, max_body)?.map(|f| (f, None)));
+    }
+    if header_len != EXT_HEADER_LEN {
+        return Err(FrameError::HeaderLen(header_len as u16));
+    }
+    let mut h = &src[..HEADER_LEN];
+    let pack_len = h.get_u32() as usize;
+    let _ = h.get_u16();
+    let ver = h.get_u16();
+    let op = h.get_u32();
+    let seq = h.get_u32();
+    if pack_len < EXT_HEADER_LEN {
+        return Err(FrameError::PackLenTooShort(pack_len as u32));
+    }
+    let body_len = pack_len - EXT_HEADER_LEN;
+    if body_len > max_body {
+        return Err(FrameError::BodyTooLarge {
+            body: body_len,
+            max: max_body,
+        });
+    }
+    if src.len() < pack_len {
+        src.reserve(pack_len - src.len());
+        return Ok(None);
+    }
+    src.advance(HEADER_LEN);
+    let mut ext = src.split_to(EXT_LEN);
+    let source = Source::from_u8(ext.get_u8()).ok_or(FrameError::BadExtension)?;
+    ext.advance(3);
+    let epoch = ext.get_u32();
+    let offset = ext.get_u64();
+    let body = src.split_to(body_len).freeze();
+    let meta = PushMeta {
+        source,
+        epoch,
+        offset,
+    };
+    Ok(Some((Frame { ver, op, seq, body }, Some(meta))))
 }
 
 /// Byte offset of the seq field inside an encoded header.
@@ -297,6 +464,54 @@ mod tests {
         assert_eq!(got.seq, 42);
         assert_eq!(got.op, 1000);
         assert_eq!(&got.body[..], b"abc");
+    }
+
+    #[test]
+    fn extension_round_trips_and_keeps_the_body_at_header_len() {
+        let f = Frame::new(1000, 0, &b"hello"[..]);
+        let meta = PushMeta {
+            source: Source::Room,
+            epoch: 0xdead_beef,
+            offset: 1 << 40,
+        };
+        let mut out = BytesMut::new();
+        put_with_ext(&mut out, &f.to_bytes(), 9, meta);
+        assert_eq!(out.len(), EXT_HEADER_LEN + 5);
+        // a goim client reads the body from headerLen
+        let header_len = u16::from_be_bytes([out[4], out[5]]) as usize;
+        assert_eq!(&out[header_len..], b"hello");
+        let mut plain = BytesMut::new();
+        put_with_seq(&mut plain, &f.to_bytes(), 10);
+        out.extend_from_slice(&plain);
+        let (got, m) = decode_server(&mut out, 4096).unwrap().unwrap();
+        assert_eq!(
+            (got.op, got.seq, &got.body[..], m),
+            (1000, 9, &b"hello"[..], Some(meta))
+        );
+        let (got, m) = decode_server(&mut out, 4096).unwrap().unwrap();
+        assert_eq!((got.seq, m), (10, None));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn extension_waits_for_a_whole_frame_and_rejects_bad_sources() {
+        let f = Frame::new(1000, 0, &b"abc"[..]);
+        let meta = PushMeta::untracked(Source::Key);
+        let mut full = BytesMut::new();
+        put_with_ext(&mut full, &f.to_bytes(), 1, meta);
+        for cut in 0..full.len() {
+            let mut b = BytesMut::from(&full[..cut]);
+            assert_eq!(decode_server(&mut b, 4096).unwrap(), None, "cut at {cut}");
+        }
+        full[16] = 9;
+        assert_eq!(
+            decode_server(&mut full, 4096),
+            Err(FrameError::BadExtension)
+        );
+        // client-sent frames never carry the extension
+        let mut b = BytesMut::new();
+        put_with_ext(&mut b, &f.to_bytes(), 1, meta);
+        assert_eq!(decode(&mut b, 4096), Err(FrameError::HeaderLen(32)));
     }
 
     #[test]

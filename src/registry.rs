@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use slab::Slab;
 
 use crate::channel::{Channel, CloseReason, PushOutcome, Transport};
+use crate::history::{History, SourceState, StreamRef};
+use crate::protocol::{PushMeta, Source};
+use crate::resume::{Positions, ResumeReply};
 
 /// How many channels a push reached, by outcome.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +28,10 @@ pub struct Tally {
     pub delivered: u64,
     pub queue_full: u64,
     pub filtered: u64,
+    /// Connections that did not take it live but get it when they resume.
+    pub stored: u64,
+    /// History streams the push was appended to (one per user id, one for a room).
+    pub appended: u64,
 }
 
 impl Tally {
@@ -34,6 +41,7 @@ impl Tally {
             PushOutcome::Delivered => self.delivered += 1,
             PushOutcome::QueueFull => self.queue_full += 1,
             PushOutcome::Filtered => self.filtered += 1,
+            PushOutcome::Stored => self.stored += 1,
             PushOutcome::Offline => {}
         }
     }
@@ -44,6 +52,8 @@ impl AddAssign for Tally {
         self.delivered += o.delivered;
         self.queue_full += o.queue_full;
         self.filtered += o.filtered;
+        self.stored += o.stored;
+        self.appended += o.appended;
     }
 }
 
@@ -149,13 +159,20 @@ struct Entry {
 
 impl Entry {
     #[inline]
-    fn push(&self, op: u32, frame: &Bytes) -> PushOutcome {
+    fn push(&self, op: u32, frame: &Bytes, meta: PushMeta) -> PushOutcome {
         if self.accepts.accepts(op) {
-            self.chan.try_push(frame)
+            self.chan.try_push(frame, meta)
         } else {
             PushOutcome::Filtered
         }
     }
+}
+
+/// The op of an encoded frame.
+fn op_of(frame: &[u8]) -> u32 {
+    frame
+        .get(8..12)
+        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// Online counts per room, sharded by a hash of the room id, so a Heartbeat reads
@@ -291,6 +308,7 @@ pub struct Registry {
     online_tcp: AtomicUsize,
     online_quic: AtomicUsize,
     room_counts: RoomCounts,
+    history: Option<Arc<History>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -311,6 +329,12 @@ impl Registry {
 
     /// A registry of `buckets` buckets holding at most `max_rooms` rooms.
     pub fn with_max_rooms(buckets: usize, max_rooms: usize) -> Self {
+        Self::with_history(buckets, max_rooms, None)
+    }
+
+    /// A registry of `buckets` buckets holding at most `max_rooms` rooms, appending
+    /// pushes to `history` (if any) before it fans them out.
+    pub fn with_history(buckets: usize, max_rooms: usize, history: Option<Arc<History>>) -> Self {
         let n = buckets.max(1).next_power_of_two();
         Registry {
             buckets: (0..n).map(|_| Mutex::new(BucketInner::default())).collect(),
@@ -320,6 +344,35 @@ impl Registry {
             online_tcp: AtomicUsize::new(0),
             online_quic: AtomicUsize::new(0),
             room_counts: RoomCounts::new(n, max_rooms),
+            history,
+        }
+    }
+
+    /// The history pushes are appended to, if any.
+    pub fn history(&self) -> Option<&Arc<History>> {
+        self.history.as_ref()
+    }
+
+    /// The history, if it keeps pushes from `source`.
+    fn keeping(&self, source: Source) -> Option<&History> {
+        self.history.as_deref().filter(|h| h.keeps(source))
+    }
+
+    /// Appends `frame` to `stream` if its source is kept (creating the stream when
+    /// `create`); the push's meta either way.
+    #[inline]
+    fn append(&self, stream: StreamRef<'_>, frame: &Bytes, create: bool) -> PushMeta {
+        let source = stream.source();
+        match self
+            .keeping(source)
+            .and_then(|h| h.store().append(stream, frame, create))
+        {
+            Some(p) => PushMeta {
+                source,
+                epoch: p.epoch,
+                offset: p.offset,
+            },
+            None => PushMeta::untracked(source),
         }
     }
 
@@ -354,6 +407,32 @@ impl Registry {
         room: Option<Arc<str>>,
         accepts: OpFilter,
     ) -> Result<Option<Arc<Channel>>, RoomsFull> {
+        self.register_with(chan, room, accepts, None, |_| None)
+    }
+
+    /// Registers `chan` as [`Registry::register`] does, and, in the same critical
+    /// section (so that no push can come first), queues the reply `auth_reply`
+    /// builds and, for a resume-capable channel, replays each source's history
+    /// since the client's `positions`. `auth_reply` gets the state of every source
+    /// the channel receives with history on (for a resume-capable channel).
+    pub fn register_with(
+        &self,
+        chan: Arc<Channel>,
+        room: Option<Arc<str>>,
+        accepts: OpFilter,
+        positions: Option<&Positions>,
+        auth_reply: impl FnOnce(Option<ResumeReply>) -> Option<Bytes>,
+    ) -> Result<Option<Arc<Channel>>, RoomsFull> {
+        // The user's and room's ordering locks: no push to them is in flight while
+        // their history is read, so the replay and the live pushes meet exactly.
+        let mut ordered = Vec::with_capacity(2);
+        if let (Some(mid), Some(_)) = (chan.mid, self.keeping(Source::User)) {
+            ordered.push(StreamRef::User(mid));
+        }
+        if let (Some(room), Some(_)) = (&room, self.keeping(Source::Room)) {
+            ordered.push(StreamRef::Room(room));
+        }
+        let _order = self.history.as_ref().map(|h| h.order_many(&ordered));
         let mut b = self.bucket(&chan.key).lock();
         let counts = &self.room_counts;
         // Taken first, so a refusal leaves everything as it was.
@@ -370,6 +449,82 @@ impl Registry {
         self.counter(chan.transport).fetch_add(1, Ordering::Relaxed);
         if let Some(old) = &replaced {
             self.counter(old.transport).fetch_sub(1, Ordering::Relaxed);
+        }
+        // History: streams exist while their client is connected (so a push after
+        // it leaves is kept), and a resume-capable channel gets its replay.
+        let mut reply = None;
+        let mut replay = Vec::new();
+        if let Some(h) = &self.history {
+            let mut r = ResumeReply {
+                key: chan.key.to_string(),
+                ..ResumeReply::default()
+            };
+            let streams = [
+                Some(StreamRef::Key(&chan.key)),
+                chan.mid.map(StreamRef::User),
+                room.as_deref().map(StreamRef::Room),
+                Some(StreamRef::All),
+            ];
+            for stream in streams.into_iter().flatten() {
+                let source = stream.source();
+                if !h.keeps(source) {
+                    continue;
+                }
+                let asked = positions.and_then(|p| p.get(source));
+                let state = match (chan.resume, asked) {
+                    (true, Some(pos)) => {
+                        let rec = h.store().since(stream, pos);
+                        if rec.recovered {
+                            replay.extend(
+                                rec.entries
+                                    .into_iter()
+                                    .filter(|(_, f)| accepts.accepts(op_of(f)))
+                                    .map(|(offset, f)| {
+                                        let epoch = rec.top.epoch;
+                                        (
+                                            f,
+                                            PushMeta {
+                                                source,
+                                                epoch,
+                                                offset,
+                                            },
+                                        )
+                                    }),
+                            );
+                        }
+                        SourceState {
+                            epoch: rec.top.epoch,
+                            offset: rec.top.offset,
+                            recovered: Some(rec.recovered),
+                        }
+                    }
+                    _ => {
+                        let top = h.store().ensure(stream);
+                        SourceState {
+                            epoch: top.epoch,
+                            offset: top.offset,
+                            recovered: None,
+                        }
+                    }
+                };
+                if chan.resume {
+                    chan.set_floor(
+                        source,
+                        crate::history::Position {
+                            epoch: state.epoch,
+                            offset: state.offset,
+                        },
+                    );
+                }
+                r.sources.insert(source.name().to_owned(), state);
+            }
+            reply = Some(r);
+        }
+        if let Some(frame) = auth_reply(reply.filter(|_| chan.resume)) {
+            chan.force_reply(&frame);
+        }
+        for (frame, meta) in &replay {
+            chan.force_push(frame, *meta);
         }
         let mid = chan.mid;
         let key = chan.key.clone();
@@ -406,14 +561,44 @@ impl Registry {
     /// longer registered; refused, leaving it where it was, when `room` would be
     /// one room more than the limit.
     pub fn change_room(&self, chan: &Channel, room: Option<Arc<str>>) -> Result<bool, RoomsFull> {
+        self.change_room_with(chan, room, |_| None)
+    }
+
+    /// As [`Registry::change_room`], and queues the reply `reply` builds before any
+    /// push from the new room can come; `reply` gets the new room's state when the
+    /// channel is resume-capable and room history is on.
+    pub fn change_room_with(
+        &self,
+        chan: &Channel,
+        room: Option<Arc<str>>,
+        reply: impl FnOnce(Option<SourceState>) -> Option<Bytes>,
+    ) -> Result<bool, RoomsFull> {
+        let h = self.keeping(Source::Room);
+        let _order = match (h, &room) {
+            (Some(h), Some(r)) => Some(h.order(StreamRef::Room(r))),
+            _ => None,
+        };
         let mut b = self.bucket(&chan.key).lock();
-        match b.entry_of(chan) {
-            Some(idx) => {
-                b.join_room(idx, room, &self.room_counts)?;
-                Ok(true)
+        let Some(idx) = b.entry_of(chan) else {
+            return Ok(false);
+        };
+        b.join_room(idx, room.clone(), &self.room_counts)?;
+        let state = match (h, &room) {
+            (Some(h), Some(r)) if chan.resume => {
+                let top = h.store().ensure(StreamRef::Room(r));
+                chan.set_floor(Source::Room, top);
+                Some(SourceState {
+                    epoch: top.epoch,
+                    offset: top.offset,
+                    recovered: None,
+                })
             }
-            None => Ok(false),
+            _ => None,
+        };
+        if let Some(frame) = reply(state) {
+            chan.force_reply(&frame);
         }
+        Ok(true)
     }
 
     /// Rooms with at least one member.
@@ -450,55 +635,97 @@ impl Registry {
         b.by_key.get(key).map(|&i| b.entries[i].chan.clone())
     }
 
-    /// Pushes an encoded frame to one key.
+    /// Pushes an encoded frame to one key, appending it to the key's history first
+    /// (under the bucket's lock, so history order is delivery order). `Stored` when
+    /// the key is offline but its stream is live.
     pub fn push_key(&self, key: &str, op: u32, frame: &Bytes) -> PushOutcome {
         let b = self.bucket(key).lock();
-        match b.by_key.get(key) {
-            Some(&i) => b.entries[i].push(op, frame),
+        let entry = b.by_key.get(key).map(|&i| &b.entries[i]);
+        let meta = self.append(StreamRef::Key(key), frame, entry.is_some());
+        match entry.map(|e| e.push(op, frame, meta)) {
+            Some(PushOutcome::Offline) | None if meta.is_tracked() => PushOutcome::Stored,
+            Some(o) => o,
             None => PushOutcome::Offline,
         }
     }
 
-    /// Pushes an encoded frame to every connection of each user id.
+    /// Pushes an encoded frame to every connection of each user id. With user
+    /// history on, each user's stream gets it once, under the stream's ordering lock.
     pub fn push_users(&self, mids: &[i64], op: u32, frame: &Bytes) -> Tally {
         let mut t = Tally::default();
-        for bucket in self.buckets.iter() {
-            let b = bucket.lock();
-            if b.users.is_empty() {
-                continue;
-            }
-            for mid in mids {
-                if let Some(ids) = b.users.get(mid) {
-                    for &i in ids {
-                        t.add(b.entries[i].push(op, frame));
+        let Some(h) = self.keeping(Source::User) else {
+            let meta = PushMeta::untracked(Source::User);
+            for bucket in self.buckets.iter() {
+                let b = bucket.lock();
+                if b.users.is_empty() {
+                    continue;
+                }
+                for mid in mids {
+                    if let Some(ids) = b.users.get(mid) {
+                        for &i in ids {
+                            t.add(b.entries[i].push(op, frame, meta));
+                        }
                     }
                 }
             }
+            return t;
+        };
+        for &mid in mids {
+            let stream = StreamRef::User(mid);
+            let _order = h.order(stream);
+            // Appended when the first connection is found, or, with none, only if
+            // the stream is live.
+            let mut meta = None;
+            for bucket in self.buckets.iter() {
+                let b = bucket.lock();
+                if let Some(ids) = b.users.get(&mid) {
+                    let m = *meta.get_or_insert_with(|| self.append(stream, frame, true));
+                    for &i in ids {
+                        t.add(b.entries[i].push(op, frame, m));
+                    }
+                }
+            }
+            let m = meta.unwrap_or_else(|| self.append(stream, frame, false));
+            t.appended += u64::from(m.is_tracked());
         }
         t
     }
 
-    /// Pushes an encoded frame to every member of `room`.
+    /// Pushes an encoded frame to every member of `room`. With room history on, the
+    /// room's stream gets it once, under the stream's ordering lock.
     pub fn push_room(&self, room: &str, op: u32, frame: &Bytes) -> Tally {
         let mut t = Tally::default();
+        let stream = StreamRef::Room(room);
+        let h = self.keeping(Source::Room);
+        let _order = h.map(|h| h.order(stream));
+        let mut meta = h.is_none().then(|| PushMeta::untracked(Source::Room));
         for bucket in self.buckets.iter() {
             let b = bucket.lock();
             if let Some(members) = b.rooms.get(room) {
+                let m = *meta.get_or_insert_with(|| self.append(stream, frame, true));
                 for &i in members {
-                    t.add(b.entries[i].push(op, frame));
+                    t.add(b.entries[i].push(op, frame, m));
                 }
             }
         }
+        let m = meta.unwrap_or_else(|| self.append(stream, frame, false));
+        t.appended = u64::from(m.is_tracked());
         t
     }
 
+    /// Appends a broadcast to the broadcast stream, if that is kept: the caller
+    /// does it once per broadcast, in the order it fans them out.
+    pub fn append_broadcast(&self, frame: &Bytes) -> PushMeta {
+        self.append(StreamRef::All, frame, true)
+    }
+
     /// Pushes an encoded frame to every channel of one bucket.
-    pub fn push_bucket(&self, bucket: usize, op: u32, frame: &Bytes) -> Tally {
+    pub fn push_bucket(&self, bucket: usize, op: u32, frame: &Bytes, meta: PushMeta) -> Tally {
         let mut t = Tally::default();
         if let Some(bucket) = self.buckets.get(bucket) {
             let b = bucket.lock();
             for (_, e) in b.entries.iter() {
-                t.add(e.push(op, frame));
+                t.add(e.push(op, frame, meta));
             }
         }
         t
@@ -758,7 +985,10 @@ mod tests {
             keep.push((c, rx));
         }
         let total: u64 = (0..r.bucket_count())
-            .map(|b| r.push_bucket(b, 1, &frame()).delivered)
+            .map(|b| {
+                r.push_bucket(b, 1, &frame(), PushMeta::untracked(Source::All))
+                    .delivered
+            })
             .sum();
         assert_eq!(total, 20);
         let paced: usize = (0..r.bucket_count())

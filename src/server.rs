@@ -23,6 +23,7 @@ use crate::auth::{Authenticator, SecretError};
 use crate::certs::{self, CertError};
 use crate::channel::CloseReason;
 use crate::config::{AuthMode, Config};
+use crate::history::History;
 use crate::registry::Registry;
 use crate::rpc::broadcast::Broadcaster;
 use crate::rpc::dispatch::{Dispatcher, RpcLimits};
@@ -163,9 +164,10 @@ impl Server {
                 warn!(addrs = ?public, "auth.mode = \"open\" accepts unverified tokens on non-loopback addresses");
             }
         }
-        let registry = Arc::new(Registry::with_max_rooms(
+        let registry = Arc::new(Registry::with_history(
             config.registry.buckets,
             config.registry.max_rooms,
+            History::from_config(&config.history),
         ));
         Ok(Server {
             config,
@@ -280,6 +282,9 @@ impl Server {
             ));
         }
         drop(dispatcher);
+        if let Some(h) = registry.history().cloned() {
+            sessions.spawn(expire_history(h, config.history.ttl, stop.clone()));
+        }
 
         shutdown.await;
         let grace = config.shutdown.grace;
@@ -322,5 +327,26 @@ impl Server {
             warn!("grace period over: QUIC endpoints not idle");
         }
         info!("shutdown complete");
+    }
+}
+
+/// Drops history streams unused for `ttl`, checking every eighth of it (at least
+/// every second, at most every minute), until shutdown.
+async fn expire_history(history: Arc<History>, ttl: std::time::Duration, stop: Shutdown) {
+    let every = (ttl / 8).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    );
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let dropped = history.store().expire(std::time::Instant::now());
+        if dropped > 0 {
+            debug!(dropped, "history streams expired");
+        }
     }
 }

@@ -23,7 +23,7 @@ use tracing::debug;
 
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
 use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
-use crate::protocol::{self, op, Frame, FrameError};
+use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source};
 use crate::registry::{OpFilter, Registry, RoomsFull};
 use crate::shutdown::Shutdown;
 
@@ -246,22 +246,43 @@ where
     let id = ctx.auth.verify(&auth.body)?;
     tracing::Span::current().record("key", id.key.as_str());
 
-    let (chan, rx) = Channel::with_limits(
+    let resume = id.resume.is_some();
+    let (chan, rx) = Channel::with_resume(
         ctx.registry.next_id(),
         id.key.as_str().into(),
         id.mid,
         transport,
         limits.queue_size,
         limits.slow_consumer_timeout,
+        resume,
     );
-    // AuthReply goes first in the queue, before any push can.
-    chan.reply(Frame::new(op::AUTH_REPLY, auth.seq, Bytes::new()).to_bytes())
-        .await;
     let mut room: Option<Arc<str>> = id.room.as_deref().map(Arc::from);
-    if let Some(old) =
-        ctx.registry
-            .register(chan.clone(), room.clone(), OpFilter::new(id.accepts))?
-    {
+    // AuthReply goes first in the queue, before any push, then the replay: both
+    // are queued in the registration's critical section.
+    let auth_seq = auth.seq;
+    let positions = id.resume.as_ref().map(|r| &r.positions);
+    let replaced = ctx.registry.register_with(
+        chan.clone(),
+        room.clone(),
+        OpFilter::new(id.accepts.clone()),
+        positions,
+        |state| {
+            let body = match (resume, state) {
+                (true, Some(state)) => Bytes::from(serde_json::to_vec(&state).unwrap_or_default()),
+                // Resume asked for with history off: every source is untracked.
+                (true, None) => Bytes::from(
+                    serde_json::to_vec(&crate::resume::ResumeReply {
+                        key: id.key.clone(),
+                        ..Default::default()
+                    })
+                    .unwrap_or_default(),
+                ),
+                (false, _) => Bytes::new(),
+            };
+            Some(Frame::new(op::AUTH_REPLY, auth_seq, body).to_bytes())
+        },
+    )?;
+    if let Some(old) = replaced {
         debug!(
             old_conn = old.id,
             "replacing the connection with the same key"
@@ -394,6 +415,24 @@ async fn handle(
                 });
             }
             let next = (!id.is_empty()).then(|| Arc::from(id));
+            if chan.resume {
+                // The reply, with the new room's position in the extension, is
+                // queued before any push from that room.
+                let plain = reply(op::CHANGE_ROOM_REPLY, frame.body.clone());
+                ctx.registry.change_room_with(chan, next.clone(), |state| {
+                    let meta = state.map_or(PushMeta::untracked(Source::Room), |s| PushMeta {
+                        source: Source::Room,
+                        epoch: s.epoch,
+                        offset: s.offset,
+                    });
+                    let mut b = BytesMut::new();
+                    protocol::put_with_ext(&mut b, &plain, frame.seq, meta);
+                    Some(b.freeze())
+                })?;
+                *room = next;
+                debug!(room = ?room, "changed room");
+                return Ok(());
+            }
             ctx.registry.change_room(chan, next.clone())?;
             *room = next;
             debug!(room = ?room, "changed room");

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tracing::debug;
 
 use super::proto::RpcError;
+use crate::protocol::{PushMeta, Source};
 use crate::registry::Registry;
 
 /// Broadcasts queued per worker before a caller waits.
@@ -26,6 +27,7 @@ const MAX_PACED: usize = 16;
 struct Job {
     op: u32,
     frame: Bytes,
+    meta: PushMeta,
 }
 
 /// Handle to the broadcast workers.
@@ -34,6 +36,9 @@ pub struct Broadcaster {
     workers: Vec<mpsc::Sender<Job>>,
     registry: Arc<Registry>,
     paced: Arc<Semaphore>,
+    /// Held from a broadcast's history append until every worker has queued it, so
+    /// broadcast offsets are delivery order on every worker.
+    order: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Broadcaster {
@@ -52,12 +57,14 @@ impl Broadcaster {
             workers: senders,
             registry,
             paced: Arc::new(Semaphore::new(MAX_PACED)),
+            order: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
     /// Queues a broadcast on every worker, waiting for room. With a `speed` (node-wide
     /// messages per second) the broadcast instead runs on a task of its own, so a
-    /// slow broadcast never holds up the others; it then keeps no order with them.
+    /// slow broadcast never holds up the others; it then keeps no order with them,
+    /// and so is never kept in history either.
     pub async fn submit(&self, op: u32, frame: Bytes, speed: u32) -> Result<(), RpcError> {
         if speed > 0 {
             let permit = self.paced.clone().try_acquire_owned().map_err(|_| {
@@ -70,7 +77,10 @@ impl Broadcaster {
             });
             return Ok(());
         }
-        let job = Job { op, frame };
+        // An async mutex: waiting for a worker's queue is the point of holding it.
+        let _order = self.order.lock().await;
+        let meta = self.registry.append_broadcast(&frame);
+        let job = Job { op, frame, meta };
         for w in &self.workers {
             if w.send(job.clone()).await.is_err() {
                 return Err(RpcError::ShuttingDown);
@@ -92,7 +102,9 @@ async fn paced(registry: &Registry, op: u32, frame: &Bytes, rate: f64) {
         for chunk in chans.chunks(PACE_CHUNK) {
             interval.tick().await;
             for ch in chunk {
-                if ch.try_push(frame) == crate::channel::PushOutcome::Delivered {
+                if ch.try_push(frame, PushMeta::untracked(Source::All))
+                    == crate::channel::PushOutcome::Delivered
+                {
                     delivered += 1;
                 }
             }
@@ -105,7 +117,9 @@ async fn run_worker(registry: Arc<Registry>, buckets: Vec<usize>, mut rx: mpsc::
     while let Some(job) = rx.recv().await {
         let mut delivered = 0;
         for &b in &buckets {
-            delivered += registry.push_bucket(b, job.op, &job.frame).delivered;
+            delivered += registry
+                .push_bucket(b, job.op, &job.frame, job.meta)
+                .delivered;
         }
         debug!(op = job.op, delivered, "broadcast slice done");
     }
