@@ -37,6 +37,8 @@
 //! - [`rpc`]: the backend API: request/reply types, the QUIC server and the client
 //!   library backends use.
 //! - [`client`]: a minimal goim client over TCP or QUIC, for examples, tests and load tools.
+//! - [`netsim`]: a simulated lossy network (loss, reordering, delay, bandwidth,
+//!   network switches) in a UDP socket wrapper, for tests and the benchmark.
 //! - [`bench`]: `quicpush bench`, the load generator and the raw floor it compares against.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
@@ -57,6 +59,7 @@ pub mod channel;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod netsim;
 pub mod protocol;
 pub mod registry;
 pub mod rpc;
