@@ -622,7 +622,9 @@ impl SimHandle {
     /// Moves to a new network: binds a new socket on `ip` (port chosen by the
     /// system), puts it in place of the current one and drops every datagram in
     /// flight, both ways. The endpoint is not told; its peers see packets from the
-    /// new address. Must be called within a Tokio runtime.
+    /// new address, starting with the next one the endpoint sends (an
+    /// acknowledgement, a keep-alive, data): until then they keep sending to the
+    /// old address, and that is lost. Must be called within a Tokio runtime.
     pub fn switch_network_to(&self, ip: IpAddr) -> io::Result<SocketAddr> {
         let socket = wrap(std::net::UdpSocket::bind((ip, 0))?)?;
         let local = socket.local_addr()?;
