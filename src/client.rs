@@ -108,6 +108,30 @@ impl PushClient {
         ))
     }
 
+    /// Connects over QUIC from a ready endpoint (e.g. one whose socket simulates
+    /// a network, see [`crate::netsim`]) with a ready configuration.
+    pub async fn connect_quic_on(
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+    ) -> Result<PushClient, PushClientError> {
+        let conn = endpoint
+            .connect_with(config, addr, server_name)
+            .map_err(|e| PushClientError::Quic(e.to_string()))?
+            .await
+            .map_err(|e| PushClientError::Quic(e.to_string()))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| PushClientError::Quic(e.to_string()))?;
+        Ok(Self::from_parts(
+            Box::new(recv),
+            Box::new(send),
+            Some((conn, endpoint)),
+        ))
+    }
+
     /// A client over any reader and writer.
     pub fn from_parts(reader: Reader, writer: Writer, quic: Option<QuicParts>) -> PushClient {
         PushClient {

@@ -93,7 +93,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod history;
-// pub mod netsim; (lands with the network simulator)
+pub mod netsim;
 pub mod protocol;
 pub mod registry;
 pub mod resume;

@@ -77,6 +77,7 @@ pub struct Server {
     rpc: Vec<quinn::Endpoint>,
     registry: Arc<Registry>,
     auth: Authenticator,
+    limits: transport::ConnLimits,
 }
 
 impl std::fmt::Debug for Server {
@@ -169,6 +170,10 @@ impl Server {
             config.registry.max_rooms,
             History::from_config(&config.history),
         ));
+        let limits = transport::ConnLimits::new(
+            config.client.max_connections,
+            config.client.max_connections_per_ip,
+        );
         Ok(Server {
             config,
             tcp,
@@ -176,6 +181,7 @@ impl Server {
             rpc,
             registry,
             auth,
+            limits,
         })
     }
 
@@ -205,6 +211,11 @@ impl Server {
         self.registry.clone()
     }
 
+    /// The client connection limits and their counts, for inspection.
+    pub fn conn_limits(&self) -> transport::ConnLimits {
+        self.limits.clone()
+    }
+
     /// Serves until `shutdown` resolves, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
@@ -214,6 +225,7 @@ impl Server {
             rpc,
             registry,
             auth,
+            limits,
         } = self;
         let stop = Shutdown::new();
         let c = &config.client;
@@ -245,7 +257,6 @@ impl Server {
         let backends = TaskTracker::new();
         // Backend calls are answered until the clients have drained.
         let rpc_drain = Shutdown::new();
-        let limits = transport::ConnLimits::new(c.max_connections, c.max_connections_per_ip);
         for l in tcp {
             if let Ok(addr) = l.local_addr() {
                 info!(%addr, "client TCP listening");

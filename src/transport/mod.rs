@@ -77,6 +77,38 @@ impl IpLimiter {
     }
 }
 
+impl IpPermit {
+    /// The address this permit is counted for.
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// Counts the connection for `ip` instead, unless `ip` has `max` connections
+    /// already; then nothing changes and this returns false.
+    pub fn move_to(&mut self, ip: IpAddr) -> bool {
+        if ip == self.ip {
+            return true;
+        }
+        let mut counts = self.limiter.counts.lock();
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= self.limiter.max {
+            if *n == 0 {
+                counts.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        if let Some(old) = counts.get_mut(&self.ip) {
+            *old = old.saturating_sub(1);
+            if *old == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+        self.ip = ip;
+        true
+    }
+}
+
 impl Drop for IpPermit {
     fn drop(&mut self) {
         let mut counts = self.limiter.counts.lock();
@@ -129,5 +161,22 @@ mod tests {
         drop(p1);
         assert_eq!(l.count(a), 1);
         assert!(l.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn a_permit_moves_to_an_address_with_room() {
+        let l = Arc::new(IpLimiter::new(1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        let mut p = l.try_acquire(a).unwrap();
+        assert!(p.move_to(b));
+        assert_eq!((p.ip(), l.count(a), l.count(b)), (b, 0, 1));
+        let _on_a = l.try_acquire(a).unwrap();
+        assert!(!p.move_to(a), "a is full");
+        assert_eq!((p.ip(), l.count(a), l.count(b)), (b, 1, 1));
+        assert!(p.move_to(c));
+        drop(p);
+        assert_eq!((l.count(b), l.count(c)), (0, 0));
     }
 }

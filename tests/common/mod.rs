@@ -12,6 +12,7 @@ use quicpush::protocol::{op, Frame};
 use quicpush::registry::Registry;
 use quicpush::rpc::Client;
 use quicpush::tls::BackendIdentity;
+use quicpush::transport::ConnLimits;
 use quicpush::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,8 @@ pub struct TestServer {
     pub rpc: SocketAddr,
     pub dir: tempfile::TempDir,
     pub registry: Arc<Registry>,
+    /// The server's client connection limits and their per-IP counts.
+    pub limits: ConnLimits,
     secret: Vec<u8>,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
@@ -61,6 +64,7 @@ impl TestServer {
         let quic = server.quic_addrs()[0];
         let rpc = server.rpc_addrs()[0];
         let registry = server.registry();
+        let limits = server.conn_limits();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let handle = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
@@ -70,6 +74,7 @@ impl TestServer {
             rpc,
             dir,
             registry,
+            limits,
             secret,
             stop,
             handle,
