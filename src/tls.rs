@@ -292,9 +292,12 @@ pub fn quic_client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsErro
         .with_no_client_auth();
     cfg.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
     let mut cc = to_quic_client(cfg)?;
+    // As the server's defaults (`quic.*`): a keep-alive every 15 s keeps a NAT's
+    // UDP mapping, and after a network change the client's next packet is what
+    // tells the server its new address.
     let mut t = TransportConfig::default();
-    t.max_idle_timeout(idle(Duration::from_secs(300)))
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+    t.max_idle_timeout(idle(Duration::from_secs(60)))
+        .keep_alive_interval(Some(Duration::from_secs(15)));
     cc.transport_config(Arc::new(t));
     Ok(cc)
 }
