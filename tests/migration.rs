@@ -261,3 +261,105 @@ async fn a_connection_moving_to_a_full_address_is_closed() {
     a.close().await;
     s.stop().await;
 }
+
+/// A phone whose network changes under loss and whose connection does not survive
+/// it (the OS dropped the socket: a TCP reset, or a QUIC path abandoned): it
+/// reconnects, over a new lossy network for QUIC, and resumes. Pushes flow at a
+/// steady rate throughout; every one arrives once, in order.
+#[tokio::test]
+async fn a_network_switch_under_loss_that_kills_the_connection_loses_nothing() {
+    use quicpush::client::ResumeState;
+    let s = TestServer::start().await;
+    let backend = Arc::new(s.backend().await);
+    for via in BOTH {
+        let key = format!("roaming-{via:?}");
+        let token = s.token(&key);
+        let mut state = ResumeState::default();
+        let lossy = NetSim {
+            seed: 7,
+            loss: 0.10,
+            reorder: 0.20,
+            rtt: Duration::from_millis(20),
+            ..NetSim::default()
+        };
+        let connect = |state: &mut ResumeState, seed: u64| {
+            let token = token.clone();
+            let mut state2 = state.clone();
+            let sim = NetSim {
+                seed,
+                ..lossy.clone()
+            };
+            let s = &s;
+            async move {
+                let mut c = match via {
+                    Via::Tcp => s.raw_client(Via::Tcp).await,
+                    Via::Quic => {
+                        let (c, _h) = try_sim_client(s, ip("127.0.0.1"), sim).await;
+                        c.unwrap()
+                    }
+                };
+                c.auth_resume(token.as_bytes(), &mut state2).await.unwrap();
+                (c, state2)
+            }
+        };
+        let (mut c, st) = connect(&mut state, 1).await;
+        state = st;
+        let pusher = {
+            let backend = backend.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 1..=PUSHES {
+                    outcomes.push(
+                        backend
+                            .push_msg(key.as_str(), 1000, i.to_string())
+                            .await
+                            .unwrap(),
+                    );
+                    tokio::time::sleep(PUSH_EVERY).await;
+                }
+                outcomes
+            })
+        };
+        let mut got: Vec<u32> = Vec::new();
+        let mut switches = 0u64;
+        while got.len() < PUSHES as usize {
+            // every 20 pushes the network goes away with whatever was in flight
+            if got.len() >= 20 * (switches as usize + 1) {
+                switches += 1;
+                drop(c);
+                let (c2, st) = connect(&mut state, 1 + switches).await;
+                c = c2;
+                state = st;
+                continue;
+            }
+            let (f, m) = tokio::time::timeout(WAIT, c.next_frame_meta())
+                .await
+                .expect("timed out")
+                .unwrap()
+                .expect("closed");
+            if f.op != 1000 {
+                continue;
+            }
+            state.observe(&m.unwrap());
+            got.push(std::str::from_utf8(&f.body).unwrap().parse().unwrap());
+        }
+        let outcomes = pusher.await.unwrap();
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, PushOutcome::Delivered | PushOutcome::Stored)),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            got,
+            (1..=PUSHES).collect::<Vec<_>>(),
+            "{via:?}: each once, in order"
+        );
+        assert_eq!(switches, 4);
+        assert_eq!(state.not_recovered, 0);
+        drop(c);
+        s.wait_online(0).await;
+    }
+    s.stop().await;
+}
