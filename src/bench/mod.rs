@@ -581,7 +581,8 @@ async fn measure(
                 .push_msg(format!("bench-{i}"), BENCH_OP, Bytes::new())
                 .await
                 .map_err(|e| BenchError::Rpc(e.to_string()))?;
-            gone += usize::from(o == PushOutcome::Offline);
+            // gone: offline, or offline with its key's history kept
+            gone += usize::from(matches!(o, PushOutcome::Offline | PushOutcome::Stored));
         }
         m.stalled_disconnected = Some(gone);
     }
