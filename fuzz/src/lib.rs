@@ -467,7 +467,14 @@ fn resume<T>(r: Result<T, tokio::task::JoinError>) -> T {
 
 async fn play(script: &Script) -> Vec<SessionOutcome> {
     let setup = script.setup;
-    let registry = Arc::new(Registry::new(4));
+    // History on for every source, so resume requests in fuzzed Auth bodies and
+    // the replay paths are exercised too.
+    let history = quicpush::history::History::from_config(&quicpush::config::HistoryConfig {
+        room: true,
+        all: true,
+        ..Default::default()
+    });
+    let registry = Arc::new(Registry::with_history(4, usize::MAX, history));
     let shutdown = Shutdown::new();
     let ctx = Arc::new(SessionContext {
         registry: registry.clone(),
@@ -548,8 +555,9 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
                         registry.push_users(&[i64::from(who & 3) + 1], pushed, &frame);
                     }
                     _ => {
+                        let meta = registry.append_broadcast(&frame);
                         for b in 0..registry.bucket_count() {
-                            registry.push_bucket(b, pushed, &frame);
+                            registry.push_bucket(b, pushed, &frame, meta);
                         }
                     }
                 }
