@@ -638,7 +638,8 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
 fn check_replies(result: &Result<SessionEnd, SessionError>, bytes: Vec<u8>) -> Vec<Frame> {
     let mut buf = BytesMut::from(&bytes[..]);
     let mut frames = Vec::new();
-    while let Ok(Some(f)) = protocol::decode(&mut buf, protocol::MAX_BODY_LIMIT) {
+    // Resume-capable sessions' pushes carry the 32-byte header.
+    while let Ok(Some((f, _))) = protocol::decode_server(&mut buf, protocol::MAX_BODY_LIMIT) {
         frames.push(f);
     }
     // A slow consumer's connection is dropped mid-write, without DisconnectReply.
