@@ -91,21 +91,7 @@ impl PushClient {
         server_name: &str,
         config: quinn::ClientConfig,
     ) -> Result<PushClient, PushClientError> {
-        let endpoint = tls::client_endpoint(addr)?;
-        let conn = endpoint
-            .connect_with(config, addr, server_name)
-            .map_err(|e| PushClientError::Quic(e.to_string()))?
-            .await
-            .map_err(|e| PushClientError::Quic(e.to_string()))?;
-        let (send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| PushClientError::Quic(e.to_string()))?;
-        Ok(Self::from_parts(
-            Box::new(recv),
-            Box::new(send),
-            Some((conn, endpoint)),
-        ))
+        Self::connect_quic_on(tls::client_endpoint(addr)?, addr, server_name, config).await
     }
 
     /// Connects over QUIC from a ready endpoint (e.g. one whose socket simulates

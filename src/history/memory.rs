@@ -40,15 +40,6 @@ impl StreamId {
             StreamId::All => StreamRef::All,
         }
     }
-
-    fn from_ref(s: StreamRef<'_>) -> Self {
-        match s {
-            StreamRef::Key(k) => StreamId::Key(k.into()),
-            StreamRef::User(m) => StreamId::User(m),
-            StreamRef::Room(r) => StreamId::Room(r.into()),
-            StreamRef::All => StreamId::All,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -112,33 +103,30 @@ impl Shard {
     }
 
     fn get_or_create(&mut self, s: StreamRef<'_>, now: Instant) -> &mut Stream {
-        let id = || StreamId::from_ref(s);
-        match s {
-            StreamRef::Key(k) => {
-                if !self.keys.contains_key(k) {
-                    let id = id();
-                    let StreamId::Key(a) = &id else {
-                        unreachable!("a key stream's id is a key")
-                    };
-                    self.keys.insert(a.clone(), Stream::new(id, now));
-                }
-                self.keys.get_mut(k).unwrap_or_else(|| unreachable!())
+        /// A stream in a map keyed by name, made (one allocation) only if missing.
+        fn named<'m>(
+            map: &'m mut Map<Arc<str>>,
+            name: &str,
+            make: impl FnOnce(Arc<str>) -> StreamId,
+            now: Instant,
+        ) -> &'m mut Stream {
+            if !map.contains_key(name) {
+                let a: Arc<str> = name.into();
+                map.insert(a.clone(), Stream::new(make(a), now));
             }
+            map.get_mut(name)
+                .unwrap_or_else(|| unreachable!("inserted above"))
+        }
+        match s {
+            StreamRef::Key(k) => named(&mut self.keys, k, StreamId::Key, now),
             StreamRef::User(m) => self
                 .users
                 .entry(m)
-                .or_insert_with(|| Stream::new(id(), now)),
-            StreamRef::Room(r) => {
-                if !self.rooms.contains_key(r) {
-                    let id = id();
-                    let StreamId::Room(a) = &id else {
-                        unreachable!("a room stream's id is a room")
-                    };
-                    self.rooms.insert(a.clone(), Stream::new(id, now));
-                }
-                self.rooms.get_mut(r).unwrap_or_else(|| unreachable!())
-            }
-            StreamRef::All => self.all.get_or_insert_with(|| Stream::new(id(), now)),
+                .or_insert_with(|| Stream::new(StreamId::User(m), now)),
+            StreamRef::Room(r) => named(&mut self.rooms, r, StreamId::Room, now),
+            StreamRef::All => self
+                .all
+                .get_or_insert_with(|| Stream::new(StreamId::All, now)),
         }
     }
 
