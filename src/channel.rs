@@ -147,7 +147,9 @@ impl OutQueue {
         }
         if let Stamp::Push(meta) = stamp {
             let floor = s.floors[meta.source.index()];
-            if s.resume
+            // A replay (forced) is what set the floor; only live copies are dropped.
+            if !force
+                && s.resume
                 && meta.is_tracked()
                 && meta.epoch == floor.epoch
                 && meta.offset <= floor.offset
