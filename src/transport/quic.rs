@@ -82,7 +82,7 @@ pub async fn serve(
                         return;
                     }
                 };
-                let result = session::run(ctx, recv, send, Transport::Quic).await;
+                let result = session::run(ctx, recv, send, Transport::Quic, None).await;
                 super::log_end(&result);
                 conn.close(code::DONE.into(), b"bye");
                 drop(permits);
