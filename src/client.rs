@@ -5,6 +5,12 @@
 //! keeps between connections (its key and last position per source), and
 //! [`ResumingClient`] reconnects with backoff and jitter and resumes, so a caller
 //! sees one unbroken stream of pushes: each once, in per-source order.
+//!
+//! Over QUIC, [`PushClient::connect_quic_0rtt`] sends Auth as 0-RTT data when the
+//! [`quinn::ClientConfig`] holds a session ticket from an earlier connection (reuse
+//! one config, or clones of it): the server answers with AuthReply and the replay
+//! before the handshake ends, so the first missed push arrives one round trip
+//! after the client started. [`ResumingClient`] does this on every QUIC reconnect.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -48,6 +54,30 @@ pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
 pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 /// A QUIC client's connection and endpoint, kept alive with its stream.
 pub type QuicParts = (quinn::Connection, quinn::Endpoint);
+
+/// What a 0-RTT connection attempt came to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRtt {
+    /// The client config held a ticket for the server: Auth went out as 0-RTT data.
+    pub attempted: bool,
+    /// The server accepted the 0-RTT data. After an attempt, `false` means the
+    /// server rejected it and the client sent Auth again once the handshake was done.
+    pub accepted: bool,
+}
+
+fn quic_err(e: impl std::fmt::Display) -> PushClientError {
+    PushClientError::Quic(e.to_string())
+}
+
+/// Opens the client's stream and writes `first` on it.
+async fn open_and_send(
+    conn: &quinn::Connection,
+    first: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream), PushClientError> {
+    let (mut send, recv) = conn.open_bi().await.map_err(quic_err)?;
+    send.write_all(first).await.map_err(quic_err)?;
+    Ok((send, recv))
+}
 
 /// One client connection.
 pub struct PushClient {
@@ -129,6 +159,63 @@ impl PushClient {
         }
     }
 
+    /// Connects over QUIC from `endpoint` and sends Auth with `auth_body` (seq 1) as
+    /// early as it can: as 0-RTT data when `config` holds a ticket for
+    /// `server_name` from an earlier connection made with it, else once the
+    /// handshake completes. If the server rejects the 0-RTT data (it discards it),
+    /// the stream is opened again and Auth sent again, so the caller gets a working
+    /// connection either way.
+    ///
+    /// Returns once the handshake is done and Auth is sent; the server's AuthReply
+    /// (with, for a resume request, the replay behind it) is read as usual, e.g.
+    /// with [`PushClient::resume_reply`].
+    pub async fn connect_quic_0rtt(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+        auth_body: impl Into<Bytes>,
+    ) -> Result<(PushClient, ZeroRtt), PushClientError> {
+        let auth = Frame::new(op::AUTH, 1, auth_body).to_bytes();
+        let connecting = endpoint
+            .connect_with(config, addr, server_name)
+            .map_err(quic_err)?;
+        let (conn, (send, recv), zero_rtt) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => {
+                // The stream and Auth leave with the ClientHello.
+                let (early, accepted) = tokio::join!(open_and_send(&conn, &auth), accepted);
+                if let Some(e) = conn.close_reason() {
+                    return Err(quic_err(e));
+                }
+                let stream = match (accepted, early) {
+                    (true, early) => early?,
+                    // Rejected: the server never saw that stream; open it again.
+                    (false, early) => {
+                        drop(early);
+                        open_and_send(&conn, &auth).await?
+                    }
+                };
+                let z = ZeroRtt {
+                    attempted: true,
+                    accepted,
+                };
+                (conn, stream, z)
+            }
+            Err(connecting) => {
+                let conn = connecting.await.map_err(quic_err)?;
+                let stream = open_and_send(&conn, &auth).await?;
+                (conn, stream, ZeroRtt::default())
+            }
+        };
+        let mut c = Self::from_parts(
+            Box::new(recv),
+            Box::new(send),
+            Some((conn, endpoint.clone())),
+        );
+        c.seq = 1;
+        Ok((c, zero_rtt))
+    }
+
     /// Sends a frame with the next seq; returns that seq.
     pub async fn send(&mut self, op: u32, body: impl Into<Bytes>) -> Result<u32, PushClientError> {
         self.seq = self.seq.wrapping_add(1);
@@ -170,6 +257,15 @@ impl PushClient {
         let body = resume_auth_body(token, &state.request())
             .map_err(|e| PushClientError::BadResumeReply(e.to_string()))?;
         self.send(op::AUTH, body).await?;
+        self.resume_reply(state).await
+    }
+
+    /// Reads the AuthReply to a resume request already sent and applies its answer
+    /// to `state`.
+    pub async fn resume_reply(
+        &mut self,
+        state: &mut ResumeState,
+    ) -> Result<ResumeReply, PushClientError> {
         let f = match self.next_frame().await? {
             Some(f) if f.op == op::AUTH_REPLY => f,
             Some(f) => return Err(PushClientError::AuthRefused(f.op)),
@@ -371,8 +467,14 @@ pub struct ResumingClient {
     backoff: Backoff,
     pub state: ResumeState,
     conn: Option<PushClient>,
+    /// The QUIC endpoint every connection is made from, once there is one.
+    endpoint: Option<quinn::Endpoint>,
     /// Connections made, the first included.
     pub connects: u64,
+    /// QUIC connections that sent Auth as 0-RTT data.
+    pub zero_rtt_attempted: u64,
+    /// Of those, the ones whose 0-RTT data the server accepted.
+    pub zero_rtt_accepted: u64,
 }
 
 impl std::fmt::Debug for ResumingClient {
@@ -398,7 +500,10 @@ impl ResumingClient {
             backoff,
             state: ResumeState::default(),
             conn: None,
+            endpoint: None,
             connects: 0,
+            zero_rtt_attempted: 0,
+            zero_rtt_accepted: 0,
         };
         let reply = c.reconnect().await;
         (c, reply)
@@ -420,8 +525,42 @@ impl ResumingClient {
     }
 
     async fn try_connect(&mut self) -> Result<ResumeReply, PushClientError> {
-        let mut c = self.dial.connect().await?;
-        let reply = c.auth_resume(&self.token, &mut self.state).await?;
+        let (c, reply) = match &self.dial {
+            Dial::Tcp(_) => {
+                let mut c = self.dial.connect().await?;
+                let reply = c.auth_resume(&self.token, &mut self.state).await?;
+                (c, reply)
+            }
+            Dial::Quic {
+                addr,
+                server_name,
+                config,
+            } => {
+                // One endpoint for every connection; the tickets live in `config`.
+                let endpoint = match &self.endpoint {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = tls::client_endpoint(*addr)?;
+                        self.endpoint = Some(e.clone());
+                        e
+                    }
+                };
+                let body = resume_auth_body(&self.token, &self.state.request())
+                    .map_err(|e| PushClientError::BadResumeReply(e.to_string()))?;
+                let (mut c, z) = PushClient::connect_quic_0rtt(
+                    &endpoint,
+                    *addr,
+                    server_name,
+                    config.clone(),
+                    body,
+                )
+                .await?;
+                self.zero_rtt_attempted += u64::from(z.attempted);
+                self.zero_rtt_accepted += u64::from(z.accepted);
+                let reply = c.resume_reply(&mut self.state).await?;
+                (c, reply)
+            }
+        };
         self.connects += 1;
         self.conn = Some(c);
         Ok(reply)

@@ -101,6 +101,9 @@ impl Default for ClientConfig {
     }
 }
 
+/// Most sessions `quic.session_cache` may remember.
+pub const MAX_SESSION_CACHE: usize = 10_000_000;
+
 /// QUIC transport settings, sized for many mostly idle clients.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -117,6 +120,14 @@ pub struct QuicConfig {
     pub receive_window: u32,
     /// Per-connection send window, bytes.
     pub send_window: u64,
+    /// Returning clients resume their TLS session and send Auth as 0-RTT data:
+    /// each connection gets one single-use session ticket. `false`: no tickets,
+    /// every connection does a full handshake.
+    pub zero_rtt: bool,
+    /// Sessions remembered for returning clients (one per connection that got a
+    /// ticket; the oldest is forgotten first, and its client does a full
+    /// handshake). About 300 bytes each.
+    pub session_cache: usize,
 }
 
 impl Default for QuicConfig {
@@ -131,6 +142,8 @@ impl Default for QuicConfig {
             stream_receive_window: 64 * 1024,
             receive_window: 128 * 1024,
             send_window: 1024 * 1024,
+            zero_rtt: true,
+            session_cache: 100_000,
         }
     }
 }
@@ -404,6 +417,15 @@ impl Config {
         if q.send_window < 1024 {
             return Err(invalid("quic.send_window", "must be at least 1024"));
         }
+        if q.zero_rtt && (q.session_cache == 0 || q.session_cache > MAX_SESSION_CACHE) {
+            return Err(invalid(
+                "quic.session_cache",
+                format!(
+                    "{} is outside 1..={MAX_SESSION_CACHE} (or set quic.zero_rtt = false)",
+                    q.session_cache
+                ),
+            ));
+        }
         let r = &self.rpc;
         if r.bind.is_empty() {
             return Err(invalid("rpc.bind", "needs at least one address"));
@@ -577,6 +599,8 @@ mod tests {
                 "quic.receive_window",
             ),
             ("[quic]\nsend_window = 1\n", "quic.send_window"),
+            ("[quic]\nsession_cache = 0\n", "quic.session_cache"),
+            ("[quic]\nsession_cache = 10000001\n", "quic.session_cache"),
             ("[rpc]\nbind = []\n", "rpc.bind"),
             ("[rpc]\nmax_request_bytes = 10\n", "rpc.max_request_bytes"),
             (
@@ -600,6 +624,13 @@ mod tests {
         for (text, field) in cases {
             assert_eq!(field_of(text), *field, "for {text:?}");
         }
+    }
+
+    #[test]
+    fn session_cache_is_only_checked_with_zero_rtt_on() {
+        let c = Config::parse("[quic]\nzero_rtt = false\nsession_cache = 0\n").unwrap();
+        assert!(!c.quic.zero_rtt);
+        assert!(Config::default().quic.zero_rtt);
     }
 
     #[test]

@@ -47,6 +47,12 @@
 //! queue refuses a history-backed push is closed (nothing is skipped silently): its
 //! client resumes and gets it from history.
 //!
+//! Over QUIC a returning client sends that Auth as 0-RTT data: AuthReply and the
+//! replay leave at once as 0.5-RTT data, while registering (and so replacing
+//! another connection of the key, joining a room) waits until the handshake is
+//! confirmed, so a replayed 0-RTT flight changes nothing ([`transport::quic`],
+//! [`session`]). Session tickets are issued on the client port only ([`tls`]).
+//!
 //! # Layout
 //!
 //! - [`protocol`]: goim v2 frames (16-byte header + body), ops, encode/decode, and

@@ -452,73 +452,13 @@ impl Registry {
         }
         // History: streams exist while their client is connected (so a push after
         // it leaves is kept), and a resume-capable channel gets its replay.
-        let mut reply = None;
-        let mut replay = Vec::new();
-        if let Some(h) = &self.history {
-            let mut r = ResumeReply {
-                key: chan.key.to_string(),
-                ..ResumeReply::default()
-            };
-            let streams = [
-                Some(StreamRef::Key(&chan.key)),
-                chan.mid.map(StreamRef::User),
-                room.as_deref().map(StreamRef::Room),
-                Some(StreamRef::All),
-            ];
-            for stream in streams.into_iter().flatten() {
-                let source = stream.source();
-                if !h.keeps(source) {
-                    continue;
+        let (reply, replay) = self.read_resume(&chan, room.as_deref(), &accepts, positions);
+        if let Some(r) = reply.as_ref().filter(|_| chan.resume) {
+            for source in Source::ALL {
+                if let Some(state) = r.source(source) {
+                    chan.set_floor(source, state.position());
                 }
-                let asked = positions.and_then(|p| p.get(source));
-                let state = match (chan.resume, asked) {
-                    (true, Some(pos)) => {
-                        let rec = h.store().since(stream, pos);
-                        if rec.recovered {
-                            replay.extend(
-                                rec.entries
-                                    .into_iter()
-                                    .filter(|(_, f)| accepts.accepts(op_of(f)))
-                                    .map(|(offset, f)| {
-                                        let epoch = rec.top.epoch;
-                                        (
-                                            f,
-                                            PushMeta {
-                                                source,
-                                                epoch,
-                                                offset,
-                                            },
-                                        )
-                                    }),
-                            );
-                        }
-                        SourceState {
-                            epoch: rec.top.epoch,
-                            offset: rec.top.offset,
-                            recovered: Some(rec.recovered),
-                        }
-                    }
-                    _ => {
-                        let top = h.store().ensure(stream);
-                        SourceState {
-                            epoch: top.epoch,
-                            offset: top.offset,
-                            recovered: None,
-                        }
-                    }
-                };
-                if chan.resume {
-                    chan.set_floor(
-                        source,
-                        crate::history::Position {
-                            epoch: state.epoch,
-                            offset: state.offset,
-                        },
-                    );
-                }
-                r.sources.insert(source.name().to_owned(), state);
             }
-            reply = Some(r);
         }
         if let Some(frame) = auth_reply(reply.filter(|_| chan.resume)) {
             chan.force_reply(&frame);
@@ -542,6 +482,94 @@ impl Registry {
             b.rooms.entry(room).or_default().insert(idx);
         }
         Ok(replaced)
+    }
+
+    /// What registering `chan` would answer and replay, changing no registration:
+    /// the state of every source the channel receives with history on (`None`
+    /// with history off) and, for a resume-capable channel, each source's pushes
+    /// since the client's `positions` that `accepts` lets through, in order.
+    ///
+    /// For a connection whose handshake is not confirmed yet (QUIC 0-RTT): its
+    /// AuthReply and replay go out at once, and [`Registry::register_with`] runs
+    /// once the handshake is confirmed, from the tops reported here. It touches
+    /// no bucket, room, user or counter; like any connection of the key it
+    /// creates a missing stream (empty, with a new epoch) and marks the streams
+    /// used, so their retention starts over.
+    pub fn peek_resume(
+        &self,
+        chan: &Channel,
+        room: Option<&str>,
+        accepts: &OpFilter,
+        positions: Option<&Positions>,
+    ) -> (Option<ResumeReply>, Vec<(Bytes, PushMeta)>) {
+        self.read_resume(chan, room, accepts, positions)
+    }
+
+    /// The history part of a registration: each source's state and the replay.
+    fn read_resume(
+        &self,
+        chan: &Channel,
+        room: Option<&str>,
+        accepts: &OpFilter,
+        positions: Option<&Positions>,
+    ) -> (Option<ResumeReply>, Vec<(Bytes, PushMeta)>) {
+        let mut replay = Vec::new();
+        let Some(h) = &self.history else {
+            return (None, replay);
+        };
+        let mut r = ResumeReply {
+            key: chan.key.to_string(),
+            ..ResumeReply::default()
+        };
+        let streams = [
+            Some(StreamRef::Key(&chan.key)),
+            chan.mid.map(StreamRef::User),
+            room.map(StreamRef::Room),
+            Some(StreamRef::All),
+        ];
+        for stream in streams.into_iter().flatten() {
+            let source = stream.source();
+            if !h.keeps(source) {
+                continue;
+            }
+            let asked = positions.and_then(|p| p.get(source));
+            let state = match (chan.resume, asked) {
+                (true, Some(pos)) => {
+                    let rec = h.store().since(stream, pos);
+                    if rec.recovered {
+                        let epoch = rec.top.epoch;
+                        replay.extend(
+                            rec.entries
+                                .into_iter()
+                                .filter(|(_, f)| accepts.accepts(op_of(f)))
+                                .map(|(offset, f)| {
+                                    let meta = PushMeta {
+                                        source,
+                                        epoch,
+                                        offset,
+                                    };
+                                    (f, meta)
+                                }),
+                        );
+                    }
+                    SourceState {
+                        epoch: rec.top.epoch,
+                        offset: rec.top.offset,
+                        recovered: Some(rec.recovered),
+                    }
+                }
+                _ => {
+                    let top = h.store().ensure(stream);
+                    SourceState {
+                        epoch: top.epoch,
+                        offset: top.offset,
+                        recovered: None,
+                    }
+                }
+            };
+            r.sources.insert(source.name().to_owned(), state);
+        }
+        (Some(r), replay)
     }
 
     /// Removes `chan` if it is still the channel registered under its key.

@@ -11,12 +11,44 @@
 //! socket's write half. When the server closes the channel (replaced, kicked,
 //! shutdown) the writer drains the queue, adds DisconnectReply and finishes the
 //! stream. When either side fails, the other stops too.
+//!
+//! # Auth before the handshake is confirmed (QUIC 0-RTT)
+//!
+//! [`run`] may be handed a [`HandshakeConfirmed`] future: the transport's proof
+//! that the peer holds the handshake keys. TCP passes none (its TLS-less goim
+//! protocol has nothing to confirm), and neither does a QUIC connection whose
+//! handshake was done before its Auth arrived: their Auth registers at once, in one
+//! [`Registry::register_with`]. When Auth came as 0-RTT data, which a recorded
+//! flight can replay, the session splits it in two:
+//!
+//! 1. **At once, read-only.** Auth is verified, the channel built, and for a
+//!    resume-capable client [`Registry::peek_resume`] reads each source's state
+//!    and the pushes since its positions, changing no registration. AuthReply
+//!    (with the resume JSON) and the replay are queued and the writer started: they
+//!    leave as 0.5-RTT data, readable only by the holder of the keys. A goim
+//!    client gets nothing yet: its AuthReply means "registered", and it has no
+//!    replay to gain.
+//! 2. **Once confirmed** (at most `client.handshake_timeout`): the channel is
+//!    registered with positions = the tops phase 1 reported, so whatever was
+//!    appended in between is replayed behind the first replay, floors are set and
+//!    live pushes follow, each once. AuthReply is not sent again. If history no
+//!    longer holds a source from its reported top (dropped in the gap, or a new
+//!    epoch), the channel is closed with [`CloseReason::Overflow`] before any live
+//!    push is queued: the client resumes again and is told, never a silent gap.
+//!
+//! If the handshake is lost or times out first, nothing was registered: no
+//! connection was replaced, no room joined, no frame after Auth handled. The
+//! session ends with [`SessionEnd::Unconfirmed`]. Phase 1's only lasting trace is
+//! the one any connection of the key leaves in history: a missing stream is
+//! created empty and the streams' retention starts over.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -25,6 +57,7 @@ use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
 use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
 use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source};
 use crate::registry::{OpFilter, Registry, RoomsFull};
+use crate::resume::{Positions, ResumeReply};
 use crate::shutdown::Shutdown;
 
 /// How long a finishing writer waits for the peer to take the last bytes.
@@ -191,6 +224,9 @@ pub enum SessionEnd {
     ClientClosed,
     /// The server closed it (DisconnectReply sent).
     ServerClosed(CloseReason),
+    /// The handshake was never confirmed (lost or timed out) after a 0-RTT Auth:
+    /// nothing was registered. What a replayed 0-RTT flight comes to.
+    Unconfirmed,
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream between frames.
@@ -219,12 +255,77 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// The AuthReply frame: goim's empty body, or for a resume-capable connection the
+/// [`ResumeReply`] JSON.
+fn auth_reply_frame(resume: bool, key: &str, seq: u32, state: Option<ResumeReply>) -> Bytes {
+    let body = match (resume, state) {
+        (true, Some(state)) => Bytes::from(serde_json::to_vec(&state).unwrap_or_default()),
+        // Resume asked for with history off: every source is untracked.
+        (true, None) => Bytes::from(
+            serde_json::to_vec(&ResumeReply {
+                key: key.to_owned(),
+                ..Default::default()
+            })
+            .unwrap_or_default(),
+        ),
+        (false, _) => Bytes::new(),
+    };
+    Frame::new(op::AUTH_REPLY, seq, body).to_bytes()
+}
+
+/// The top of every source AuthReply reported: where phase 2 resumes from.
+fn tops_of(reply: &ResumeReply) -> Positions {
+    let mut p = Positions::default();
+    for source in Source::ALL {
+        p.set(source, reply.source(source).map(|s| s.position()));
+    }
+    p
+}
+
+/// How the wait for a handshake's confirmation ended.
+enum Confirmation {
+    Confirmed,
+    /// Lost, timed out, or the writer failed.
+    Unconfirmed,
+    Shutdown,
+}
+
+/// Waits for the handshake to be confirmed, at most `client.handshake_timeout`.
+async fn confirmation(
+    ctx: &SessionContext,
+    confirm: HandshakeConfirmed,
+    stop: &CancellationToken,
+) -> Confirmation {
+    tokio::select! {
+        c = tokio::time::timeout(ctx.limits.handshake_timeout, confirm) => {
+            if matches!(c, Ok(true)) {
+                Confirmation::Confirmed
+            } else {
+                Confirmation::Unconfirmed
+            }
+        }
+        _ = ctx.shutdown.cancelled() => Confirmation::Shutdown,
+        // the writer stopped: the connection is gone
+        _ = stop.cancelled() => Confirmation::Unconfirmed,
+    }
+}
+
+/// Resolves once the transport's handshake is confirmed (`true`: the peer proved
+/// it holds the handshake keys), or to `false` when the connection was lost or
+/// the handshake timed out first. See the module docs.
+pub type HandshakeConfirmed = Pin<Box<dyn Future<Output = bool> + Send>>;
+
 /// Runs a client session to its end. The caller's span names the connection.
+///
+/// `confirmed` is `None` when the handshake is already confirmed (TCP); a QUIC
+/// connection that accepted 0-RTT data passes the future that resolves once it
+/// is, and the session defers every side effect of its Auth until then.
 pub async fn run<R, W>(
     ctx: Arc<SessionContext>,
     mut reader: R,
     writer: W,
     transport: Transport,
+    confirmed: Option<HandshakeConfirmed>,
 ) -> Result<SessionEnd, SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -257,31 +358,130 @@ where
         resume,
     );
     let mut room: Option<Arc<str>> = id.room.as_deref().map(Arc::from);
-    // AuthReply goes first in the queue, before any push, then the replay: both
-    // are queued in the registration's critical section.
+    let accepts = OpFilter::new(id.accepts.clone());
     let auth_seq = auth.seq;
+    let auth_reply = |state| auth_reply_frame(resume, &id.key, auth_seq, state);
     let positions = id.resume.as_ref().map(|r| &r.positions);
-    let replaced = ctx.registry.register_with(
-        chan.clone(),
-        room.clone(),
-        OpFilter::new(id.accepts.clone()),
-        positions,
-        |state| {
-            let body = match (resume, state) {
-                (true, Some(state)) => Bytes::from(serde_json::to_vec(&state).unwrap_or_default()),
-                // Resume asked for with history off: every source is untracked.
-                (true, None) => Bytes::from(
-                    serde_json::to_vec(&crate::resume::ResumeReply {
-                        key: id.key.clone(),
-                        ..Default::default()
-                    })
-                    .unwrap_or_default(),
-                ),
-                (false, _) => Bytes::new(),
+
+    // Confirmed already (TCP, or a QUIC handshake that finished before its Auth
+    // was read), or not yet (Auth came as 0-RTT data)?
+    let mut pending = confirmed;
+    if let Some(c) = pending.as_mut() {
+        match c.as_mut().now_or_never() {
+            Some(true) => pending = None,
+            Some(false) => {
+                debug!("handshake failed before Auth was handled: nothing registered");
+                return Ok(SessionEnd::Unconfirmed);
+            }
+            None => {}
+        }
+    }
+
+    let stop = CancellationToken::new();
+    let spawn_writer = |writer: W, rx: OutReceiver| {
+        tokio::spawn(write_loop(
+            writer,
+            rx,
+            chan.clone(),
+            stop.clone(),
+            limits.write_timeout,
+        ))
+    };
+    let (writer_task, replaced) = match pending {
+        None => {
+            // AuthReply goes first in the queue, before any push, then the replay:
+            // both are queued in the registration's critical section.
+            let replaced = ctx.registry.register_with(
+                chan.clone(),
+                room.clone(),
+                accepts,
+                positions,
+                |state| Some(auth_reply(state)),
+            )?;
+            (spawn_writer(writer, rx), replaced)
+        }
+        Some(confirm) => {
+            // Phase 1, before the handshake is confirmed: only what has no side
+            // effect. A resume-capable client gets AuthReply and its replay now,
+            // as 0.5-RTT data that only the holder of the handshake keys can read.
+            let tops = if resume {
+                let (state, replay) =
+                    ctx.registry
+                        .peek_resume(&chan, room.as_deref(), &accepts, positions);
+                let tops = state.as_ref().map(tops_of);
+                chan.force_reply(&auth_reply(state));
+                for (frame, meta) in &replay {
+                    chan.force_push(frame, *meta);
+                }
+                debug!(
+                    replayed = replay.len(),
+                    "0-RTT Auth: AuthReply and replay sent before the handshake is confirmed"
+                );
+                tops
+            } else {
+                None
             };
-            Some(Frame::new(op::AUTH_REPLY, auth_seq, body).to_bytes())
-        },
-    )?;
+            let writer_task = spawn_writer(writer, rx);
+            match confirmation(&ctx, confirm, &stop).await {
+                Confirmation::Confirmed => {}
+                Confirmation::Unconfirmed => {
+                    // A replayed 0-RTT flight ends here: nothing was registered.
+                    debug!("handshake not confirmed: the 0-RTT Auth registered nothing");
+                    chan.shut();
+                    writer_task.abort();
+                    let _ = writer_task.await;
+                    return Ok(SessionEnd::Unconfirmed);
+                }
+                Confirmation::Shutdown => {
+                    chan.close(CloseReason::Shutdown);
+                    let _ = writer_task.await;
+                    return Ok(SessionEnd::ServerClosed(CloseReason::Shutdown));
+                }
+            }
+            // Phase 2: the peer holds the keys. Register, replaying what was
+            // appended since the tops phase 1 reported (AuthReply already went).
+            let registered = if resume {
+                let mut gap = false;
+                let r = ctx.registry.register_with(
+                    chan.clone(),
+                    room.clone(),
+                    accepts,
+                    tops.as_ref(),
+                    |state| {
+                        gap = state.is_some_and(|s| {
+                            s.sources.values().any(|st| st.recovered == Some(false))
+                        });
+                        if gap {
+                            // History lost pushes after what AuthReply told the
+                            // client: closed before any live push is queued, so
+                            // its client resumes and is told, never a silent gap.
+                            chan.close(CloseReason::Overflow);
+                        }
+                        None
+                    },
+                );
+                if gap {
+                    debug!("history changed before the handshake was confirmed: the client resumes again");
+                }
+                r
+            } else {
+                // A goim client learns it is registered from AuthReply: it is sent
+                // now, at registration, as on TCP.
+                ctx.registry
+                    .register_with(chan.clone(), room.clone(), accepts, None, |state| {
+                        Some(auth_reply(state))
+                    })
+            };
+            match registered {
+                Ok(replaced) => (writer_task, replaced),
+                Err(e) => {
+                    chan.shut();
+                    let _ = writer_task.await;
+                    return Err(e.into());
+                }
+            }
+        }
+    };
     if let Some(old) = replaced {
         debug!(
             old_conn = old.id,
@@ -293,15 +493,6 @@ where
         chan.close(CloseReason::Shutdown);
     }
     debug!(mid = ?id.mid, room = ?room, platform = %id.platform, "authenticated");
-
-    let stop = CancellationToken::new();
-    let writer_task = tokio::spawn(write_loop(
-        writer,
-        rx,
-        chan.clone(),
-        stop.clone(),
-        limits.write_timeout,
-    ));
 
     let result = read_loop(&ctx, &mut reader, &mut buf, &chan, &mut room, &stop).await;
 
@@ -558,7 +749,7 @@ mod tests {
     ) -> (Result<SessionEnd, SessionError>, Vec<Frame>) {
         let (client, server) = tokio::io::duplex(1024);
         let (read, write) = tokio::io::split(server);
-        let session = tokio::spawn(run(ctx.clone(), read, write, Transport::Tcp));
+        let session = tokio::spawn(run(ctx.clone(), read, write, Transport::Tcp, None));
         let (mut client_read, mut client_write) = tokio::io::split(client);
         client_write.write_all(input).await.unwrap();
         client_write.shutdown().await.unwrap();
@@ -576,6 +767,209 @@ mod tests {
 
     fn frames(fs: &[Frame]) -> Vec<u8> {
         fs.iter().flat_map(|f| f.to_bytes()).collect()
+    }
+
+    fn history_ctx(size: usize) -> Arc<SessionContext> {
+        let config = crate::config::HistoryConfig {
+            size,
+            ..Default::default()
+        };
+        let history = crate::history::History::from_config(&config);
+        let ctx = ctx();
+        Arc::new(SessionContext {
+            registry: Arc::new(Registry::with_history(4, usize::MAX, history)),
+            auth: Authenticator::Open,
+            limits: ctx.limits.clone(),
+            shutdown: Shutdown::new(),
+        })
+    }
+
+    /// A client whose session's handshake is confirmed when the test says so.
+    struct Deferred {
+        read: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        write: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+        buf: BytesMut,
+        confirm: Option<tokio::sync::oneshot::Sender<bool>>,
+        session: tokio::task::JoinHandle<Result<SessionEnd, SessionError>>,
+    }
+
+    impl Deferred {
+        async fn start(ctx: &Arc<SessionContext>, auth: &str) -> Deferred {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let (sr, sw) = tokio::io::split(server);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let confirmed: HandshakeConfirmed = Box::pin(async move { rx.await == Ok(true) });
+            let session = tokio::spawn(run(ctx.clone(), sr, sw, Transport::Quic, Some(confirmed)));
+            let (read, mut write) = tokio::io::split(client);
+            let auth = Frame::new(op::AUTH, 1, auth.as_bytes().to_vec());
+            write.write_all(&auth.to_bytes()).await.unwrap();
+            Deferred {
+                read,
+                write,
+                buf: BytesMut::new(),
+                confirm: Some(tx),
+                session,
+            }
+        }
+
+        fn confirm(&mut self, ok: bool) {
+            let _ = self.confirm.take().unwrap().send(ok);
+        }
+
+        async fn next(&mut self) -> (Frame, Option<PushMeta>) {
+            loop {
+                if let Some(f) = protocol::decode_server(&mut self.buf, 4096).unwrap() {
+                    return f;
+                }
+                let read = self.read.read_buf(&mut self.buf);
+                let n = tokio::time::timeout(Duration::from_secs(5), read)
+                    .await
+                    .expect("no frame")
+                    .unwrap();
+                assert!(n > 0, "closed");
+            }
+        }
+
+        /// Nothing arrives for a while.
+        async fn quiet(&mut self) {
+            let read = self.read.read_buf(&mut self.buf);
+            let r = tokio::time::timeout(Duration::from_millis(50), read).await;
+            assert!(r.is_err(), "got {:?}", self.buf);
+        }
+    }
+
+    fn key_frame(body: &'static str) -> Bytes {
+        Frame::new(1000, 0, body.as_bytes()).to_bytes()
+    }
+
+    /// The key's stream, created as a connection would; its epoch.
+    fn key_stream(ctx: &SessionContext) -> u32 {
+        let h = ctx.registry.history().unwrap();
+        h.store().ensure(crate::history::StreamRef::Key("k")).epoch
+    }
+
+    fn resume_auth(epoch: u32, offset: u64) -> String {
+        format!(
+            r#"{{"key":"k","resume":{{"positions":{{"key":{{"epoch":{epoch},"offset":{offset}}}}}}}}}"#
+        )
+    }
+
+    async fn wait_registered(ctx: &SessionContext) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while ctx.registry.get("k").is_none() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_0rtt_auth_gets_its_replay_at_once_and_registers_once_confirmed() {
+        let ctx = history_ctx(100);
+        let epoch = key_stream(&ctx);
+        for b in ["m1", "m2"] {
+            ctx.registry.push_key("k", 1000, &key_frame(b));
+        }
+        let mut c = Deferred::start(&ctx, &resume_auth(epoch, 0)).await;
+        let (reply, _) = c.next().await;
+        assert_eq!(reply.op, op::AUTH_REPLY);
+        let reply: ResumeReply = serde_json::from_slice(&reply.body).unwrap();
+        let key = reply.source(Source::Key).unwrap();
+        assert_eq!((key.offset, key.recovered), (2, Some(true)));
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(c.next().await);
+        }
+        // not registered yet: a push now is only kept
+        assert!(ctx.registry.get("k").is_none());
+        assert_eq!(ctx.registry.online().total, 0);
+        assert_eq!(
+            ctx.registry.push_key("k", 1000, &key_frame("m3")),
+            crate::channel::PushOutcome::Stored
+        );
+        c.confirm(true);
+        wait_registered(&ctx).await;
+        got.push(c.next().await);
+        ctx.registry.push_key("k", 1000, &key_frame("m4"));
+        got.push(c.next().await);
+        let seen: Vec<(u32, Bytes, u64)> = got
+            .into_iter()
+            .map(|(f, m)| (f.seq, f.body, m.unwrap().offset))
+            .collect();
+        let want: Vec<(u32, Bytes, u64)> = (1..=4)
+            .map(|i| (i, Bytes::from(format!("m{i}")), u64::from(i)))
+            .collect();
+        assert_eq!(seen, want, "each once, in order, AuthReply not sent again");
+        c.write.shutdown().await.unwrap();
+        assert_eq!(c.session.await.unwrap().unwrap(), SessionEnd::ClientClosed);
+        assert_eq!(ctx.registry.online().total, 0);
+    }
+
+    #[tokio::test]
+    async fn history_lost_between_the_phases_closes_with_overflow() {
+        let ctx = history_ctx(2);
+        let epoch = key_stream(&ctx);
+        let mut c = Deferred::start(&ctx, &resume_auth(epoch, 0)).await;
+        assert_eq!(c.next().await.0.op, op::AUTH_REPLY);
+        // three pushes while unconfirmed: history keeps only the last two
+        for b in ["m1", "m2", "m3"] {
+            ctx.registry.push_key("k", 1000, &key_frame(b));
+        }
+        c.confirm(true);
+        let (f, _) = c.next().await;
+        assert_eq!(f.op, op::DISCONNECT_REPLY, "no push after the gap: {f:?}");
+        let end = c.session.await.unwrap().unwrap();
+        assert_eq!(end, SessionEnd::ServerClosed(CloseReason::Overflow));
+        assert_eq!(ctx.registry.online().total, 0);
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_0rtt_auth_changes_nothing() {
+        let ctx = history_ctx(100);
+        let (live, _live_rx) =
+            Channel::new(ctx.registry.next_id(), "k".into(), None, Transport::Quic, 8);
+        ctx.registry
+            .register(live.clone(), Some("r".into()), OpFilter::default())
+            .unwrap();
+        // a goim client: nothing at all before confirmation
+        let mut goim = Deferred::start(&ctx, r#"{"key":"k","room_id":"other"}"#).await;
+        goim.quiet().await;
+        goim.confirm(false);
+        assert_eq!(
+            goim.session.await.unwrap().unwrap(),
+            SessionEnd::Unconfirmed
+        );
+        // a resuming one: answered, then nothing
+        let epoch = key_stream(&ctx);
+        let mut resuming = Deferred::start(&ctx, &resume_auth(epoch, 0)).await;
+        assert_eq!(resuming.next().await.0.op, op::AUTH_REPLY);
+        resuming.confirm(false);
+        assert_eq!(
+            resuming.session.await.unwrap().unwrap(),
+            SessionEnd::Unconfirmed
+        );
+        assert_eq!(ctx.registry.get("k").map(|c| c.id), Some(live.id));
+        assert!(!live.is_closed());
+        assert_eq!(ctx.registry.online().total, 1);
+        assert_eq!(ctx.registry.rooms(), vec![("r".to_string(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_goim_client_gets_auth_reply_once_registered() {
+        let ctx = history_ctx(100);
+        let mut c = Deferred::start(&ctx, r#"{"key":"k"}"#).await;
+        c.quiet().await;
+        assert!(ctx.registry.get("k").is_none());
+        c.confirm(true);
+        let (f, _) = c.next().await;
+        assert_eq!((f.op, f.body.len()), (op::AUTH_REPLY, 0));
+        assert!(
+            ctx.registry.get("k").is_some(),
+            "registered before AuthReply"
+        );
+        c.write.shutdown().await.unwrap();
+        assert_eq!(c.session.await.unwrap().unwrap(), SessionEnd::ClientClosed);
     }
 
     #[tokio::test]

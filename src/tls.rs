@@ -2,16 +2,38 @@
 //!
 //! ring is the only crypto provider: every rustls config here is built with
 //! [`provider`], never with a process-wide default.
+//!
+//! # Session tickets and 0-RTT: the client port only
+//!
+//! With `quic.zero_rtt` on, the client port sends each connection one TLS 1.3
+//! session ticket and accepts early data (`max_early_data_size = u32::MAX`, the
+//! only non-zero value QUIC allows), so a returning client sends its Auth as 0-RTT
+//! data. The tickets are **stateful**: the ticket is a random id and the session
+//! lives in this process's [`SessionStore`], which hands each one out once
+//! (`take`). rustls accepts early data only with stateful tickets (RFC 8446
+//! section 8.1): a stateless ticket (the ring ticketer) could be replayed with its
+//! 0-RTT data any number of times, while a stored one resumes one connection and
+//! is gone. [`SessionStore`] replaces rustls' `ServerSessionMemoryCache`, whose
+//! `take` scans every stored session under one lock: at the sizes a push server
+//! needs, that would serialise a reconnect storm. The session layer still treats
+//! 0-RTT data as replayable (see [`crate::transport::quic`]).
+//!
+//! The backend RPC port sends no tickets, stores no sessions and accepts no early
+//! data: its mutual TLS must complete, certificate and all, before a request runs.
+//!
+//! A client resumes when it reuses one [`quinn::ClientConfig`]: rustls' default
+//! in-memory resumption store lives in it ([`quic_client_config`] enables early data).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{NoServerSessionStorage, StoresServerSessions, WebPkiClientVerifier};
 use rustls::RootCertStore;
 
 use crate::certs;
@@ -197,8 +219,110 @@ pub fn rpc_transport(r: &RpcConfig) -> TransportConfig {
     t
 }
 
-/// The server side of client QUIC connections: no client certificate, ALPN `quicpush/1`.
-pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerConfig, TlsError> {
+/// Most shards of a [`SessionStore`].
+const SESSION_SHARDS: usize = 16;
+
+/// Stored TLS sessions of returning clients, keyed by their ticket (a random id):
+/// each is handed out once, and past `capacity` the oldest is forgotten.
+///
+/// Sharded by the ticket's hash; every operation is O(1) amortised under one
+/// shard's lock (a plain mutex, never held across an `.await`).
+pub struct SessionStore {
+    shards: Box<[Mutex<SessionShard>]>,
+    hasher: ahash::RandomState,
+}
+
+#[derive(Default)]
+struct SessionShard {
+    sessions: std::collections::HashMap<Vec<u8>, Vec<u8>, ahash::RandomState>,
+    /// Tickets oldest first; may still name sessions already taken.
+    order: std::collections::VecDeque<Vec<u8>>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore")
+            .field("shards", &self.shards.len())
+            .field("sessions", &self.len())
+            .finish()
+    }
+}
+
+impl SessionStore {
+    /// A store remembering at most about `capacity` sessions (at least one).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        let n = capacity.min(SESSION_SHARDS);
+        let per_shard = capacity.div_ceil(n);
+        SessionStore {
+            shards: (0..n)
+                .map(|_| {
+                    Mutex::new(SessionShard {
+                        capacity: per_shard,
+                        ..SessionShard::default()
+                    })
+                })
+                .collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, ticket: &[u8]) -> &Mutex<SessionShard> {
+        let i = self.hasher.hash_one(ticket) as usize % self.shards.len();
+        &self.shards[i]
+    }
+
+    /// Sessions stored.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().sessions.len()).sum()
+    }
+
+    /// Whether no session is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl StoresServerSessions for SessionStore {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut s = self.shard(&key).lock();
+        if s.sessions.insert(key.clone(), value).is_none() {
+            s.order.push_back(key);
+        }
+        while s.sessions.len() > s.capacity {
+            match s.order.pop_front() {
+                Some(oldest) => {
+                    s.sessions.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        // Taken sessions leave their ticket in `order`: drop those now and then.
+        if s.order.len() > 2 * s.capacity + 16 {
+            let SessionShard {
+                sessions, order, ..
+            } = &mut *s;
+            order.retain(|k| sessions.contains_key(k));
+        }
+        true
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.shard(key).lock().sessions.get(key).cloned()
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.shard(key).lock().sessions.remove(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+/// The rustls side of [`client_server_config`].
+pub fn client_server_tls(dir: &Path, q: &QuicConfig) -> Result<rustls::ServerConfig, TlsError> {
     let certs = load_certs(&dir.join(certs::SERVER_CERT))?;
     let key = load_key(&dir.join(certs::SERVER_KEY))?;
     let mut cfg = server_builder()?
@@ -209,16 +333,37 @@ pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerC
             source,
         })?;
     cfg.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
-    // No resumption tickets: nothing uses them yet, and each costs memory and CPU.
+    if q.zero_rtt {
+        // One single-use ticket per connection: a client has one connection at a
+        // time and gets a new ticket on each. Stateful, since rustls accepts early
+        // data only then (see the module docs).
+        cfg.send_tls13_tickets = 1;
+        cfg.session_storage = Arc::new(SessionStore::new(q.session_cache));
+        // QUIC allows no other non-zero value.
+        cfg.max_early_data_size = u32::MAX;
+    } else {
+        no_resumption(&mut cfg);
+    }
+    Ok(cfg)
+}
+
+/// No tickets, no stored sessions, no early data.
+fn no_resumption(cfg: &mut rustls::ServerConfig) {
     cfg.send_tls13_tickets = 0;
-    let mut sc = to_quic_server(cfg)?;
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.max_early_data_size = 0;
+}
+
+/// The server side of client QUIC connections: no client certificate, ALPN
+/// `quicpush/1`, session tickets and 0-RTT as `quic.zero_rtt` says.
+pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let mut sc = to_quic_server(client_server_tls(dir, q)?)?;
     sc.transport_config(Arc::new(client_transport(q)));
     Ok(sc)
 }
 
-/// The server side of backend RPC: a client certificate signed by `ca.pem` is
-/// required; ALPN `quicpush-rpc/1`.
-pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfig, TlsError> {
+/// The rustls side of [`rpc_server_config`]: mutual TLS, no resumption.
+pub fn rpc_server_tls(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let ca_path = dir.join(certs::CA_CERT);
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&ca_path)?), provider())
@@ -237,7 +382,17 @@ pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfi
             source,
         })?;
     cfg.alpn_protocols = vec![RPC_ALPN.to_vec()];
-    let mut sc = to_quic_server(cfg)?;
+    // A resumed handshake would skip the backend's certificate, and early data
+    // would run a request before it was checked: every connection does the full
+    // mutual handshake.
+    no_resumption(&mut cfg);
+    Ok(cfg)
+}
+
+/// The server side of backend RPC: a client certificate signed by `ca.pem` is
+/// required; ALPN `quicpush-rpc/1`; no session tickets, no 0-RTT.
+pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfig, TlsError> {
+    let mut sc = to_quic_server(rpc_server_tls(dir)?)?;
     sc.transport_config(Arc::new(rpc_transport(r)));
     Ok(sc)
 }
@@ -286,11 +441,16 @@ pub fn rpc_client_config(id: &BackendIdentity) -> Result<quinn::ClientConfig, Tl
 }
 
 /// The client side of client QUIC connections, trusting `ca_path`.
+///
+/// Early data is on and rustls' default in-memory resumption store keeps the
+/// server's tickets: connections made with this same config (or a clone) resume
+/// and may send 0-RTT data (see [`crate::client::PushClient::connect_quic_0rtt`]).
 pub fn quic_client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsError> {
     let mut cfg = client_builder()?
         .with_root_certificates(roots(ca_path)?)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
+    cfg.enable_early_data = true;
     let mut cc = to_quic_client(cfg)?;
     // As the server's defaults (`quic.*`): a keep-alive every 15 s keeps a NAT's
     // UDP mapping, and after a network change the client's next packet is what
@@ -300,4 +460,66 @@ pub fn quic_client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsErro
         .keep_alive_interval(Some(Duration::from_secs(15)));
     cc.transport_config(Arc::new(t));
     Ok(cc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn session_store_hands_each_session_out_once_and_forgets_the_oldest() {
+        let s = SessionStore::new(2);
+        assert!(s.can_cache());
+        assert!(s.put(b"t1".to_vec(), b"s1".to_vec()));
+        assert_eq!(s.get(b"t1").as_deref(), Some(&b"s1"[..]));
+        assert_eq!(s.take(b"t1").as_deref(), Some(&b"s1"[..]));
+        assert_eq!(s.take(b"t1"), None, "a ticket resumes one connection");
+        for i in 0..10u8 {
+            s.put(vec![i], vec![i]);
+        }
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.take(&[9]).as_deref(), Some(&[9u8][..]));
+        assert_eq!(s.take(&[0]), None, "the oldest were forgotten");
+        // taken tickets do not grow the order list without bound
+        for i in 0..1000u32 {
+            let k = i.to_be_bytes().to_vec();
+            s.put(k.clone(), k.clone());
+            s.take(&k);
+        }
+        let order: usize = s.shards.iter().map(|x| x.lock().order.len()).sum();
+        assert!(order <= 2 * (2 + 16), "{order}");
+        let one = SessionStore::new(1);
+        one.put(b"a".to_vec(), b"1".to_vec());
+        one.put(b"b".to_vec(), b"2".to_vec());
+        assert_eq!((one.take(b"a"), one.len()), (None, 1));
+    }
+
+    #[test]
+    fn tickets_and_early_data_on_the_client_port_only() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::ensure(dir.path(), &[]).unwrap();
+        let c = Config::default();
+        let client = client_server_tls(dir.path(), &c.quic).unwrap();
+        assert_eq!(client.send_tls13_tickets, 1);
+        assert_eq!(client.max_early_data_size, u32::MAX);
+        assert!(client.session_storage.can_cache());
+        assert!(!client.ticketer.enabled(), "stateful tickets only");
+
+        let rpc = rpc_server_tls(dir.path()).unwrap();
+        assert_eq!(rpc.send_tls13_tickets, 0);
+        assert_eq!(rpc.max_early_data_size, 0);
+        assert!(!rpc.session_storage.can_cache());
+        assert!(!rpc.ticketer.enabled());
+
+        let mut off = c.quic.clone();
+        off.zero_rtt = false;
+        let client = client_server_tls(dir.path(), &off).unwrap();
+        assert_eq!(client.send_tls13_tickets, 0);
+        assert_eq!(client.max_early_data_size, 0);
+        assert!(!client.session_storage.can_cache());
+        // quinn accepts both
+        client_server_config(dir.path(), &c.quic).unwrap();
+        rpc_server_config(dir.path(), &c.rpc).unwrap();
+    }
 }

@@ -504,6 +504,7 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
                 server_read,
                 server_write,
                 Transport::Tcp,
+                None,
             ));
             let (mut read, write) = tokio::io::split(client);
             let (read, drain) = if setup.slow_clients {

@@ -132,6 +132,9 @@ pub(crate) struct ConnPermits {
 pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
     match result {
         Ok(SessionEnd::ClientClosed) => debug!("connection closed by client"),
+        Ok(SessionEnd::Unconfirmed) => {
+            debug!("handshake never confirmed after a 0-RTT Auth: nothing registered")
+        }
         Ok(SessionEnd::ServerClosed(reason @ CloseReason::SlowConsumer)) => {
             warn!(%reason, "connection closed by server")
         }

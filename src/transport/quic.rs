@@ -22,11 +22,55 @@
 //! connection that moves to an address already at its limit is closed with
 //! [`code::IP_LIMIT`], as a new connection from there would be refused.
 
+//!
+//! # 0-RTT, and what waits for handshake confirmation
+//!
+//! A returning client (one that kept its session ticket, see [`crate::tls`]) opens
+//! its stream and sends Auth (with its resume positions) as 0-RTT data, in the
+//! same flight as its ClientHello. Each connection is accepted with
+//! [`quinn::Connecting::into_0rtt`], which on a server always succeeds: the session
+//! starts at once, reads the early Auth, and answers with 0.5-RTT data (AuthReply
+//! and the replay), which only the holder of the handshake keys can decrypt. So
+//! the first missed push reaches a resuming client one round trip after it started.
+//!
+//! 0-RTT data can be replayed: anyone who recorded the client's first flight can
+//! send it again. So the session is also handed the handshake's confirmation, and
+//! everything with a side effect (registering the connection, replacing another
+//! connection of the key, joining a room, any frame after Auth) waits for it (see
+//! [`crate::session`]). Confirmation is the [`quinn::ZeroRttAccepted`] future
+//! resolving while the connection is still open. On a server that future resolves
+//! when quinn reports the handshake complete, which it does only after rustls has
+//! verified the client's Finished: a MAC over the whole handshake under keys
+//! derived from the resumed secret and a fresh (EC)DHE exchange with this server's
+//! new key share. Whoever replays a recorded flight has neither the client's
+//! ephemeral key nor its resumption secret, cannot produce that Finished, and its
+//! connection is never confirmed. (The future also resolves when the connection
+//! is lost; the connection is then closed, which is why the close reason is
+//! checked: a false "confirmed" is impossible, a false "lost" only happens to a
+//! connection that is gone anyway.)
+//!
+//! A replay meets two more walls before that. The ticket is single-use (stateful,
+//! in this process), so a replay of a flight the server already took gets a full
+//! handshake with no early data; and while the original connection lives, quinn
+//! routes packets with its initial connection id to it, where they are dropped.
+//! What is left is a replay that arrives first, the real flight being delayed or
+//! blocked: its Auth is read and answered, nothing is registered, and the
+//! connection is closed at the handshake deadline. The answer goes to the
+//! replayer's address, at most three times the bytes it sent (QUIC's limit for an
+//! unvalidated address), and is unreadable there.
+//!
+//! The handshake timeout is unchanged: a peer that has not completed the
+//! handshake `client.handshake_timeout` after its first packet is closed with
+//! [`code::NO_HANDSHAKE`] (a watchdog beside the session), so it holds a permit at
+//! most that long.
+
+use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info, info_span, warn, Instrument};
@@ -45,6 +89,8 @@ pub mod code {
     pub const NO_STREAM: u32 = 2;
     /// The client moved to an address at its per-IP connection limit.
     pub const IP_LIMIT: u32 = 3;
+    /// The handshake was not completed within `client.handshake_timeout`.
+    pub const NO_HANDSHAKE: u32 = 4;
 }
 
 /// A client's stream reader that keeps the connection's per-IP permit on the
@@ -100,6 +146,105 @@ impl AsyncRead for FollowPath {
     }
 }
 
+/// Why a handshake was not confirmed.
+#[derive(Debug, Clone)]
+enum Unconfirmed {
+    /// Not within `client.handshake_timeout` of the first packet.
+    TimedOut,
+    /// The connection failed or closed first.
+    Lost(quinn::ConnectionError),
+}
+
+/// The handshake's confirmation, awaited by the session and the watchdog alike.
+type Confirmation = Shared<BoxFuture<'static, Result<(), Unconfirmed>>>;
+
+/// Serves one accepted connection to its end.
+async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_permit: IpPermit) {
+    let timeout = ctx.limits.handshake_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "QUIC handshake failed");
+            return;
+        }
+    };
+    // On the server this always succeeds: 0-RTT keys if the client sent early
+    // data that its ticket allows, 0.5-RTT keys otherwise.
+    let (conn, confirmed): (quinn::Connection, Confirmation) = match connecting.into_0rtt() {
+        Ok((conn, accepted)) => {
+            let c = conn.clone();
+            let confirmed = async move {
+                // Resolves at handshake completion, which a server reaches only
+                // with the client's Finished, or at connection loss.
+                tokio::time::timeout_at(deadline, accepted)
+                    .await
+                    .map_err(|_| Unconfirmed::TimedOut)?;
+                match c.close_reason() {
+                    None => Ok(()),
+                    Some(e) => Err(Unconfirmed::Lost(e)),
+                }
+            };
+            (conn, confirmed.boxed().shared())
+        }
+        Err(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
+            Ok(Ok(conn)) => (conn, async { Ok(()) }.boxed().shared()),
+            Ok(Err(e)) => {
+                warn!(error = %e, "QUIC handshake failed");
+                return;
+            }
+            Err(_) => {
+                warn!(?timeout, "QUIC handshake not completed in time");
+                return;
+            }
+        },
+    };
+    // A peer that starts a handshake and does not finish it holds its permit only
+    // until the deadline: then its connection is closed, whatever the session does.
+    let watchdog = {
+        let conn = conn.clone();
+        let confirmed = confirmed.clone();
+        async move {
+            match confirmed.await {
+                Ok(()) => {}
+                // The peer's failure, not the server's (and what a replayed 0-RTT
+                // flight comes to): info, not warn.
+                Err(Unconfirmed::TimedOut) => {
+                    info!(?timeout, "QUIC handshake not completed in time");
+                    conn.close(code::NO_HANDSHAKE.into(), b"handshake timeout");
+                }
+                Err(Unconfirmed::Lost(e)) => info!(error = %e, "QUIC handshake failed"),
+            }
+            std::future::pending::<Infallible>().await
+        }
+    };
+    let served = async {
+        // The handshake gets its deadline (the watchdog), then the stream as long again.
+        let (send, recv) = match tokio::time::timeout_at(deadline + timeout, conn.accept_bi()).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(error = %e, "connection ended before opening a stream");
+                return;
+            }
+            Err(_) => {
+                warn!(?timeout, "connection closed: no stream opened in time");
+                conn.close(code::NO_STREAM.into(), b"no stream");
+                return;
+            }
+        };
+        let recv = FollowPath::new(recv, conn.clone(), ip_permit);
+        let confirmed = confirmed.clone().map(|r| r.is_ok()).boxed();
+        let result = session::run(ctx, recv, send, Transport::Quic, Some(confirmed)).await;
+        super::log_end(&result);
+    };
+    tokio::select! {
+        () = served => {}
+        never = watchdog => match never {},
+    }
+    conn.close(code::DONE.into(), b"bye");
+}
+
 /// Accepts QUIC clients until shutdown.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -132,36 +277,7 @@ pub async fn serve(
         let ctx = ctx.clone();
         tracker.spawn(
             async move {
-                let timeout = ctx.limits.handshake_timeout;
-                // A peer that starts a handshake and goes quiet holds a permit only
-                // this long (dropping the attempt closes it).
-                let conn = match tokio::time::timeout(timeout, incoming).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "QUIC handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(?timeout, "QUIC handshake not completed in time");
-                        return;
-                    }
-                };
-                let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "connection ended before opening a stream");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(?timeout, "connection closed: no stream opened in time");
-                        conn.close(code::NO_STREAM.into(), b"no stream");
-                        return;
-                    }
-                };
-                let recv = FollowPath::new(recv, conn.clone(), ip_permit);
-                let result = session::run(ctx, recv, send, Transport::Quic).await;
-                super::log_end(&result);
-                conn.close(code::DONE.into(), b"bye");
+                connection(incoming, ctx, ip_permit).await;
                 drop(permit);
             }
             .instrument(span),

@@ -56,7 +56,7 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let (reader, writer) = socket.into_split();
-                let result = session::run(ctx, reader, writer, Transport::Tcp).await;
+                let result = session::run(ctx, reader, writer, Transport::Tcp, None).await;
                 super::log_end(&result);
                 drop(permits);
             }
