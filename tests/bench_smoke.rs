@@ -23,6 +23,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         connect_concurrency: 64,
         stalled: 0,
         tcp_send_buffer: 0,
+        handover: Default::default(),
         target: Target::Spawn { exe: exe.clone() },
         exe,
         progress: false,
