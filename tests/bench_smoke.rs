@@ -125,6 +125,7 @@ fn handover(transport: BenchTransport, mode: HandoverMode) -> BenchOptions {
 async fn check_handover(opts: BenchOptions) {
     let what = format!("handover over {:?}", opts.transport);
     let r = bench::run(&opts).await.unwrap();
+    println!("{}", r.table());
     let h = r.handover.as_ref().expect("a handover report");
     let what = format!("{what}, {}: {h:?}", h.mode.name());
     assert!(h.switches > 0, "{what}: no switch happened");
@@ -146,8 +147,11 @@ async fn check_handover(opts: BenchOptions) {
     match h.mode {
         HandoverMode::Migrate => assert_eq!(h.reconnects, 0, "{what}: migrated, never reconnected"),
         _ => {
-            assert!(h.reconnects >= h.switches, "{what}: a reconnect per switch");
-            assert!(h.resumes_recovered >= h.switches, "{what}: resumed");
+            // A switch during a reconnect (a handshake that lost packets twice)
+            // restarts that reconnect: one reconnect for the two.
+            let connected = h.switches - h.switches_while_reconnecting;
+            assert!(h.reconnects >= connected, "{what}: a reconnect per switch");
+            assert!(h.resumes_recovered >= connected, "{what}: resumed");
         }
     }
     let first = h.first_push_ms.expect("first push after a switch measured");

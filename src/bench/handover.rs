@@ -277,6 +277,10 @@ pub struct HandoverReport {
     pub bad_seq: u64,
     /// Network switches done.
     pub switches: u64,
+    /// Switches that came while the client was still reconnecting (after an
+    /// earlier switch, or a lost connection): that reconnect starts over from the
+    /// new network, so it makes one reconnect of two switches.
+    pub switches_while_reconnecting: u64,
     /// Connections made after each client's first.
     pub reconnects: u64,
     /// Resumes whose every source was recovered, and per-source "not recovered"
@@ -800,6 +804,7 @@ struct Run {
     bad_seq: u64,
     last_seq: u32,
     switches: u64,
+    switches_down: u64,
     unfinished: u64,
     pending: Option<Pending>,
     latency_us: Vec<u64>,
@@ -813,6 +818,7 @@ struct Seen {
     misrouted: u64,
     bad_seq: u64,
     switches: u64,
+    switches_down: u64,
     unfinished: u64,
     reconnects: u64,
     recovered: u64,
@@ -834,6 +840,7 @@ impl Run {
             bad_seq: 0,
             last_seq: 0,
             switches: 0,
+            switches_down: 0,
             unfinished: 0,
             pending: None,
             latency_us: Vec::new(),
@@ -948,6 +955,7 @@ async fn run_client(
             biased;
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(at.unwrap_or_else(Instant::now).into()), if at.is_some() => {
+                run.switches_down += u64::from(c.connection().is_none());
                 switcher.switch(&mut c)?;
                 run.switched(&shared);
                 next_switch = at
@@ -983,6 +991,7 @@ async fn run_client(
         misrouted: run.misrouted,
         bad_seq: run.bad_seq,
         switches: run.switches,
+        switches_down: run.switches_down,
         unfinished: run.unfinished,
         reconnects: c.connects.saturating_sub(connects0),
         recovered: c.state.recovered,
@@ -1244,6 +1253,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         misrouted: 0,
         bad_seq: 0,
         switches: 0,
+        switches_while_reconnecting: 0,
         reconnects: 0,
         resumes_recovered: 0,
         not_recovered: 0,
@@ -1262,6 +1272,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         r.misrouted += s.misrouted;
         r.bad_seq += s.bad_seq;
         r.switches += s.switches;
+        r.switches_while_reconnecting += s.switches_down;
         r.reconnects += s.reconnects;
         r.resumes_recovered += s.recovered;
         r.not_recovered += s.not_recovered;
@@ -1411,6 +1422,10 @@ impl HandoverReport {
             ("misrouted", self.misrouted.to_string()),
             ("bad push seq", self.bad_seq.to_string()),
             ("switches", self.switches.to_string()),
+            (
+                "switches while reconnecting",
+                self.switches_while_reconnecting.to_string(),
+            ),
             ("reconnects", self.reconnects.to_string()),
             ("resumes recovered", self.resumes_recovered.to_string()),
             ("not recovered", self.not_recovered.to_string()),
