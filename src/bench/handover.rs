@@ -115,8 +115,6 @@ pub const MIN_BODY: usize = 21;
 const QUIET: Duration = Duration::from_secs(10);
 /// Longest wait for one client's first connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
-/// Highest seq a client tracks; beyond, a push counts as misrouted.
-const MAX_SEQ: u64 = 1 << 30;
 
 /// How a client carries out a network switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -405,6 +403,9 @@ struct Lane {
     id: u32,
     /// Held across a call: a stream's pushes are sent one after the other.
     state: tokio::sync::Mutex<LaneState>,
+    /// The last seq sent: a client takes a higher one as misrouted (and never
+    /// tracks more seqs than were sent).
+    started: AtomicU64,
     /// The last seq the backend was told was reliable.
     last_reliable: AtomicU64,
 }
@@ -428,6 +429,7 @@ fn lanes(layout: &Layout) -> Vec<Lane> {
                 source,
                 id: id as u32,
                 state: tokio::sync::Mutex::new(LaneState::default()),
+                started: AtomicU64::new(0),
                 last_reliable: AtomicU64::new(0),
             });
         }
@@ -476,6 +478,7 @@ async fn push_one(
     let mut st = lane.state.lock().await;
     let seq = st.sent + 1;
     st.sent = seq;
+    lane.started.store(seq, Ordering::Release);
     let body = encode(
         lane.source,
         lane.id,
@@ -898,7 +901,8 @@ impl Run {
             return;
         };
         let k = source.index();
-        if id != self.streams[k] || seq == 0 || seq >= MAX_SEQ {
+        let lane = &shared.lanes[shared.layout.lane(source, self.streams[k])];
+        if id != self.streams[k] || seq == 0 || seq > lane.started.load(Ordering::Acquire) {
             self.misrouted += 1;
             return;
         }
