@@ -14,8 +14,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source, MAX_BODY_LIMIT};
@@ -399,6 +401,14 @@ impl ResumeState {
     }
 }
 
+/// A caller's own way of making a connection for [`ResumingClient`]: socket
+/// options, an endpoint whose socket simulates a network ([`crate::netsim`]), or
+/// another handshake. Each call makes one new, unauthenticated connection.
+pub trait Connector: Send + Sync {
+    /// Connects once.
+    fn connect(&self) -> BoxFuture<'_, Result<PushClient, PushClientError>>;
+}
+
 /// How [`ResumingClient`] reaches the server.
 #[derive(Clone)]
 pub enum Dial {
@@ -408,6 +418,8 @@ pub enum Dial {
         server_name: String,
         config: quinn::ClientConfig,
     },
+    /// Through the caller's [`Connector`].
+    Custom(Arc<dyn Connector>),
 }
 
 impl std::fmt::Debug for Dial {
@@ -415,6 +427,7 @@ impl std::fmt::Debug for Dial {
         match self {
             Dial::Tcp(a) => write!(f, "tcp://{a}"),
             Dial::Quic { addr, .. } => write!(f, "quic://{addr}"),
+            Dial::Custom(_) => f.write_str("custom"),
         }
     }
 }
@@ -429,6 +442,7 @@ impl Dial {
                 server_name,
                 config,
             } => PushClient::connect_quic_with(*addr, server_name, config.clone()).await,
+            Dial::Custom(c) => c.connect().await,
         }
     }
 }

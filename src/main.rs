@@ -97,12 +97,32 @@ struct BenchArgs {
     /// Messages per MPushMsgs call in the keys scenario; 1 = single PushMsg calls.
     #[arg(long, default_value_t = 100)]
     batch: usize,
-    /// Deliveries per second in the latency scenario.
-    #[arg(long, default_value_t = 100_000)]
-    rate: u64,
-    /// How long the latency scenario runs.
+    /// Deliveries per second in the latency scenario (default 100000); backend
+    /// pushes per second in the handover scenario (default 200).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// How long the latency and handover scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Handover: how a switch is carried out (default: migrate over QUIC,
+    /// reconnect over TCP).
+    #[arg(long, value_enum)]
+    handover_mode: Option<bench::handover::HandoverMode>,
+    /// Handover: each client switches networks this often (0: never).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    switch_every: Duration,
+    /// Handover: datagram loss per direction, 0 to 1 (QUIC only).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Handover: datagram reordering per direction, 0 to 1 (QUIC only).
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// Handover: added round-trip time, e.g. 100ms (QUIC only).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    rtt: Duration,
+    /// Handover: seeds the switch schedule and each client's simulated network.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Message body size in bytes (at least 20).
     #[arg(long, default_value_t = 32)]
     body_size: usize,
@@ -420,7 +440,10 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         clients: a.clients,
         messages: a.messages,
         batch: a.batch,
-        rate: a.rate,
+        rate: a.rate.unwrap_or(match a.scenario {
+            bench::Scenario::Handover => 200,
+            _ => 100_000,
+        }),
         duration: a.duration,
         body_size: a.body_size,
         raw: a.raw,
@@ -428,6 +451,14 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         connect_concurrency: a.connect_concurrency,
         stalled: a.stalled,
         tcp_send_buffer: a.tcp_send_buffer,
+        handover: bench::handover::HandoverOptions {
+            mode: a.handover_mode,
+            loss: a.loss,
+            reorder: a.reorder,
+            rtt: a.rtt,
+            switch_every: a.switch_every,
+            seed: a.seed,
+        },
         target,
         exe,
         progress: !a.quiet,

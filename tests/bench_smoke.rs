@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use quicpush::bench::handover::{HandoverMode, HandoverOptions};
 use quicpush::bench::{self, BenchOptions, BenchTransport, Scenario, Target};
 
 fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
@@ -23,6 +24,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         connect_concurrency: 64,
         stalled: 0,
         tcp_send_buffer: 0,
+        handover: Default::default(),
         target: Target::Spawn { exe: exe.clone() },
         exe,
         progress: false,
@@ -98,4 +100,87 @@ async fn idle_and_connect_report_their_figures() {
             .unwrap();
         assert!(r.connects_per_sec.unwrap() > 0.0);
     }
+}
+
+/// A short handover run: 20 clients, 8 s, a switch every 3 s (5 % loss over QUIC).
+fn handover(transport: BenchTransport, mode: HandoverMode) -> BenchOptions {
+    let mut opts = options(Scenario::Handover, transport);
+    opts.clients = 20;
+    opts.rate = 200;
+    opts.duration = Duration::from_secs(8);
+    opts.handover = HandoverOptions {
+        mode: Some(mode),
+        loss: if transport == BenchTransport::Quic {
+            0.05
+        } else {
+            0.0
+        },
+        switch_every: Duration::from_secs(3),
+        seed: 7,
+        ..HandoverOptions::default()
+    };
+    opts
+}
+
+async fn check_handover(opts: BenchOptions) {
+    let what = format!("handover over {:?}", opts.transport);
+    let r = bench::run(&opts).await.unwrap();
+    println!("{}", r.table());
+    let h = r.handover.as_ref().expect("a handover report");
+    let what = format!("{what}, {}: {h:?}", h.mode.name());
+    assert!(h.switches > 0, "{what}: no switch happened");
+    assert!(
+        h.pushes_reliable > 0 && h.expected > 0,
+        "{what}: nothing sent"
+    );
+    assert_eq!(h.pushes_unreliable, 0, "{what}: pushes not reliable");
+    assert_eq!(h.lost, 0, "{what}: lost");
+    assert_eq!(h.duplicated, 0, "{what}: duplicated");
+    assert_eq!(h.out_of_order, 0, "{what}: out of order");
+    assert_eq!(h.misrouted, 0, "{what}: misrouted");
+    assert_eq!(h.bad_seq, 0, "{what}: push sequence");
+    assert_eq!(h.not_recovered, 0, "{what}: not recovered");
+    assert_eq!(
+        h.received, h.expected,
+        "{what}: every delivery arrived once"
+    );
+    match h.mode {
+        HandoverMode::Migrate => assert_eq!(h.reconnects, 0, "{what}: migrated, never reconnected"),
+        _ => {
+            // A switch during a reconnect (a handshake that lost packets twice)
+            // restarts that reconnect: one reconnect for the two.
+            let connected = h.switches - h.switches_while_reconnecting;
+            assert!(h.reconnects >= connected, "{what}: a reconnect per switch");
+            assert!(h.resumes_recovered >= connected, "{what}: resumed");
+        }
+    }
+    let first = h.first_push_ms.expect("first push after a switch measured");
+    let gap = h.gap_filled_ms.expect("gap filled measured");
+    assert!(first.count > 0 && gap.count > 0, "{what}");
+    assert_eq!(r.lost, 0);
+    let json = serde_json::to_value(&r).unwrap();
+    assert!(
+        json["handover"]["first_push_ms"]["p99"].is_number(),
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_loses_nothing_over_tcp_reconnect_quic_migration_and_quic_reconnect() {
+    // The three runs are light (20 clients, 200 pushes/s each): side by side.
+    tokio::join!(
+        check_handover(handover(BenchTransport::Tcp, HandoverMode::Reconnect)),
+        check_handover(handover(BenchTransport::Quic, HandoverMode::Migrate)),
+        check_handover(handover(BenchTransport::Quic, HandoverMode::Reconnect)),
+    );
+}
+
+#[tokio::test]
+async fn handover_refuses_what_it_cannot_do() {
+    let mut zero_rtt = handover(BenchTransport::Quic, HandoverMode::ZeroRtt);
+    zero_rtt.duration = Duration::from_secs(1);
+    let e = bench::run(&zero_rtt).await.unwrap_err();
+    assert!(e.to_string().contains("not available yet"), "{e}");
+    let tcp_migrate = handover(BenchTransport::Tcp, HandoverMode::Migrate);
+    assert!(bench::run(&tcp_migrate).await.is_err());
 }

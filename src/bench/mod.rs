@@ -11,9 +11,12 @@
 //! - [`process`]: starting and measuring the server processes.
 //! - [`fleet`]: connecting clients and checking what they receive.
 //! - [`floor`]: the minimal fan-out server used as the floor.
+//! - [`handover`]: the handover scenario: clients switching networks under a
+//!   steady load, each push checked exactly once and in order.
 
 pub mod fleet;
 pub mod floor;
+pub mod handover;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -77,6 +80,9 @@ pub enum Scenario {
     Idle,
     /// Connect + auth rate.
     Connect,
+    /// Clients switching networks on schedule under a steady rate of key, user,
+    /// room and broadcast pushes: loss, duplicates, order and handover time.
+    Handover,
 }
 
 /// Client transport.
@@ -128,6 +134,8 @@ pub struct BenchOptions {
     pub stalled: usize,
     /// `client.tcp_send_buffer` of the started server (0: kernel default).
     pub tcp_send_buffer: u32,
+    /// The handover scenario's network, switches and mode.
+    pub handover: handover::HandoverOptions,
     pub target: Target,
     /// Binary that serves `serve` and `bench-floor` (this one, normally).
     pub exe: PathBuf,
@@ -196,6 +204,9 @@ pub struct Report {
     pub ratio_to_raw: Option<f64>,
     pub quicpush: Measurement,
     pub raw: Option<Measurement>,
+    /// The handover scenario's figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover: Option<handover::HandoverReport>,
 }
 
 /// How the load reaches a server: quicpush's RPC, or the floor's control socket.
@@ -310,6 +321,9 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
 pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.clients == 0 {
         return Err(BenchError::Options("--clients must be at least 1".into()));
+    }
+    if opts.scenario == Scenario::Handover {
+        return handover::run(opts).await;
     }
     if opts.body_size < fleet::MIN_BODY {
         return Err(BenchError::Options(format!(
@@ -432,6 +446,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         ratio_to_raw: ratio,
         quicpush,
         raw,
+        handover: None,
     })
 }
 
@@ -782,6 +797,9 @@ fn opt(v: Option<f64>, unit: &str) -> String {
 impl Report {
     /// The human-readable table.
     pub fn table(&self) -> String {
+        if let Some(h) = &self.handover {
+            return h.table(self);
+        }
         type Cell = fn(&Measurement) -> String;
         let rows: [(&str, Cell); 15] = [
             ("deliveries", |m| m.deliveries.to_string()),
