@@ -418,6 +418,14 @@ pub enum Dial {
         server_name: String,
         config: quinn::ClientConfig,
     },
+    /// QUIC from the caller's endpoint (e.g. on a simulated network), with 0-RTT
+    /// when `config` holds a ticket for the server, as [`Dial::Quic`].
+    QuicOn {
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: String,
+        config: quinn::ClientConfig,
+    },
     /// Through the caller's [`Connector`].
     Custom(Arc<dyn Connector>),
 }
@@ -426,7 +434,7 @@ impl std::fmt::Debug for Dial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dial::Tcp(a) => write!(f, "tcp://{a}"),
-            Dial::Quic { addr, .. } => write!(f, "quic://{addr}"),
+            Dial::Quic { addr, .. } | Dial::QuicOn { addr, .. } => write!(f, "quic://{addr}"),
             Dial::Custom(_) => f.write_str("custom"),
         }
     }
@@ -442,6 +450,15 @@ impl Dial {
                 server_name,
                 config,
             } => PushClient::connect_quic_with(*addr, server_name, config.clone()).await,
+            Dial::QuicOn {
+                endpoint,
+                addr,
+                server_name,
+                config,
+            } => {
+                PushClient::connect_quic_on(endpoint.clone(), *addr, server_name, config.clone())
+                    .await
+            }
             Dial::Custom(c) => c.connect().await,
         }
     }
@@ -540,7 +557,7 @@ impl ResumingClient {
 
     async fn try_connect(&mut self) -> Result<ResumeReply, PushClientError> {
         let (c, reply) = match &self.dial {
-            Dial::Tcp(_) => {
+            Dial::Tcp(_) | Dial::Custom(_) => {
                 let mut c = self.dial.connect().await?;
                 let reply = c.auth_resume(&self.token, &mut self.state).await?;
                 (c, reply)
@@ -549,11 +566,18 @@ impl ResumingClient {
                 addr,
                 server_name,
                 config,
+            }
+            | Dial::QuicOn {
+                addr,
+                server_name,
+                config,
+                ..
             } => {
                 // One endpoint for every connection; the tickets live in `config`.
-                let endpoint = match &self.endpoint {
-                    Some(e) => e.clone(),
-                    None => {
+                let endpoint = match (&self.dial, &self.endpoint) {
+                    (Dial::QuicOn { endpoint, .. }, _) => endpoint.clone(),
+                    (_, Some(e)) => e.clone(),
+                    (_, None) => {
                         let e = tls::client_endpoint(*addr)?;
                         self.endpoint = Some(e.clone());
                         e

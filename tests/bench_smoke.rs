@@ -122,7 +122,7 @@ fn handover(transport: BenchTransport, mode: HandoverMode) -> BenchOptions {
     opts
 }
 
-async fn check_handover(opts: BenchOptions) {
+async fn check_handover(opts: BenchOptions) -> bench::handover::HandoverReport {
     let what = format!("handover over {:?}", opts.transport);
     let r = bench::run(&opts).await.unwrap();
     println!("{}", r.table());
@@ -163,6 +163,7 @@ async fn check_handover(opts: BenchOptions) {
         json["handover"]["first_push_ms"]["p99"].is_number(),
         "{json}"
     );
+    h.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,12 +176,20 @@ async fn handover_loses_nothing_over_tcp_reconnect_quic_migration_and_quic_recon
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handover_over_quic_zero_rtt_resume_loses_nothing_and_uses_0rtt() {
+    let h = check_handover(handover(BenchTransport::Quic, HandoverMode::ZeroRtt)).await;
+    // every reconnect after a client's first connection had a ticket
+    assert!(h.zero_rtt_attempted > 0, "{h:?}");
+    assert!(h.zero_rtt_accepted > 0, "{h:?}");
+}
+
 #[tokio::test]
 async fn handover_refuses_what_it_cannot_do() {
-    let mut zero_rtt = handover(BenchTransport::Quic, HandoverMode::ZeroRtt);
-    zero_rtt.duration = Duration::from_secs(1);
-    let e = bench::run(&zero_rtt).await.unwrap_err();
-    assert!(e.to_string().contains("not available yet"), "{e}");
-    let tcp_migrate = handover(BenchTransport::Tcp, HandoverMode::Migrate);
-    assert!(bench::run(&tcp_migrate).await.is_err());
+    for mode in [HandoverMode::Migrate, HandoverMode::ZeroRtt] {
+        let e = bench::run(&handover(BenchTransport::Tcp, mode))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("needs QUIC"), "{e}");
+    }
 }

@@ -14,9 +14,10 @@
 //!   goes out on the new network and may be lost: the new connection replaces the
 //!   old one at the server either way); the client reconnects (a full handshake)
 //!   from the new address and resumes.
-//! - QUIC, `zero-rtt`: as `reconnect` with a 0-RTT handshake. The client has no
-//!   0-RTT resume yet, so this mode is refused; it plugs in as another
-//!   [`Connector`] with the `reconnect` switch.
+//! - QUIC, `zero-rtt`: as `reconnect`, but the client reconnects with 0-RTT: Auth
+//!   and its resume positions leave with the ClientHello, and the replay comes
+//!   back as 0.5-RTT data. Each client has its own TLS configuration, so its own
+//!   session tickets; the report counts 0-RTT attempts and acceptances.
 //!
 //! # The network
 //!
@@ -144,11 +145,7 @@ impl HandoverMode {
             ))),
             (BenchTransport::Quic, None | Some(Migrate)) => Ok(Migrate),
             (BenchTransport::Quic, Some(Reconnect)) => Ok(Reconnect),
-            (BenchTransport::Quic, Some(ZeroRtt)) => Err(BenchError::Options(
-                "--handover-mode zero-rtt is not available yet: the client has no 0-RTT \
-                 resume in this build"
-                    .into(),
-            )),
+            (BenchTransport::Quic, Some(ZeroRtt)) => Ok(ZeroRtt),
         }
     }
 
@@ -285,6 +282,11 @@ pub struct HandoverReport {
     /// answers (must be 0).
     pub resumes_recovered: u64,
     pub not_recovered: u64,
+    /// QUIC connections that sent Auth as 0-RTT data, and those the server
+    /// accepted it on (`zero-rtt` mode; the first connection of each client has
+    /// no ticket yet).
+    pub zero_rtt_attempted: u64,
+    pub zero_rtt_accepted: u64,
     /// Switches whose first push or gap had not arrived by the next switch or the end.
     pub handovers_unfinished: u64,
     /// From a switch to the first push sent after it arriving.
@@ -698,6 +700,8 @@ struct Setup {
     tcp: SocketAddr,
     quic: SocketAddr,
     quic_config: Option<quinn::ClientConfig>,
+    /// The CA, for clients that need a configuration of their own.
+    ca: std::path::PathBuf,
     sim: NetSim,
     secret: Arc<Vec<u8>>,
     layout: Layout,
@@ -706,12 +710,12 @@ struct Setup {
 impl Setup {
     /// Connects and authenticates client `i` (with resume).
     async fn connect(&self, i: usize) -> Result<(ResumingClient, Switcher), BenchError> {
-        let (dial, switcher): (Arc<dyn Connector>, Switcher) = match self.transport {
+        let (dial, switcher): (Dial, Switcher) = match self.transport {
             BenchTransport::Tcp => (
-                Arc::new(TcpConnector {
+                Dial::Custom(Arc::new(TcpConnector {
                     server: self.tcp,
                     bind: SocketAddr::new(source_ip(self.tcp, i), 0),
-                }),
+                })),
                 Switcher::Reset,
             ),
             BenchTransport::Quic => {
@@ -730,18 +734,33 @@ impl Setup {
                     .quic_config
                     .clone()
                     .ok_or_else(|| BenchError::Options("no QUIC configuration".into()))?;
-                let switcher = match self.mode {
-                    HandoverMode::Migrate => Switcher::Migrate(handle),
-                    _ => Switcher::Reconnect(handle),
-                };
-                (
-                    Arc::new(SimQuicConnector {
-                        endpoint,
-                        server: self.quic,
-                        config,
-                    }),
-                    switcher,
-                )
+                match self.mode {
+                    // Its own configuration, so its own session tickets.
+                    HandoverMode::ZeroRtt => (
+                        Dial::QuicOn {
+                            endpoint,
+                            addr: self.quic,
+                            server_name: "localhost".into(),
+                            // A configuration of its own: a clone would share the
+                            // TLS session store, so clients would take each
+                            // other's single-use tickets.
+                            config: quic_config(&self.ca)?,
+                        },
+                        Switcher::Reconnect(handle),
+                    ),
+                    mode => (
+                        Dial::Custom(Arc::new(SimQuicConnector {
+                            endpoint,
+                            server: self.quic,
+                            config,
+                        })),
+                        if mode == HandoverMode::Migrate {
+                            Switcher::Migrate(handle)
+                        } else {
+                            Switcher::Reconnect(handle)
+                        },
+                    ),
+                }
             }
         };
         let token = crate::auth::issue(&self.secret, &self.layout.token_claims(i))
@@ -750,7 +769,7 @@ impl Setup {
             min: Duration::from_millis(20),
             max: Duration::from_secs(1),
         };
-        let connecting = ResumingClient::connect(Dial::Custom(dial), token, backoff);
+        let connecting = ResumingClient::connect(dial, token, backoff);
         let (c, reply) = tokio::time::timeout(CONNECT_WAIT, connecting)
             .await
             .map_err(|_| BenchError::Io(format!("client {i} did not connect")))?;
@@ -826,6 +845,8 @@ struct Seen {
     reconnects: u64,
     recovered: u64,
     not_recovered: u64,
+    zero_rtt_attempted: u64,
+    zero_rtt_accepted: u64,
 }
 
 fn record(h: &parking_lot::Mutex<Histogram<u64>>, since: Instant) {
@@ -1000,6 +1021,8 @@ async fn run_client(
         reconnects: c.connects.saturating_sub(connects0),
         recovered: c.state.recovered,
         not_recovered: c.state.not_recovered,
+        zero_rtt_attempted: c.zero_rtt_attempted,
+        zero_rtt_accepted: c.zero_rtt_accepted,
     };
     drop(c);
     Ok(seen)
@@ -1120,6 +1143,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         } else {
             None
         },
+        ca: certs.join(crate::certs::CA_CERT),
         sim,
         secret: Arc::new(secret),
         layout,
@@ -1260,6 +1284,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         switches_while_reconnecting: 0,
         reconnects: 0,
         resumes_recovered: 0,
+        zero_rtt_attempted: 0,
+        zero_rtt_accepted: 0,
         not_recovered: 0,
         handovers_unfinished: 0,
         first_push_ms: handover_ms(&shared.first_push.lock()),
@@ -1280,6 +1306,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         r.reconnects += s.reconnects;
         r.resumes_recovered += s.recovered;
         r.not_recovered += s.not_recovered;
+        r.zero_rtt_attempted += s.zero_rtt_attempted;
+        r.zero_rtt_accepted += s.zero_rtt_accepted;
         r.handovers_unfinished += s.unfinished;
     }
     let latency: Option<LatencyUs> = {
@@ -1434,6 +1462,10 @@ impl HandoverReport {
             ("resumes recovered", self.resumes_recovered.to_string()),
             ("not recovered", self.not_recovered.to_string()),
             (
+                "0-RTT attempted / accepted",
+                format!("{} / {}", self.zero_rtt_attempted, self.zero_rtt_accepted),
+            ),
+            (
                 "handovers unfinished",
                 self.handovers_unfinished.to_string(),
             ),
@@ -1493,8 +1525,8 @@ mod tests {
             Reconnect
         );
         assert!(HandoverMode::resolve(Tcp, Some(Migrate)).is_err());
-        let e = HandoverMode::resolve(Quic, Some(ZeroRtt)).unwrap_err();
-        assert!(e.to_string().contains("not available yet"), "{e}");
+        assert_eq!(HandoverMode::resolve(Quic, Some(ZeroRtt)).unwrap(), ZeroRtt);
+        assert!(HandoverMode::resolve(Tcp, Some(ZeroRtt)).is_err());
     }
 
     #[test]
