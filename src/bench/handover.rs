@@ -983,6 +983,16 @@ async fn run_client(
                 run.switches_down += u64::from(c.connection().is_none());
                 switcher.switch(&mut c)?;
                 run.switched(&shared);
+                if matches!(switcher, Switcher::Migrate(_)) {
+                    // As an app does when the OS reports a network change: send
+                    // at once, so the server learns the new address within half
+                    // a round trip instead of at the next keep-alive.
+                    if let Some(conn) = c.connection() {
+                        if conn.heartbeat().await.is_err() {
+                            c.drop_connection();
+                        }
+                    }
+                }
                 next_switch = at
                     .map(|t| t + schedule.every)
                     .filter(|t| *t < schedule.until);
