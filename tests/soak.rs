@@ -2570,3 +2570,106 @@ async fn soak() {
         RSS_TOLERANCE * 100.0
     );
 }
+
+/// The resuming clients' checks fail when they should: a source offset gap, a push
+/// twice, one missing, one not meant for the client, one to its key reported
+/// `Offline`, a user push not appended to its stream.
+#[test]
+fn resuming_checks_can_fail() {
+    let (me, room) = (1, 3);
+    let now = Instant::now();
+    let sent = |target| Sent {
+        target,
+        sent_at: now,
+        replied_at: now,
+        failed: false,
+    };
+    let ledger = Ledger {
+        sent: vec![vec![
+            sent(Target::Key {
+                client: me,
+                outcome: PushOutcome::Delivered,
+            }),
+            sent(Target::Key {
+                client: me,
+                outcome: PushOutcome::Offline,
+            }),
+            sent(Target::User {
+                mids: vec![mid_of(me)],
+                tally: Tally::default(),
+            }),
+            sent(Target::Room {
+                room: 5,
+                tally: Tally {
+                    appended: 1,
+                    ..Tally::default()
+                },
+            }),
+            sent(Target::Broadcast),
+        ]],
+    };
+    let mut seen = Seen::resuming(me);
+    let mut reply = ResumeReply {
+        key: key_of(me),
+        ..ResumeReply::default()
+    };
+    for source in Source::ALL {
+        let st = quicpush::resume::SourceState {
+            epoch: 7,
+            offset: 0,
+            recovered: None,
+        };
+        reply.sources.insert(source.name().to_owned(), st);
+    }
+    seen.track().state.apply(&reply);
+    seen.track().connected(me, &reply).unwrap();
+    let mut conn = Conn {
+        reader: Box::new(tokio::io::empty()),
+        writer: Box::new(tokio::io::sink()),
+        buf: BytesMut::new(),
+        quic: None,
+        push_seq: 0,
+        room: Some(room),
+        pending: None,
+        seq: 1,
+        resume: true,
+    };
+    let push = |seq, kind, msg, target, source, offset| {
+        let f = Frame::new(OP, seq, body(kind, 0, msg, target));
+        let m = PushMeta {
+            source,
+            epoch: 7,
+            offset,
+        };
+        (f, Some(m))
+    };
+    for (f, m) in [
+        push(1, Kind::Key, 1, me, Source::Key, 1),
+        push(2, Kind::Key, 1, me, Source::Key, 2),
+        push(3, Kind::User, 3, NO_TARGET, Source::User, 1),
+        push(5, Kind::Room, 4, 5, Source::Room, 2),
+    ] {
+        assert_eq!(seen.handle(&mut conn, &f, m), Got::Push);
+    }
+    let f = &seen.failures;
+    assert_eq!(
+        (f.bad_seq, f.offset_gap, f.misrouted, f.out_of_order),
+        (1, 1, 1, 1),
+        "{f:?}"
+    );
+    let (want, lost) = expected_resuming(&ledger, me, room);
+    assert_eq!(lost.len(), 1, "the push reported Offline");
+    let mut v = Verdict::default();
+    v.client(&ledger, &seen, Expect::Exactly(want));
+    assert_eq!(
+        (v.duplicated, v.missing, v.not_meant, v.confirmed_resuming),
+        (1, 1, 1, 2),
+        "{v:?}"
+    );
+    let bad = not_appended(
+        &ledger,
+        &HashSet::from([mid_of(me)]),
+        &HashSet::from([room]),
+    );
+    assert_eq!(bad.len(), 1, "{bad:?}");
+}
