@@ -59,8 +59,9 @@
 //! keeps what a load once needed, so a server without a leak ends the soak near
 //! that level, while a leak grows with the connections and messages served, and
 //! the soak serves twice as many. The server's history is bounded so that it fills
-//! during the warm-up, so it is part of that level. The level before any client (started, one backend connected: about
-//! 8.5 MiB, nearly all of it the binary's pages) is printed too, but is no bar:
+//! during the warm-up, so it is part of that level. The level before any client
+//! (started, one backend connected: about 8.5 MiB, nearly all of it the binary's
+//! pages) is printed too, but is no bar:
 //! glibc's malloc keeps the memory freed after a load peak in its per-thread arenas
 //! (about 40 MiB after 2,000 clients), and long-lived pools (log spans, QUIC
 //! connection-id tables, the registry's slabs) keep their peak size.
