@@ -2,8 +2,8 @@
 //! traffic, checked message by message.
 //!
 //! Clients (2,000 by default, about half over TCP and half over QUIC) connect,
-//! disconnect and change rooms at random, while four backends, each on its own RPC
-//! connection, push by key (`PushMsg`, `MPushMsg`, `MPushMsgs`), by user id
+//! disconnect, resume and change rooms at random, while four backends, each on its
+//! own RPC connection, push by key (`PushMsg`, `MPushMsg`, `MPushMsgs`), by user id
 //! (`PushUser`; two clients share each user id), to rooms (`BroadcastRoom`) and to
 //! everyone (`Broadcast`), each at a paced, bounded rate with one call in flight,
 //! against a `quicpush serve` child process on loopback ports.
@@ -16,6 +16,26 @@
 //!   `Delivered` to its key, every user push to its user id and every room push
 //!   made while it was in that room for the whole call (both when the call's tally
 //!   shows no full queue), and every broadcast; and nothing else.
+//! - A tenth of the clients *resume* (over TCP and QUIC, a transport picked per
+//!   connection): each stays in one room and keeps one `ResumeState` for the round,
+//!   negotiates resume in every Auth, and again and again loses its connection
+//!   (closed abruptly or gracefully without reading what is queued, replaced by its
+//!   own next connection, whose Auth carries the positions read so far, or kicked
+//!   by a backend and read to its DisconnectReply), then resumes after up to 1.5 s.
+//!   Connected before the load starts and reading its last connection to the end
+//!   marker, it must receive, exactly once across all its connections, every push
+//!   to its key reported `Delivered` or `Stored` (and every push to its key must be
+//!   one of those: its stream is live all round), every user push to its user id
+//!   and room push to its room (each call's tally must show it appended to those
+//!   streams: `Tally.appended`), and every broadcast; nothing else. On each of its
+//!   connections every push carries the resume extension, and each source's
+//!   offsets follow on from the last one received (or from AuthReply's top) by one,
+//!   in one epoch; AuthReply names its key and all four sources, and every resume
+//!   recovers every source: one "not recovered" fails the test. The server keeps
+//!   history for keys, user ids, rooms and broadcasts, sized from the load (see
+//!   `history_plan`). What a replaced connection still delivers is not taken (the
+//!   new connection resumed before it), but its push seq is checked and it must end
+//!   with DisconnectReply.
 //! - The other clients *churn*: they connect over either transport, change rooms,
 //!   close gracefully or abruptly, or open a new connection with the same key so the
 //!   server replaces the old one (which must end with DisconnectReply). A churning
@@ -24,7 +44,10 @@
 //! - On every connection the server's push sequence runs 1, 2, 3, ... without a gap,
 //!   and for each client the messages of one backend arrive in the order the backend
 //!   sent them (synchronous pushes and broadcasts are each in order; broadcasts are
-//!   accepted before they are delivered, so they keep no order with the rest).
+//!   accepted before they are delivered, so they keep no order with the rest; a
+//!   resume replays each source in turn, so a resuming client's order is checked
+//!   per source). Pushes to keys of clients that are away report `Stored` (their
+//!   key's history is live): only `Delivered` ones are owed to stable clients.
 //! - A room push reaches a client only in its current room, or in the room it is
 //!   moving to (between ChangeRoom and ChangeRoomReply).
 //! - After every client left, the server reports no connection and no room; it
@@ -35,8 +58,10 @@
 //! before the soak (after the warm-up, every client gone, 5 s idle): the allocator
 //! keeps what a load once needed, so a server without a leak ends the soak near
 //! that level, while a leak grows with the connections and messages served, and
-//! the soak serves twice as many. The level before any client (started, one backend connected: about
-//! 8.5 MiB, nearly all of it the binary's pages) is printed too, but is no bar:
+//! the soak serves twice as many. The server's history is bounded so that it fills
+//! during the warm-up, so it is part of that level. The level before any client
+//! (started, one backend connected: about 8.5 MiB, nearly all of it the binary's
+//! pages) is printed too, but is no bar:
 //! glibc's malloc keeps the memory freed after a load peak in its per-thread arenas
 //! (about 40 MiB after 2,000 clients), and long-lived pools (log spans, QUIC
 //! connection-id tables, the registry's slabs) keep their peak size.
@@ -51,8 +76,9 @@
 //! (default 2000) the clients, `QUICPUSH_SOAK_SEED` the random seed (printed).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::ops::{AddAssign, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,9 +89,11 @@ use futures_util::StreamExt;
 use quicpush::auth;
 use quicpush::bench::process::{ProcStat, ServerProcess};
 use quicpush::channel::PushOutcome;
-use quicpush::client::{PushClient, Reader, Writer};
-use quicpush::protocol::{self, op, Frame, MAX_BODY_LIMIT};
+use quicpush::client::{PushClient, Reader, ResumeState, Writer};
+use quicpush::history::memory::ENTRY_OVERHEAD;
+use quicpush::protocol::{self, op, Frame, PushMeta, Source, HEADER_LEN, MAX_BODY_LIMIT};
 use quicpush::registry::Tally;
+use quicpush::resume::{Position, ResumeReply};
 use quicpush::rpc::proto::PushItem;
 use quicpush::rpc::Client;
 use quicpush::tls::BackendIdentity;
@@ -80,6 +108,20 @@ const OP: u32 = 1000;
 const BACKENDS: usize = 4;
 /// Calls per second per backend (one call in flight at a time).
 const CALLS_PER_SEC: f64 = 150.0;
+/// The backends' calls, per mille: PushMsg, MPushMsg, MPushMsgs, PushUser,
+/// BroadcastRoom, Broadcast.
+const MIX: [(Call, u32); 6] = [
+    (Call::PushMsg, 500),
+    (Call::MPushMsg, 120),
+    (Call::MPushMsgs, 120),
+    (Call::PushUser, 120),
+    (Call::BroadcastRoom, 130),
+    (Call::Broadcast, 10),
+];
+/// Keys one MPushMsg call pushes to, and messages in one MPushMsgs call.
+const KEYS_PER_CALL: RangeInclusive<usize> = 2..=24;
+/// User ids one PushUser call pushes to.
+const MIDS_PER_CALL: RangeInclusive<usize> = 1..=4;
 /// Rooms the clients move between.
 const ROOMS: u32 = 16;
 /// Shared client endpoints (UDP sockets) for the QUIC clients.
@@ -96,6 +138,13 @@ const IDLE_BEFORE_RSS: Duration = Duration::from_secs(5);
 const RSS_TOLERANCE: f64 = 0.10;
 /// Failure descriptions kept per client (the rest are only counted).
 const KEEP_EXAMPLES: usize = 5;
+/// How long a resuming client's connection lives before it loses it (seconds).
+const RESUMING_STAY: (f64, f64) = (0.3, 4.0);
+/// How long a resuming client stays away after losing a connection (seconds).
+const RESUMING_AWAY: (f64, f64) = (0.0, 1.5);
+/// The shortest time the server's history holds (seconds), whatever the warm-up's
+/// length: a resuming client's outage is its time away plus a connect.
+const MIN_HISTORY_WINDOW: f64 = 8.0;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -123,6 +172,13 @@ fn room_name(room: u32) -> String {
 /// (even indexes) as over QUIC (odd), each sharing its user id with a churning one.
 fn is_stable(client: u32) -> bool {
     matches!(client % 8, 0 | 3)
+}
+
+/// A tenth of the clients resume: never stable, and none shares its user id with
+/// another resuming client (two share it with a stable client, over TCP and QUIC,
+/// two with a churning one). Each picks a transport per connection.
+fn is_resuming(client: u32) -> bool {
+    matches!(client % 40, 1 | 2 | 22 | 31)
 }
 
 fn stable_via(client: u32) -> Via {
@@ -239,6 +295,37 @@ fn msg_id(backend: u8, seq: u32) -> u64 {
 // ---------------------------------------------------------------------------
 // Backends
 
+/// A backend call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    PushMsg,
+    MPushMsg,
+    MPushMsgs,
+    PushUser,
+    BroadcastRoom,
+    Broadcast,
+}
+
+impl Call {
+    /// The call for a draw in `0..1000`, by [`MIX`].
+    fn pick(draw: u32) -> Call {
+        let mut upto = 0;
+        for (call, permille) in MIX {
+            upto += permille;
+            if draw < upto {
+                return call;
+            }
+        }
+        MIX[MIX.len() - 1].0
+    }
+
+    /// Calls per second of this kind, over all backends.
+    fn rate(self) -> f64 {
+        let permille = MIX.iter().find(|(c, _)| *c == self).map_or(0, |m| m.1);
+        BACKENDS as f64 * CALLS_PER_SEC * f64::from(permille) / 1000.0
+    }
+}
+
 /// Who a message was sent to and what the server answered.
 #[derive(Debug, Clone)]
 enum Target {
@@ -336,13 +423,13 @@ impl Backend {
         while Instant::now() < self.until && calls < self.max_calls {
             tick.tick().await;
             calls += 1;
-            match self.rng.gen_range(0..1000) {
-                0..=499 => self.push_msg().await,
-                500..=619 => self.mpush_msg().await,
-                620..=739 => self.mpush_msgs().await,
-                740..=859 => self.push_user().await,
-                860..=989 => self.broadcast_room().await,
-                _ => self.broadcast().await,
+            match Call::pick(self.rng.gen_range(0..1000)) {
+                Call::PushMsg => self.push_msg().await,
+                Call::MPushMsg => self.mpush_msg().await,
+                Call::MPushMsgs => self.mpush_msgs().await,
+                Call::PushUser => self.push_user().await,
+                Call::BroadcastRoom => self.broadcast_room().await,
+                Call::Broadcast => self.broadcast().await,
             }
         }
         self.log
@@ -365,7 +452,7 @@ impl Backend {
 
     async fn mpush_msg(&mut self) {
         self.count("MPushMsg");
-        let n = self.rng.gen_range(2..=24).min(self.clients as usize);
+        let n = self.rng.gen_range(KEYS_PER_CALL).min(self.clients as usize);
         let clients: Vec<u32> = rand::seq::index::sample(&mut self.rng, self.clients as usize, n)
             .into_iter()
             .map(|c| c as u32)
@@ -394,7 +481,7 @@ impl Backend {
 
     async fn mpush_msgs(&mut self) {
         self.count("MPushMsgs");
-        let n = self.rng.gen_range(2..=24);
+        let n = self.rng.gen_range(KEYS_PER_CALL);
         let first = self.next_seq();
         let clients: Vec<u32> = (0..n).map(|_| self.random_client()).collect();
         let msgs = clients
@@ -422,7 +509,7 @@ impl Backend {
     async fn push_user(&mut self) {
         self.count("PushUser");
         let users = (self.clients as usize).div_ceil(2);
-        let n = self.rng.gen_range(1..=4).min(users);
+        let n = self.rng.gen_range(MIDS_PER_CALL).min(users);
         let mids: Vec<i64> = rand::seq::index::sample(&mut self.rng, users, n)
             .into_iter()
             .map(|u| 1 + u as i64)
@@ -491,6 +578,41 @@ struct Conn {
     pending: Option<Option<u32>>,
     /// Client frames sent (their seq).
     seq: u32,
+    /// The connection negotiated resume: pushes carry the extension.
+    resume: bool,
+}
+
+/// How a resuming client loses a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Closed abruptly, without reading what is queued.
+    Abrupt,
+    /// Closed gracefully, without reading what is queued.
+    Graceful,
+    /// Replaced by the client's own next connection, which resumes from what it
+    /// read on this one; what this one still delivers is not taken.
+    Replaced,
+    /// Kicked by a backend: read to its end (DisconnectReply), then resumed.
+    Kicked,
+}
+
+impl Loss {
+    fn random(rng: &mut StdRng) -> Loss {
+        match rng.gen_range(0..10) {
+            0..=2 => Loss::Abrupt,
+            3..=5 => Loss::Graceful,
+            6..=7 => Loss::Replaced,
+            _ => Loss::Kicked,
+        }
+    }
+
+    /// How the socket is set up and closed.
+    fn ending(self) -> Ending {
+        match self {
+            Loss::Abrupt => Ending::Abrupt,
+            _ => Ending::Graceful,
+        }
+    }
 }
 
 impl Dial {
@@ -509,6 +631,37 @@ impl Dial {
         .map_err(|_| format!("connect over {via:?} took over {CONNECT_TIMEOUT:?}"))?
     }
 
+    /// Connects and authenticates asking for resume from `state`'s positions,
+    /// which AuthReply's answer updates.
+    async fn connect_resume(
+        &self,
+        client: u32,
+        via: Via,
+        room: u32,
+        ending: Ending,
+        state: &mut ResumeState,
+    ) -> Result<(Conn, ResumeReply), String> {
+        let connect = async {
+            let mut pc = self.open(client, via, ending).await?;
+            let token = self.token(client, Some(room))?;
+            let reply = pc
+                .auth_resume(token.as_bytes(), state)
+                .await
+                .map_err(|e| format!("auth with resume: {e}"))?;
+            Ok((Conn::new(pc, Some(room), true), reply))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| format!("connect over {via:?} took over {CONNECT_TIMEOUT:?}"))?
+    }
+
+    fn token(&self, client: u32, room: Option<u32>) -> Result<String, String> {
+        let mut claims = auth::claims_for(&key_of(client), Duration::from_secs(86_400));
+        claims.mid = Some(mid_of(client));
+        claims.room_id = room.map(room_name);
+        auth::issue(&self.secret, &claims).map_err(|e| e.to_string())
+    }
+
     async fn connect_inner(
         &self,
         client: u32,
@@ -516,7 +669,15 @@ impl Dial {
         room: Option<u32>,
         ending: Ending,
     ) -> Result<Conn, String> {
-        let mut pc = match via {
+        let mut pc = self.open(client, via, ending).await?;
+        let token = self.token(client, room)?;
+        pc.auth(token).await.map_err(|e| format!("auth: {e}"))?;
+        Ok(Conn::new(pc, room, false))
+    }
+
+    /// A connection, not yet authenticated.
+    async fn open(&self, client: u32, via: Via, ending: Ending) -> Result<PushClient, String> {
+        Ok(match via {
             Via::Tcp => {
                 let stream = tokio::net::TcpStream::connect(self.tcp)
                     .await
@@ -543,14 +704,15 @@ impl Dial {
                     .map_err(|e| format!("QUIC stream: {e}"))?;
                 PushClient::from_parts(Box::new(recv), Box::new(send), Some((conn, ep.clone())))
             }
-        };
-        let mut claims = auth::claims_for(&key_of(client), Duration::from_secs(86_400));
-        claims.mid = Some(mid_of(client));
-        claims.room_id = room.map(room_name);
-        let token = auth::issue(&self.secret, &claims).map_err(|e| e.to_string())?;
-        pc.auth(token).await.map_err(|e| format!("auth: {e}"))?;
+        })
+    }
+}
+
+impl Conn {
+    /// The connection of an authenticated client.
+    fn new(pc: PushClient, room: Option<u32>, resume: bool) -> Conn {
         let (reader, writer, buf, quic) = pc.into_parts();
-        Ok(Conn {
+        Conn {
             reader,
             writer,
             buf,
@@ -560,11 +722,9 @@ impl Dial {
             pending: None,
             // the Auth frame was 1
             seq: 1,
-        })
+            resume,
+        }
     }
-}
-
-impl Conn {
     async fn send(&mut self, op: u32, body: impl Into<Bytes>) -> Result<(), String> {
         self.seq = self.seq.wrapping_add(1);
         let frame = Frame::new(op, self.seq, body).to_bytes();
@@ -598,8 +758,15 @@ impl Conn {
         }
     }
 
-    fn next_frame(&mut self) -> Result<Option<Frame>, String> {
-        protocol::decode(&mut self.buf, MAX_BODY_LIMIT).map_err(|e| format!("bad frame: {e}"))
+    /// The next whole frame and, on a resume-capable connection, its extension. A
+    /// connection that did not negotiate resume refuses an extension (headerLen 32).
+    fn next_frame(&mut self) -> Result<Option<(Frame, Option<PushMeta>)>, String> {
+        if self.resume {
+            protocol::decode_server(&mut self.buf, MAX_BODY_LIMIT)
+        } else {
+            protocol::decode(&mut self.buf, MAX_BODY_LIMIT).map(|f| f.map(|f| (f, None)))
+        }
+        .map_err(|e| format!("bad frame: {e}"))
     }
 
     async fn close(mut self, ending: Ending) {
@@ -624,6 +791,10 @@ struct Failures {
     out_of_order: u64,
     misrouted: u64,
     malformed: u64,
+    /// Resuming clients: a push whose source offset does not follow the last one
+    /// received from that source (or whose epoch changed), or one without the
+    /// extension or outside history.
+    offset_gap: u64,
     /// Unexpected frames, closes, connect and write failures.
     unexpected: u64,
     examples: Vec<String>,
@@ -637,7 +808,44 @@ impl Failures {
     }
 
     fn total(&self) -> u64 {
-        self.bad_seq + self.out_of_order + self.misrouted + self.malformed + self.unexpected
+        self.bad_seq
+            + self.out_of_order
+            + self.misrouted
+            + self.malformed
+            + self.offset_gap
+            + self.unexpected
+    }
+}
+
+/// What a resuming client keeps for its whole life, and what its connections tell.
+#[derive(Debug, Default)]
+struct Track {
+    /// Its key and last position per source: each connection resumes from it.
+    state: ResumeState,
+    /// Per source, the stream's top that the current connection's AuthReply named:
+    /// a push at or below it is a replay.
+    tops: [Option<Position>; 4],
+    /// Pushes received as a replay.
+    replayed: u64,
+}
+
+impl Track {
+    /// Takes AuthReply's answer (which `auth_resume` already applied to `state`);
+    /// `Err` if it names another key or lacks a source the client receives.
+    fn connected(&mut self, me: u32, reply: &ResumeReply) -> Result<(), String> {
+        if reply.key != key_of(me) {
+            return Err(format!("AuthReply names key {:?}", reply.key));
+        }
+        for source in Source::ALL {
+            let Some(st) = reply.source(source) else {
+                return Err(format!(
+                    "AuthReply names no {} source: {reply:?}",
+                    source.name()
+                ));
+            };
+            self.tops[source.index()] = Some(st.position());
+        }
+        Ok(())
     }
 }
 
@@ -647,12 +855,25 @@ struct Seen {
     me: u32,
     /// Message ids in the order they arrived.
     ids: Vec<u64>,
-    /// Last sequence number per backend: [synchronous pushes, broadcasts].
-    last: [[u32; 2]; BACKENDS],
+    /// Last sequence number per backend and class: synchronous pushes (0) and
+    /// broadcasts (3), or, for a resuming client, each source (its index).
+    last: [[u32; 4]; BACKENDS],
     failures: Failures,
     end: bool,
     heartbeat_replies: u64,
     room_changes: u64,
+    /// A resuming client's positions.
+    track: Option<Track>,
+}
+
+/// The source a message's kind is pushed from.
+fn source_of(kind: Kind) -> Source {
+    match kind {
+        Kind::Key | Kind::Keys | Kind::Item => Source::Key,
+        Kind::User => Source::User,
+        Kind::Room => Source::Room,
+        Kind::Broadcast | Kind::End => Source::All,
+    }
 }
 
 /// What a frame meant to the client.
@@ -669,11 +890,57 @@ impl Seen {
         Seen {
             me,
             ids: Vec::new(),
-            last: [[0; 2]; BACKENDS],
+            last: [[0; 4]; BACKENDS],
             failures: Failures::default(),
             end: false,
             heartbeat_replies: 0,
             room_changes: 0,
+            track: None,
+        }
+    }
+
+    /// A resuming client's record.
+    fn resuming(me: u32) -> Seen {
+        Seen {
+            track: Some(Track::default()),
+            ..Seen::new(me)
+        }
+    }
+
+    fn track(&mut self) -> &mut Track {
+        self.track.get_or_insert_with(Track::default)
+    }
+
+    /// A resuming connection's push must carry the extension and be the next of its
+    /// source: offset one past the last one received, in the same epoch (the
+    /// position AuthReply left, if none came on this client's connections since).
+    fn check_offset(&mut self, f: &Frame, meta: Option<PushMeta>) {
+        let me = self.me;
+        let Some(m) = meta else {
+            self.failures.offset_gap += 1;
+            self.failures.note(format!(
+                "client {me}: push seq {} without the extension",
+                f.seq
+            ));
+            return;
+        };
+        let track = self.track();
+        let at = track.state.positions.get(m.source);
+        let top = track.tops[m.source.index()];
+        let follows =
+            m.is_tracked() && at.is_some_and(|p| p.epoch == m.epoch && m.offset == p.offset + 1);
+        if top.is_some_and(|t| t.epoch == m.epoch && m.offset <= t.offset) {
+            track.replayed += 1;
+        }
+        track.state.observe(&m);
+        if !follows {
+            self.failures.offset_gap += 1;
+            self.failures.note(format!(
+                "client {me}: {} push at epoch {} offset {} after {at:?}",
+                m.source.name(),
+                m.epoch,
+                m.offset
+            ));
         }
     }
 
@@ -682,18 +949,26 @@ impl Seen {
         self.failures.note(format!("client {}: {what}", self.me));
     }
 
-    fn handle(&mut self, conn: &mut Conn, f: &Frame) -> Got {
+    /// Checks a connection's push seq: 1, 2, 3, ... on each connection.
+    fn check_seq(&mut self, conn: &mut Conn, f: &Frame) {
+        if f.seq != conn.push_seq.wrapping_add(1) {
+            self.failures.bad_seq += 1;
+            self.failures.note(format!(
+                "client {}: push seq {} after {}",
+                self.me, f.seq, conn.push_seq
+            ));
+        }
+        conn.push_seq = f.seq;
+    }
+
+    fn handle(&mut self, conn: &mut Conn, f: &Frame, meta: Option<PushMeta>) -> Got {
         let me = self.me;
         match f.op {
             OP => {
-                if f.seq != conn.push_seq.wrapping_add(1) {
-                    self.failures.bad_seq += 1;
-                    self.failures.note(format!(
-                        "client {me}: push seq {} after {}",
-                        f.seq, conn.push_seq
-                    ));
+                self.check_seq(conn, f);
+                if conn.resume {
+                    self.check_offset(f, meta);
                 }
-                conn.push_seq = f.seq;
                 let Some(m) = parse(&f.body) else {
                     self.failures.malformed += 1;
                     self.failures
@@ -710,7 +985,7 @@ impl Seen {
                         Some(m.target) != conn.room && conn.pending != Some(Some(m.target))
                     }
                     Kind::Keys | Kind::User | Kind::Broadcast => false,
-                };
+                } || meta.is_some_and(|x| x.source != source_of(m.kind));
                 if misrouted {
                     self.failures.misrouted += 1;
                     self.failures.note(format!(
@@ -718,7 +993,13 @@ impl Seen {
                         conn.room, conn.pending
                     ));
                 }
-                let class = usize::from(m.kind == Kind::Broadcast);
+                // A resume replays each source's missed pushes in turn, so a
+                // resuming client keeps a backend's order within each source.
+                let class = match (&self.track, m.kind) {
+                    (Some(_), kind) => source_of(kind).index(),
+                    (None, Kind::Broadcast) => Source::All.index(),
+                    (None, _) => 0,
+                };
                 let last = &mut self.last[m.backend as usize][class];
                 if m.seq <= *last {
                     self.failures.out_of_order += 1;
@@ -799,7 +1080,7 @@ async fn run_stable(
     'run: loop {
         loop {
             match conn.next_frame() {
-                Ok(Some(f)) => match seen.handle(&mut conn, &f) {
+                Ok(Some((f, meta))) => match seen.handle(&mut conn, &f, meta) {
                     Got::RoomChanged => since = Instant::now(),
                     Got::Disconnect => {
                         seen.unexpected("DisconnectReply on a stable connection".into());
@@ -892,8 +1173,8 @@ async fn drain_replaced(seen: &mut Seen, mut old: Conn) {
         loop {
             loop {
                 match old.next_frame() {
-                    Ok(Some(f)) => {
-                        if seen.handle(&mut old, &f) == Got::Disconnect {
+                    Ok(Some((f, meta))) => {
+                        if seen.handle(&mut old, &f, meta) == Got::Disconnect {
                             disconnect = true;
                         }
                     }
@@ -959,8 +1240,8 @@ async fn run_churn(me: u32, dial: Arc<Dial>, until: Instant, mut rng: StdRng) ->
         'conn: while alive {
             loop {
                 match conn.next_frame() {
-                    Ok(Some(f)) => {
-                        if seen.handle(&mut conn, &f) == Got::Disconnect {
+                    Ok(Some((f, meta))) => {
+                        if seen.handle(&mut conn, &f, meta) == Got::Disconnect {
                             seen.unexpected("DisconnectReply on a live connection".into());
                             alive = false;
                             break 'conn;
@@ -1035,6 +1316,336 @@ async fn run_churn(me: u32, dial: Arc<Dial>, until: Instant, mut rng: StdRng) ->
         counts.disconnects += 1;
     }
     ChurnReport { seen, counts }
+}
+
+/// What a resuming client did over its life.
+#[derive(Debug, Default, Clone, Copy)]
+struct ResumeCounts {
+    connects: u64,
+    /// Connections after the first: each resumed.
+    resumes: u64,
+    /// Resumes whose every source was recovered.
+    recovered: u64,
+    /// Sources AuthReply answered "not recovered".
+    not_recovered: u64,
+    abrupt: u64,
+    graceful: u64,
+    replaced: u64,
+    kicked: u64,
+    /// Connections the server closed with DisconnectReply on its own (an overflow).
+    server_closed: u64,
+    /// Pushes received as a replay.
+    replayed: u64,
+    /// Pushes a replaced connection still delivered, not taken: the connection that
+    /// replaced it resumed before them.
+    discarded: u64,
+    /// From the last frame read on a lost connection to the next AuthReply.
+    outage_max: Duration,
+    outage_total: Duration,
+}
+
+impl AddAssign<&ResumeCounts> for ResumeCounts {
+    fn add_assign(&mut self, o: &ResumeCounts) {
+        self.connects += o.connects;
+        self.resumes += o.resumes;
+        self.recovered += o.recovered;
+        self.not_recovered += o.not_recovered;
+        self.abrupt += o.abrupt;
+        self.graceful += o.graceful;
+        self.replaced += o.replaced;
+        self.kicked += o.kicked;
+        self.server_closed += o.server_closed;
+        self.replayed += o.replayed;
+        self.discarded += o.discarded;
+        self.outage_max = self.outage_max.max(o.outage_max);
+        self.outage_total += o.outage_total;
+    }
+}
+
+struct ResumeReport {
+    seen: Seen,
+    /// The room it stayed in.
+    room: u32,
+    counts: ResumeCounts,
+}
+
+/// How reading a resuming connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// The time to stop reading came.
+    Time,
+    /// The end marker arrived.
+    End,
+    /// The server ended the stream; whether DisconnectReply came first.
+    Closed { disconnect: bool },
+    /// Reading failed (noted as unexpected).
+    Failed,
+}
+
+/// Reads a resuming connection until `until`, the end marker, or its end.
+async fn read_until(seen: &mut Seen, conn: &mut Conn, until: Instant) -> Read {
+    let mut disconnect = false;
+    loop {
+        loop {
+            match conn.next_frame() {
+                Ok(Some((f, meta))) => {
+                    if seen.handle(conn, &f, meta) == Got::Disconnect {
+                        disconnect = true;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    seen.unexpected(e);
+                    return Read::Failed;
+                }
+            }
+        }
+        if seen.end {
+            return Read::End;
+        }
+        if Instant::now() >= until {
+            return Read::Time;
+        }
+        tokio::select! {
+            r = conn.fill() => match r {
+                Ok(true) => {}
+                Ok(false) => return Read::Closed { disconnect },
+                Err(e) => {
+                    seen.unexpected(e);
+                    return Read::Failed;
+                }
+            },
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(until)) => {}
+        }
+    }
+}
+
+/// Reads a replaced resuming connection to its end, checking its push seq and
+/// that it ends with DisconnectReply, without taking its pushes: the connection
+/// that replaced it resumed from what had been read before, so it delivers them.
+async fn drain_discarding(seen: &mut Seen, mut old: Conn) -> u64 {
+    let mut discarded = 0;
+    let drain = async {
+        let mut disconnect = false;
+        loop {
+            loop {
+                match old.next_frame() {
+                    Ok(Some((f, _))) => match f.op {
+                        OP => {
+                            seen.check_seq(&mut old, &f);
+                            discarded += 1;
+                        }
+                        op::DISCONNECT_REPLY => disconnect = true,
+                        op::HEARTBEAT_REPLY => {}
+                        other => seen.unexpected(format!("op {other} on a replaced connection")),
+                    },
+                    Ok(None) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            match old.fill().await {
+                Ok(true) => {}
+                // a reset after the last bytes is how some replaced connections end
+                Ok(false) | Err(_) => return Ok(disconnect),
+            }
+        }
+    };
+    let result = tokio::time::timeout(Duration::from_secs(10), drain).await;
+    match result {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            seen.unexpected("replaced resuming connection ended without DisconnectReply".into())
+        }
+        Ok(Err(e)) => seen.unexpected(format!("replaced resuming connection: {e}")),
+        Err(_) => seen.unexpected("replaced resuming connection still open after 10 s".into()),
+    }
+    old.close(Ending::Abrupt).await;
+    discarded
+}
+
+fn random_via(rng: &mut StdRng) -> Via {
+    if rng.gen_bool(0.5) {
+        Via::Tcp
+    } else {
+        Via::Quic
+    }
+}
+
+/// A resuming client's first connection: no position yet.
+async fn first_resuming(dial: &Dial, me: u32, room: u32, rng: &mut StdRng) -> (Conn, Loss, Seen) {
+    let loss = Loss::random(rng);
+    let via = random_via(rng);
+    let mut seen = Seen::resuming(me);
+    let (conn, reply) = dial
+        .connect_resume(me, via, room, loss.ending(), &mut seen.track().state)
+        .await
+        .unwrap_or_else(|e| panic!("resuming client {me}: {e}"));
+    if let Err(e) = seen.track().connected(me, &reply) {
+        seen.unexpected(e);
+    }
+    (conn, loss, seen)
+}
+
+/// Connects and resumes from the client's positions, over either transport,
+/// retrying until it works or `give_up`; notes the outage since `lost_at`.
+#[allow(clippy::too_many_arguments)]
+async fn resume_conn(
+    me: u32,
+    dial: &Dial,
+    room: u32,
+    loss: Loss,
+    seen: &mut Seen,
+    counts: &mut ResumeCounts,
+    lost_at: Instant,
+    give_up: Instant,
+    rng: &mut StdRng,
+) -> Option<Conn> {
+    loop {
+        let via = random_via(rng);
+        let state = &mut seen.track().state;
+        match dial
+            .connect_resume(me, via, room, loss.ending(), state)
+            .await
+        {
+            Ok((conn, reply)) => {
+                let outage = lost_at.elapsed();
+                counts.connects += 1;
+                counts.resumes += 1;
+                counts.outage_max = counts.outage_max.max(outage);
+                counts.outage_total += outage;
+                if let Err(e) = seen.track().connected(me, &reply) {
+                    seen.unexpected(e);
+                }
+                return Some(conn);
+            }
+            Err(e) => {
+                seen.unexpected(format!("resume: {e}"));
+                if Instant::now() >= give_up {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// A resuming client: stays in `room` and keeps one [`ResumeState`] for its life.
+/// Until `until` it reads a connection for a while, then loses it (abruptly or
+/// gracefully without reading what is queued, replaced by its own next connection,
+/// or kicked), and resumes on a new one over either transport; then it reads its
+/// last connection until the end marker.
+#[allow(clippy::too_many_arguments)]
+async fn run_resuming(
+    me: u32,
+    dial: Arc<Dial>,
+    kicker: Arc<Client>,
+    room: u32,
+    first: (Conn, Loss),
+    mut seen: Seen,
+    until: Instant,
+    mut rng: StdRng,
+) -> ResumeReport {
+    let give_up = until + END_WAIT;
+    let mut counts = ResumeCounts {
+        connects: 1,
+        ..ResumeCounts::default()
+    };
+    let (mut conn, mut loss) = first;
+    loop {
+        let last = Instant::now() >= until;
+        let leave_at = if last {
+            give_up
+        } else {
+            (Instant::now() + jitter(&mut rng, RESUMING_STAY.0, RESUMING_STAY.1)).min(until)
+        };
+        let read = read_until(&mut seen, &mut conn, leave_at).await;
+        let mut lost_at = Instant::now();
+        match read {
+            Read::End => break,
+            Read::Time if last => {
+                seen.unexpected("no end marker".into());
+                break;
+            }
+            Read::Time => match loss {
+                Loss::Abrupt => counts.abrupt += 1,
+                Loss::Graceful => counts.graceful += 1,
+                Loss::Kicked => {
+                    counts.kicked += 1;
+                    match kicker.kick(key_of(me)).await {
+                        Ok(true) => {}
+                        r => seen.unexpected(format!("kick: {r:?}")),
+                    }
+                    // what was queued, DisconnectReply, the end of the stream
+                    let until = Instant::now() + Duration::from_secs(10);
+                    match read_until(&mut seen, &mut conn, until).await {
+                        Read::Closed { disconnect: true } => {}
+                        Read::End => break,
+                        other => seen.unexpected(format!("kicked connection: {other:?}")),
+                    }
+                    lost_at = Instant::now();
+                }
+                Loss::Replaced => {
+                    counts.replaced += 1;
+                    loss = Loss::random(&mut rng);
+                    let next = resume_conn(
+                        me,
+                        &dial,
+                        room,
+                        loss,
+                        &mut seen,
+                        &mut counts,
+                        lost_at,
+                        give_up,
+                        &mut rng,
+                    )
+                    .await;
+                    let Some(next) = next else { break };
+                    let old = std::mem::replace(&mut conn, next);
+                    counts.discarded += drain_discarding(&mut seen, old).await;
+                    continue;
+                }
+            },
+            Read::Closed { disconnect } => {
+                counts.server_closed += 1;
+                if !disconnect {
+                    seen.unexpected("resuming connection ended without DisconnectReply".into());
+                }
+            }
+            Read::Failed => {}
+        }
+        conn.close(loss.ending()).await;
+        tokio::time::sleep(jitter(&mut rng, RESUMING_AWAY.0, RESUMING_AWAY.1)).await;
+        loss = Loss::random(&mut rng);
+        let next = resume_conn(
+            me,
+            &dial,
+            room,
+            loss,
+            &mut seen,
+            &mut counts,
+            lost_at,
+            give_up,
+            &mut rng,
+        )
+        .await;
+        match next {
+            Some(next) => conn = next,
+            None => {
+                // never reconnected: nothing left to close
+                let track = seen.track();
+                counts.replayed = track.replayed;
+                counts.recovered = track.state.recovered;
+                counts.not_recovered = track.state.not_recovered;
+                return ResumeReport { seen, room, counts };
+            }
+        }
+    }
+    conn.close(Ending::Graceful).await;
+    let track = seen.track();
+    counts.replayed = track.replayed;
+    counts.recovered = track.state.recovered;
+    counts.not_recovered = track.state.not_recovered;
+    ResumeReport { seen, room, counts }
 }
 
 // ---------------------------------------------------------------------------
@@ -1112,15 +1723,89 @@ fn expected_for(ledger: &Ledger, client: u32, stays: &[Stay]) -> Vec<u64> {
     want
 }
 
+/// What a resuming client in `room` for the whole round must have received, no
+/// more and no less: every push to its key reported `Delivered` or `Stored`, every
+/// user push to its user id, every push to its room, and every broadcast. A push
+/// to its key reported anything else is lost (a description in the second list):
+/// its key's stream is live all round, so every push to it is kept.
+fn expected_resuming(ledger: &Ledger, client: u32, room: u32) -> (Vec<u64>, Vec<String>) {
+    let mid = mid_of(client);
+    let mut want = Vec::new();
+    let mut lost = Vec::new();
+    let kept = |o: PushOutcome| matches!(o, PushOutcome::Delivered | PushOutcome::Stored);
+    for (b, sent) in ledger.sent.iter().enumerate() {
+        for (i, s) in sent.iter().enumerate() {
+            if s.failed {
+                continue;
+            }
+            let id = msg_id(b as u8, i as u32 + 1);
+            let outcome = match &s.target {
+                Target::Key { client: c, outcome } => (*c == client).then_some(*outcome),
+                Target::Keys(list) => list.iter().find(|(c, _)| *c == client).map(|x| x.1),
+                Target::User { mids, .. } => mids.contains(&mid).then_some(PushOutcome::Stored),
+                Target::Room { room: r, .. } => (*r == room).then_some(PushOutcome::Stored),
+                Target::Broadcast => Some(PushOutcome::Stored),
+            };
+            match outcome {
+                Some(o) if kept(o) => want.push(id),
+                Some(o) => lost.push(format!(
+                    "push {id:#x} to resuming client {client}'s key: {o:?}"
+                )),
+                None => {}
+            }
+        }
+    }
+    (want, lost)
+}
+
+/// User and room pushes whose tally shows them not appended to the streams of the
+/// resuming clients they address (live all round): descriptions.
+fn not_appended(ledger: &Ledger, mids: &HashSet<i64>, rooms: &HashSet<u32>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for s in ledger.sent.iter().flatten().filter(|s| !s.failed) {
+        match &s.target {
+            Target::User { mids: to, tally } => {
+                let live = to.iter().filter(|m| mids.contains(m)).count() as u64;
+                if tally.appended < live || tally.appended > to.len() as u64 {
+                    bad.push(format!(
+                        "PushUser to {to:?} ({live} of resuming clients): {tally:?}"
+                    ));
+                }
+            }
+            Target::Room { room, tally } if rooms.contains(room) && tally.appended != 1 => {
+                bad.push(format!("BroadcastRoom to room {room}: {tally:?}"));
+            }
+            _ => {}
+        }
+    }
+    bad
+}
+
+/// What a client must have received.
+enum Expect {
+    /// Nothing in particular (a churning client).
+    Nothing,
+    /// At least these (a stable client); the rest is checked by the ledger's rules.
+    AtLeast(Vec<u64>),
+    /// Exactly these, besides pushes of failed calls (a resuming client).
+    Exactly(Vec<u64>),
+}
+
 #[derive(Debug, Default)]
 struct Verdict {
     /// Deliveries a stable client had to receive and did, exactly once.
     confirmed: u64,
+    /// Deliveries a resuming client had to receive and did, exactly once.
+    confirmed_resuming: u64,
     /// Received messages checked against the ledger.
     checked: u64,
     missing: u64,
     duplicated: u64,
     not_meant: u64,
+    /// Pushes to a resuming client's key reported neither `Delivered` nor `Stored`.
+    lost: u64,
+    /// User and room pushes to resuming clients not appended to their streams.
+    not_appended: u64,
     examples: Vec<String>,
 }
 
@@ -1132,8 +1817,8 @@ impl Verdict {
     }
 
     /// Checks one client's messages against the ledger: no duplicate, nothing not
-    /// meant for it, and (stable clients) nothing missing.
-    fn client(&mut self, ledger: &Ledger, seen: &Seen, expected: Option<Vec<u64>>) {
+    /// meant for it, and (stable and resuming clients) nothing missing.
+    fn client(&mut self, ledger: &Ledger, seen: &Seen, expected: Expect) {
         let mut got = seen.ids.clone();
         got.sort_unstable();
         for w in got.windows(2) {
@@ -1143,26 +1828,47 @@ impl Verdict {
             }
         }
         got.dedup();
+        let (want, exact) = match expected {
+            Expect::Nothing => (Vec::new(), false),
+            Expect::AtLeast(w) => (w, false),
+            Expect::Exactly(w) => (w, true),
+        };
+        let mut want = want;
+        want.sort_unstable();
         for &id in &got {
             self.checked += 1;
-            if let Some(why) = ledger.refuse(seen.me, id) {
+            let why = if exact {
+                let failed = ledger.get(id).is_some_and(|s| s.failed);
+                (want.binary_search(&id).is_err() && !failed).then(|| {
+                    let what = ledger.get(id).map(|s| format!("{:?}", s.target));
+                    format!(
+                        "resuming client {} got {id:#x}, not meant for it: {what:?}",
+                        seen.me
+                    )
+                })
+            } else {
+                ledger.refuse(seen.me, id)
+            };
+            if let Some(why) = why {
                 self.not_meant += 1;
                 self.note(why);
             }
         }
-        if let Some(mut want) = expected {
-            want.sort_unstable();
-            for id in want {
-                if got.binary_search(&id).is_ok() {
-                    self.confirmed += 1;
+        let class = if exact { "resuming" } else { "stable" };
+        for id in want {
+            if got.binary_search(&id).is_ok() {
+                if exact {
+                    self.confirmed_resuming += 1;
                 } else {
-                    self.missing += 1;
-                    let what = ledger.get(id).map(|s| format!("{:?}", s.target));
-                    self.note(format!(
-                        "stable client {} never got message {id:#x}: {what:?}",
-                        seen.me
-                    ));
+                    self.confirmed += 1;
                 }
+            } else {
+                self.missing += 1;
+                let what = ledger.get(id).map(|s| format!("{:?}", s.target));
+                self.note(format!(
+                    "{class} client {} never got message {id:#x}: {what:?}",
+                    seen.me
+                ));
             }
         }
     }
@@ -1203,6 +1909,8 @@ struct Setup {
     dial: Arc<Dial>,
     /// Backend 0, which also asks for the online counts and sends the end marker.
     control: Arc<Client>,
+    /// A backend connection of its own for the resuming clients' kicks.
+    kicker: Arc<Client>,
     backends: Vec<Arc<Client>>,
     stat: ProcStat,
     clients: u32,
@@ -1213,8 +1921,10 @@ struct Setup {
 struct RoundReport {
     secs: u64,
     stable: u64,
+    resuming: u64,
     churning: u64,
     counts: ChurnCounts,
+    resumes: ResumeCounts,
     room_changes: u64,
     heartbeats: u64,
     calls: HashMap<&'static str, u64>,
@@ -1260,12 +1970,34 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
         .collect()
         .await;
     let n_stable = conns.len() as u64;
+    // Each resuming client stays in one room and is connected before the load
+    // starts, so every push of the round is meant for it.
+    let resuming: Vec<(u32, u32)> = (0..setup.clients)
+        .filter(|&c| is_resuming(c))
+        .map(|c| (c, rng.gen_range(0..ROOMS)))
+        .collect();
+    let firsts: Vec<_> = futures_util::stream::iter(resuming.iter().copied())
+        .map(|(c, room)| {
+            let dial = setup.dial.clone();
+            async move {
+                let mut rng = StdRng::seed_from_u64(seed ^ (u64::from(c) << 20));
+                let (conn, loss, seen) = first_resuming(&dial, c, room, &mut rng).await;
+                (c, room, conn, loss, seen, rng)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let n_resuming = firsts.len() as u64;
     // AuthReply is queued just before the channel registers: wait until all are.
     let registered = poll_until(Duration::from_secs(30), || async move {
-        control.online().await.unwrap().total == n_stable
+        control.online().await.unwrap().total == n_stable + n_resuming
     })
     .await;
-    assert!(registered, "the stable clients were never all online");
+    assert!(
+        registered,
+        "the stable and resuming clients were never all online"
+    );
     let registered = Instant::now();
 
     let start = Instant::now();
@@ -1299,8 +2031,23 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
             tokio::spawn(run_stable(c, conn, registered, until, rng))
         })
         .collect();
+    let resuming_tasks: Vec<_> = firsts
+        .into_iter()
+        .map(|(c, room, conn, loss, seen, rng)| {
+            tokio::spawn(run_resuming(
+                c,
+                setup.dial.clone(),
+                setup.kicker.clone(),
+                room,
+                (conn, loss),
+                seen,
+                until,
+                rng,
+            ))
+        })
+        .collect();
     let churn_tasks: Vec<_> = (0..setup.clients)
-        .filter(|&c| !is_stable(c))
+        .filter(|&c| !is_stable(c) && !is_resuming(c))
         .map(|c| {
             let rng = StdRng::seed_from_u64(seed ^ (u64::from(c) << 20));
             tokio::spawn(run_churn(c, setup.dial.clone(), until, rng))
@@ -1341,6 +2088,10 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
     for t in stable_tasks {
         stables.push(t.await.expect("stable task"));
     }
+    let mut resumers = Vec::new();
+    for t in resuming_tasks {
+        resumers.push(t.await.expect("resuming task"));
+    }
     let load_secs = start.elapsed().as_secs_f64();
 
     // Every client has left: the registry must say so (sessions end asynchronously).
@@ -1356,6 +2107,7 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
     let mut r = RoundReport {
         secs,
         stable: n_stable,
+        resuming: n_resuming,
         churning: churned.len() as u64,
         load_secs,
         emptied,
@@ -1392,11 +2144,30 @@ async fn round(setup: &Setup, secs: u64, seed: u64) -> RoundReport {
             r.unfinished += 1;
         }
         let want = expected_for(&ledger, s.seen.me, &s.stays);
-        r.verdict.client(&ledger, &s.seen, Some(want));
+        r.verdict.client(&ledger, &s.seen, Expect::AtLeast(want));
+    }
+    for c in &resumers {
+        r.absorb(&c.seen);
+        if !c.seen.end {
+            r.unfinished += 1;
+        }
+        let (want, lost) = expected_resuming(&ledger, c.seen.me, c.room);
+        r.verdict.lost += lost.len() as u64;
+        for l in lost {
+            r.verdict.note(l);
+        }
+        r.verdict.client(&ledger, &c.seen, Expect::Exactly(want));
+        r.resumes += &c.counts;
+    }
+    let mids: HashSet<i64> = resumers.iter().map(|c| mid_of(c.seen.me)).collect();
+    let rooms: HashSet<u32> = resumers.iter().map(|c| c.room).collect();
+    for bad in not_appended(&ledger, &mids, &rooms) {
+        r.verdict.not_appended += 1;
+        r.verdict.note(bad);
     }
     for c in &churned {
         r.absorb(&c.seen);
-        r.verdict.client(&ledger, &c.seen, None);
+        r.verdict.client(&ledger, &c.seen, Expect::Nothing);
         r.counts.connects += c.counts.connects;
         r.counts.disconnects += c.counts.disconnects;
         r.counts.replaced += c.counts.replaced;
@@ -1416,6 +2187,7 @@ impl RoundReport {
         self.failures.out_of_order += f.out_of_order;
         self.failures.misrouted += f.misrouted;
         self.failures.malformed += f.malformed;
+        self.failures.offset_gap += f.offset_gap;
         self.failures.unexpected += f.unexpected;
         for e in &f.examples {
             self.failures.note(e.clone());
@@ -1427,21 +2199,40 @@ impl RoundReport {
         let outcome = |o: PushOutcome| self.key_outcomes.get(&o).copied().unwrap_or(0);
         let c = &self.counts;
         println!("---- {name}: {} s of load ----", self.secs);
+        let rs = &self.resumes;
         println!(
-            "clients           {} ({} stable, {} churning)",
-            self.stable + self.churning,
+            "clients           {} ({} stable, {} resuming, {} churning)",
+            self.stable + self.resuming + self.churning,
             self.stable,
+            self.resuming,
             self.churning
         );
         println!(
-            "connects          {} ({} stable + {} churning); disconnects {} (graceful {}, abrupt {}, replaced by the next connection {})",
-            self.stable + c.connects,
+            "connects          {} ({} stable + {} resuming + {} churning); stable and churning disconnects {} (graceful {}, abrupt {}, replaced by the next connection {})",
+            self.stable + rs.connects + c.connects,
             self.stable,
+            rs.connects,
             c.connects,
             self.stable + c.disconnects,
             self.stable + c.graceful,
             c.abrupt,
             c.replaced
+        );
+        let mean_outage = rs.outage_total.as_secs_f64() / rs.resumes.max(1) as f64;
+        println!(
+            "resuming          {} resumes ({} recovered, {} sources not recovered) after losing a connection: abrupt {}, graceful {}, replaced {}, kicked {}, closed by the server {}; {} pushes replayed, {} left on replaced connections; outage mean {:.2} s, max {:.2} s",
+            rs.resumes,
+            rs.recovered,
+            rs.not_recovered,
+            rs.abrupt,
+            rs.graceful,
+            rs.replaced,
+            rs.kicked,
+            rs.server_closed,
+            rs.replayed,
+            rs.discarded,
+            mean_outage,
+            rs.outage_max.as_secs_f64()
         );
         println!(
             "room changes      {}; heartbeat replies {}",
@@ -1457,24 +2248,29 @@ impl RoundReport {
             calls("Broadcast")
         );
         println!(
-            "key outcomes      delivered {}, offline {}, queue full {}, filtered {}",
+            "key outcomes      delivered {}, stored {}, offline {}, queue full {}, filtered {}",
             outcome(PushOutcome::Delivered),
+            outcome(PushOutcome::Stored),
             outcome(PushOutcome::Offline),
             outcome(PushOutcome::QueueFull),
             outcome(PushOutcome::Filtered)
         );
         println!(
-            "user+room tallies delivered {}, queue full {}, filtered {}",
-            self.tallies.delivered, self.tallies.queue_full, self.tallies.filtered
+            "user+room tallies delivered {}, stored {}, queue full {}, filtered {}; appended to {} streams",
+            self.tallies.delivered,
+            self.tallies.stored,
+            self.tallies.queue_full,
+            self.tallies.filtered,
+            self.tallies.appended
         );
         println!(
-            "deliveries        {} received and checked against what was sent; {} required deliveries to stable clients confirmed exactly once",
-            self.verdict.checked, self.verdict.confirmed
+            "deliveries        {} received and checked against what was sent; required deliveries confirmed exactly once: {} to stable clients, {} to resuming clients",
+            self.verdict.checked, self.verdict.confirmed, self.verdict.confirmed_resuming
         );
         let f = &self.failures;
         let v = &self.verdict;
         println!(
-            "problems          missing {}, duplicated {}, not meant for the client {}, push seq gaps {}, out of order {}, misrouted {}, malformed {}, unexpected {}, stable clients without end marker {}, backend errors {}",
+            "problems          missing {}, duplicated {}, not meant for the client {}, push seq gaps {}, out of order {}, misrouted {}, malformed {}, source offset gaps {}, not recovered {}, resuming key pushes neither delivered nor stored {}, user/room pushes not appended {}, unexpected {}, clients without end marker {}, backend errors {}",
             v.missing,
             v.duplicated,
             v.not_meant,
@@ -1482,6 +2278,10 @@ impl RoundReport {
             f.out_of_order,
             f.misrouted,
             f.malformed,
+            f.offset_gap,
+            rs.not_recovered,
+            v.lost,
+            v.not_appended,
             f.unexpected,
             self.unfinished,
             self.backend_errors.len()
@@ -1518,7 +2318,23 @@ impl RoundReport {
         );
         assert_eq!(
             self.verdict.missing, 0,
-            "{name}: stable clients missed deliveries"
+            "{name}: stable or resuming clients missed deliveries"
+        );
+        assert_eq!(
+            self.resumes.not_recovered, 0,
+            "{name}: resumes answered \"not recovered\""
+        );
+        assert_eq!(
+            self.resumes.recovered, self.resumes.resumes,
+            "{name}: resumes that did not recover every source"
+        );
+        assert_eq!(
+            self.verdict.lost, 0,
+            "{name}: pushes to resuming clients' keys reported neither Delivered nor Stored"
+        );
+        assert_eq!(
+            self.verdict.not_appended, 0,
+            "{name}: user or room pushes to resuming clients not appended to their streams"
         );
         assert_eq!(
             self.verdict.duplicated, 0,
@@ -1535,14 +2351,82 @@ impl RoundReport {
         );
         assert_eq!(
             self.unfinished, 0,
-            "{name}: stable clients saw no end marker"
+            "{name}: stable or resuming clients saw no end marker"
         );
         assert!(self.verdict.confirmed > 0, "{name}: nothing was checked");
+        assert!(
+            self.verdict.confirmed_resuming > 0 && self.resumes.resumes > 0,
+            "{name}: no resuming client was checked"
+        );
         assert!(
             self.emptied,
             "{name}: after every client left, the server still reports {} online and {} rooms",
             self.left_online, self.left_rooms
         );
+    }
+}
+
+/// The history the soak's server keeps, computed from the load.
+#[derive(Debug)]
+struct HistoryPlan {
+    /// Seconds of pushes history holds.
+    window: f64,
+    /// Pushes per second to the busiest stream.
+    busiest: f64,
+    /// Pushes per second appended over all streams.
+    total: f64,
+    size: usize,
+    bytes: usize,
+}
+
+/// History sized from the load. Pushes per second per stream follow from the
+/// backends' rate and mix (600 calls/s; [`MIX`], [`KEYS_PER_CALL`],
+/// [`MIDS_PER_CALL`]), with 2,000 clients:
+///
+/// - a key: (PushMsg 300 + (MPushMsg 72 + MPushMsgs 72) × 13 keys) / clients: 1.1/s;
+/// - a user id: PushUser 72 × 2.5 user ids / (clients / 2): 0.18/s;
+/// - a room: BroadcastRoom 78 / 16 rooms: 4.9/s;
+/// - broadcasts: Broadcast 6/s;
+///
+/// 2,436 appends/s over all streams whatever the number of clients, each counted
+/// by the store as its frame (16 + 10 + 120 bytes on average) + `ENTRY_OVERHEAD`.
+/// `history.bytes` holds `window` seconds of all of them, and `history.size` twice
+/// the busiest stream's pushes in that window (so the byte bound binds first).
+///
+/// `window` is three quarters of the warm-up (at least `MIN_HISTORY_WINDOW`):
+/// history fills to its bound during the warm-up, even in shards with less than
+/// their share of the load, so the RSS level the soak is measured against already
+/// holds it (a history still growing would read as a leak). A resuming
+/// client's outage, its time away (at most 1.5 s) plus a connect, printed by each
+/// round, is far below it: the bound is split evenly over the store's 32 shards,
+/// whose loads differ (the broadcast stream, a room or two, more keys than another)
+/// by up to about 1.4×, so the shortest retention is about 0.7 × `window`.
+fn history_plan(clients: u32, window: f64) -> HistoryPlan {
+    let mean = |r: RangeInclusive<usize>| (*r.start() + *r.end()) as f64 / 2.0;
+    let clients_f = f64::from(clients);
+    let keys = Call::PushMsg.rate()
+        + Call::MPushMsg.rate() * mean(KEYS_PER_CALL).min(clients_f)
+        + Call::MPushMsgs.rate() * mean(KEYS_PER_CALL);
+    let users = Call::PushUser.rate() * mean(MIDS_PER_CALL);
+    let rooms = Call::BroadcastRoom.rate();
+    let all = Call::Broadcast.rate();
+    let busiest = [
+        keys / clients_f,
+        users / f64::from(clients.div_ceil(2)),
+        rooms / f64::from(ROOMS),
+        all,
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
+    let total = keys + users + rooms + all;
+    let mean_pad = 239.0 / 2.0;
+    let entry = (HEADER_LEN + BODY_HEAD + ENTRY_OVERHEAD) as f64 + mean_pad;
+    HistoryPlan {
+        window,
+        busiest,
+        total,
+        size: ((2.0 * busiest * window).ceil() as usize).clamp(1, 100_000),
+        bytes: ((total * entry * window).ceil() as usize).max(1 << 16),
     }
 }
 
@@ -1568,7 +2452,25 @@ async fn soak() {
 
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_quicpush"));
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::loopback(dir.path());
+    // History for every source the resuming clients receive: their key and user id
+    // (on by default), their room and broadcasts.
+    let plan = history_plan(clients, (warm_secs as f64 * 0.75).max(MIN_HISTORY_WINDOW));
+    let mut config = Config::loopback(dir.path());
+    config.history.enabled = true;
+    config.history.key = true;
+    config.history.user = true;
+    config.history.room = true;
+    config.history.all = true;
+    config.history.size = plan.size;
+    config.history.bytes = plan.bytes;
+    println!(
+        "history: {:.0} s of pushes: {} per stream (the busiest gets {:.1}/s), {:.1} MiB ({:.0} pushes/s)",
+        plan.window,
+        plan.size,
+        plan.busiest,
+        mib(plan.bytes as u64),
+        plan.total
+    );
     let mut server = tokio::task::block_in_place(|| {
         ServerProcess::quicpush_with(&exe, dir.path(), &config).expect("server starts")
     });
@@ -1580,6 +2482,7 @@ async fn soak() {
     for _ in 1..BACKENDS {
         backends.push(Arc::new(connect_backend(server.control, dir.path()).await));
     }
+    let kicker = Arc::new(connect_backend(server.control, dir.path()).await);
     let secret = auth::load_secret(&dir.path().join(quicpush::certs::TOKEN_SECRET)).unwrap();
     let quic_config =
         quicpush::tls::quic_client_config(&dir.path().join(quicpush::certs::CA_CERT)).unwrap();
@@ -1595,6 +2498,7 @@ async fn soak() {
             secret,
         }),
         control: control.clone(),
+        kicker,
         backends,
         stat: stat.clone(),
         clients,
@@ -1666,4 +2570,107 @@ async fn soak() {
         mib(rss_warm),
         RSS_TOLERANCE * 100.0
     );
+}
+
+/// The resuming clients' checks fail when they should: a source offset gap, a push
+/// twice, one missing, one not meant for the client, one to its key reported
+/// `Offline`, a user push not appended to its stream.
+#[test]
+fn resuming_checks_can_fail() {
+    let (me, room) = (1, 3);
+    let now = Instant::now();
+    let sent = |target| Sent {
+        target,
+        sent_at: now,
+        replied_at: now,
+        failed: false,
+    };
+    let ledger = Ledger {
+        sent: vec![vec![
+            sent(Target::Key {
+                client: me,
+                outcome: PushOutcome::Delivered,
+            }),
+            sent(Target::Key {
+                client: me,
+                outcome: PushOutcome::Offline,
+            }),
+            sent(Target::User {
+                mids: vec![mid_of(me)],
+                tally: Tally::default(),
+            }),
+            sent(Target::Room {
+                room: 5,
+                tally: Tally {
+                    appended: 1,
+                    ..Tally::default()
+                },
+            }),
+            sent(Target::Broadcast),
+        ]],
+    };
+    let mut seen = Seen::resuming(me);
+    let mut reply = ResumeReply {
+        key: key_of(me),
+        ..ResumeReply::default()
+    };
+    for source in Source::ALL {
+        let st = quicpush::resume::SourceState {
+            epoch: 7,
+            offset: 0,
+            recovered: None,
+        };
+        reply.sources.insert(source.name().to_owned(), st);
+    }
+    seen.track().state.apply(&reply);
+    seen.track().connected(me, &reply).unwrap();
+    let mut conn = Conn {
+        reader: Box::new(tokio::io::empty()),
+        writer: Box::new(tokio::io::sink()),
+        buf: BytesMut::new(),
+        quic: None,
+        push_seq: 0,
+        room: Some(room),
+        pending: None,
+        seq: 1,
+        resume: true,
+    };
+    let push = |seq, kind, msg, target, source, offset| {
+        let f = Frame::new(OP, seq, body(kind, 0, msg, target));
+        let m = PushMeta {
+            source,
+            epoch: 7,
+            offset,
+        };
+        (f, Some(m))
+    };
+    for (f, m) in [
+        push(1, Kind::Key, 1, me, Source::Key, 1),
+        push(2, Kind::Key, 1, me, Source::Key, 2),
+        push(3, Kind::User, 3, NO_TARGET, Source::User, 1),
+        push(5, Kind::Room, 4, 5, Source::Room, 2),
+    ] {
+        assert_eq!(seen.handle(&mut conn, &f, m), Got::Push);
+    }
+    let f = &seen.failures;
+    assert_eq!(
+        (f.bad_seq, f.offset_gap, f.misrouted, f.out_of_order),
+        (1, 1, 1, 1),
+        "{f:?}"
+    );
+    let (want, lost) = expected_resuming(&ledger, me, room);
+    assert_eq!(lost.len(), 1, "the push reported Offline");
+    let mut v = Verdict::default();
+    v.client(&ledger, &seen, Expect::Exactly(want));
+    assert_eq!(
+        (v.duplicated, v.missing, v.not_meant, v.confirmed_resuming),
+        (1, 1, 1, 2),
+        "{v:?}"
+    );
+    let bad = not_appended(
+        &ledger,
+        &HashSet::from([mid_of(me)]),
+        &HashSet::from([room]),
+    );
+    assert_eq!(bad.len(), 1, "{bad:?}");
 }
