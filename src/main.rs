@@ -138,6 +138,10 @@ struct BenchArgs {
     /// Extra clients in the room (room, broadcast) that never read.
     #[arg(long, default_value_t = 0)]
     stalled: usize,
+    /// The history of the server the bench starts: the defaults (keys and user
+    /// ids), off, or all sources (rooms and broadcasts too).
+    #[arg(long, value_enum, default_value = "default")]
+    history: bench::BenchHistory,
     /// `client.tcp_send_buffer` of the server the bench starts, bytes (0: kernel default).
     #[arg(long, default_value_t = 0)]
     tcp_send_buffer: u32,
@@ -451,6 +455,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         connect_concurrency: a.connect_concurrency,
         stalled: a.stalled,
         tcp_send_buffer: a.tcp_send_buffer,
+        history: a.history,
         handover: bench::handover::HandoverOptions {
             mode: a.handover_mode,
             loss: a.loss,

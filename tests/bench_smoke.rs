@@ -24,6 +24,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         connect_concurrency: 64,
         stalled: 0,
         tcp_send_buffer: 0,
+        history: quicpush::bench::BenchHistory::Default,
         handover: Default::default(),
         target: Target::Spawn { exe: exe.clone() },
         exe,

@@ -85,6 +85,33 @@ pub enum Scenario {
     Handover,
 }
 
+/// Which history the started server keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchHistory {
+    /// The built-in defaults: keys and user ids.
+    #[default]
+    Default,
+    /// `history.enabled = false`.
+    Off,
+    /// Every source: keys, user ids, rooms and broadcasts.
+    All,
+}
+
+impl BenchHistory {
+    /// Applies this choice to a server configuration.
+    pub fn apply(self, h: &mut crate::config::HistoryConfig) {
+        match self {
+            BenchHistory::Default => {}
+            BenchHistory::Off => h.enabled = false,
+            BenchHistory::All => {
+                h.room = true;
+                h.all = true;
+            }
+        }
+    }
+}
+
 /// Client transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -136,6 +163,9 @@ pub struct BenchOptions {
     pub tcp_send_buffer: u32,
     /// The handover scenario's network, switches and mode.
     pub handover: handover::HandoverOptions,
+    /// The history of the server the bench starts (not the handover scenario's,
+    /// which keeps every source).
+    pub history: BenchHistory,
     pub target: Target,
     /// Binary that serves `serve` and `bench-floor` (this one, normally).
     pub exe: PathBuf,
@@ -347,6 +377,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         Target::Spawn { exe } => {
             let mut config = process::bench_config(tmp.path());
             config.client.tcp_send_buffer = opts.tcp_send_buffer;
+            opts.history.apply(&mut config.history);
             (
                 ServerProcess::quicpush_with(exe, tmp.path(), &config)?,
                 tmp.path().to_owned(),
