@@ -45,6 +45,9 @@ pub enum PushClientError {
     /// The server answered Auth with something else.
     #[error("expected AuthReply (8), got op {0}")]
     AuthRefused(u32),
+    /// Connecting and authenticating took longer than allowed.
+    #[error("no AuthReply within {0:?} of connecting")]
+    ConnectTimeout(std::time::Duration),
     /// The resume answer in AuthReply is not the expected JSON.
     #[error("bad resume reply: {0}")]
     BadResumeReply(String),
@@ -337,6 +340,9 @@ pub fn resume_auth_body(token: &[u8], req: &ResumeRequest) -> Result<Vec<u8>, se
     }
 }
 
+/// How long [`ResumingClient`] gives one connect + Auth before it tries again.
+pub const CONNECT_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a resuming client keeps between connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResumeState {
@@ -543,7 +549,13 @@ impl ResumingClient {
     async fn reconnect(&mut self) -> ResumeReply {
         let mut wait = self.backoff.min;
         loop {
-            match self.try_connect().await {
+            // A handshake that stalls (its packets lost again and again) is given
+            // up and tried afresh rather than waited out to the idle timeout.
+            let attempt = tokio::time::timeout(CONNECT_ATTEMPT, self.try_connect());
+            match attempt
+                .await
+                .unwrap_or(Err(PushClientError::ConnectTimeout(CONNECT_ATTEMPT)))
+            {
                 Ok(reply) => return reply,
                 Err(e) => {
                     tracing::debug!(error = %e, dial = ?self.dial, "reconnect failed");
