@@ -452,7 +452,7 @@ impl Registry {
         }
         // History: streams exist while their client is connected (so a push after
         // it leaves is kept), and a resume-capable channel gets its replay.
-        let (reply, replay) = self.read_resume(&chan, room.as_deref(), &accepts, positions);
+        let (reply, replay) = self.peek_resume(&chan, room.as_deref(), &accepts, positions);
         if let Some(r) = reply.as_ref().filter(|_| chan.resume) {
             for source in Source::ALL {
                 if let Some(state) = r.source(source) {
@@ -495,18 +495,10 @@ impl Registry {
     /// no bucket, room, user or counter; like any connection of the key it
     /// creates a missing stream (empty, with a new epoch) and marks the streams
     /// used, so their retention starts over.
+    ///
+    /// [`Registry::register_with`] calls it too: it is the history part of every
+    /// registration.
     pub fn peek_resume(
-        &self,
-        chan: &Channel,
-        room: Option<&str>,
-        accepts: &OpFilter,
-        positions: Option<&Positions>,
-    ) -> (Option<ResumeReply>, Vec<(Bytes, PushMeta)>) {
-        self.read_resume(chan, room, accepts, positions)
-    }
-
-    /// The history part of a registration: each source's state and the replay.
-    fn read_resume(
         &self,
         chan: &Channel,
         room: Option<&str>,
