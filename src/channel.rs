@@ -146,15 +146,12 @@ impl OutQueue {
             return Push::Shut;
         }
         if let Stamp::Push(meta) = stamp {
-            let floor = s.floors[meta.source.index()];
             // A replay (forced) is what set the floor; only live copies are dropped.
-            if !force
-                && s.resume
-                && meta.is_tracked()
-                && meta.epoch == floor.epoch
-                && meta.offset <= floor.offset
-            {
-                return Push::Duplicate;
+            if !force && s.resume && meta.is_tracked() {
+                let floor = s.floors[meta.source.index()];
+                if meta.epoch == floor.epoch && meta.offset <= floor.offset {
+                    return Push::Duplicate;
+                }
             }
         }
         if s.frames >= s.cap && !force {

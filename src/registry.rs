@@ -453,14 +453,14 @@ impl Registry {
         // History: streams exist while their client is connected (so a push after
         // it leaves is kept), and a resume-capable channel gets its replay.
         let (reply, replay) = self.peek_resume(&chan, room.as_deref(), &accepts, positions);
-        if let Some(r) = reply.as_ref().filter(|_| chan.resume) {
+        if let Some(r) = &reply {
             for source in Source::ALL {
                 if let Some(state) = r.source(source) {
                     chan.set_floor(source, state.position());
                 }
             }
         }
-        if let Some(frame) = auth_reply(reply.filter(|_| chan.resume)) {
+        if let Some(frame) = auth_reply(reply) {
             chan.force_reply(&frame);
         }
         for (frame, meta) in &replay {
@@ -485,9 +485,10 @@ impl Registry {
     }
 
     /// What registering `chan` would answer and replay, changing no registration:
-    /// the state of every source the channel receives with history on (`None`
-    /// with history off) and, for a resume-capable channel, each source's pushes
-    /// since the client's `positions` that `accepts` lets through, in order.
+    /// for a resume-capable channel, the state of every source it receives with
+    /// history on and each source's pushes since the client's `positions` that
+    /// `accepts` lets through, in order (`None` and nothing with history off, or
+    /// for a goim channel, whose streams are only made to exist).
     ///
     /// For a connection whose handshake is not confirmed yet (QUIC 0-RTT): its
     /// AuthReply and replay go out at once, and [`Registry::register_with`] runs
@@ -509,24 +510,32 @@ impl Registry {
         let Some(h) = &self.history else {
             return (None, replay);
         };
-        let mut r = ResumeReply {
-            key: chan.key.to_string(),
-            ..ResumeReply::default()
-        };
         let streams = [
             Some(StreamRef::Key(&chan.key)),
             chan.mid.map(StreamRef::User),
             room.map(StreamRef::Room),
             Some(StreamRef::All),
         ];
-        for stream in streams.into_iter().flatten() {
-            let source = stream.source();
-            if !h.keeps(source) {
-                continue;
+        let kept = streams
+            .into_iter()
+            .flatten()
+            .filter(|s| h.keeps(s.source()));
+        if !chan.resume {
+            // A goim client is told nothing; its streams only have to exist.
+            for stream in kept {
+                h.store().ensure(stream);
             }
+            return (None, replay);
+        }
+        let mut r = ResumeReply {
+            key: chan.key.to_string(),
+            ..ResumeReply::default()
+        };
+        for stream in kept {
+            let source = stream.source();
             let asked = positions.and_then(|p| p.get(source));
-            let state = match (chan.resume, asked) {
-                (true, Some(pos)) => {
+            let state = match asked {
+                Some(pos) => {
                     let rec = h.store().since(stream, pos);
                     if rec.recovered {
                         let epoch = rec.top.epoch;
@@ -550,7 +559,7 @@ impl Registry {
                         recovered: Some(rec.recovered),
                     }
                 }
-                _ => {
+                None => {
                     let top = h.store().ensure(stream);
                     SourceState {
                         epoch: top.epoch,
