@@ -28,6 +28,26 @@ fn client_config(s: &TestServer) -> quinn::ClientConfig {
 
 /// Connects to `addr` with `config` (0-RTT when it holds a ticket) and sends Auth
 /// asking for resume from `state`.
+/// What a returning client keeps: its TLS configuration (with the tickets), its
+/// endpoint, its token (key `k`) and its resume state.
+struct Returning {
+    config: quinn::ClientConfig,
+    endpoint: quinn::Endpoint,
+    token: String,
+    state: ResumeState,
+}
+
+impl Returning {
+    fn new(s: &TestServer) -> Self {
+        Returning {
+            config: client_config(s),
+            endpoint: tls::client_endpoint(s.quic).unwrap(),
+            token: s.token("k"),
+            state: ResumeState::default(),
+        }
+    }
+}
+
 async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
@@ -88,10 +108,12 @@ async fn round_trip(c: &mut PushClient) {
 async fn zero_rtt_resume_is_accepted_and_loses_nothing() {
     let s = TestServer::start().await;
     let backend = s.backend().await;
-    let config = client_config(&s);
-    let endpoint = tls::client_endpoint(s.quic).unwrap();
-    let token = s.token("k");
-    let mut state = ResumeState::default();
+    let Returning {
+        config,
+        endpoint,
+        token,
+        mut state,
+    } = Returning::new(&s);
 
     // First connection: no ticket yet, a full handshake.
     let (mut c, z) = connect(&endpoint, s.quic, &config, &token, &state).await;
@@ -157,10 +179,12 @@ async fn rejected_zero_rtt_falls_back_and_still_resumes() {
     // One stored session: a second client's ticket makes the server forget the first's.
     let s = TestServer::start_with(|c| c.quic.session_cache = 1).await;
     let backend = s.backend().await;
-    let config = client_config(&s);
-    let endpoint = tls::client_endpoint(s.quic).unwrap();
-    let token = s.token("k");
-    let mut state = ResumeState::default();
+    let Returning {
+        config,
+        endpoint,
+        token,
+        mut state,
+    } = Returning::new(&s);
 
     let (mut c, _) = connect(&endpoint, s.quic, &config, &token, &state).await;
     c.resume_reply(&mut state).await.unwrap();
@@ -347,10 +371,12 @@ async fn assert_alive(
 async fn replayed_first_flight_leaves_the_live_session_untouched() {
     let s = TestServer::start_with(|c| c.client.handshake_timeout = HANDSHAKE).await;
     let backend = s.backend().await;
-    let config = client_config(&s);
-    let endpoint = tls::client_endpoint(s.quic).unwrap();
-    let token = s.token("k");
-    let mut state = ResumeState::default();
+    let Returning {
+        config,
+        endpoint,
+        token,
+        mut state,
+    } = Returning::new(&s);
 
     // A first connection leaves a ticket in the client config.
     let (mut c, _) = connect(&endpoint, s.quic, &config, &token, &state).await;
@@ -383,10 +409,12 @@ async fn replayed_first_flight_leaves_the_live_session_untouched() {
 async fn intercepted_zero_rtt_auth_is_read_but_registers_nothing() {
     let s = TestServer::start_with(|c| c.client.handshake_timeout = HANDSHAKE).await;
     let backend = s.backend().await;
-    let config = client_config(&s);
-    let endpoint = tls::client_endpoint(s.quic).unwrap();
-    let token = s.token("k");
-    let mut state = ResumeState::default();
+    let Returning {
+        config,
+        endpoint,
+        token,
+        mut state,
+    } = Returning::new(&s);
 
     // The live session; its connection leaves a ticket in the client config.
     let (mut live, _) = connect(&endpoint, s.quic, &config, &token, &state).await;
