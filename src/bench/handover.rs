@@ -832,16 +832,9 @@ struct Run {
     latency_us: Vec<u64>,
 }
 
-/// What one client saw, at the end.
+/// What one client saw, at the end: its run, and what its client counted.
 struct Seen {
-    streams: [u32; 4],
-    tracks: [Track; 4],
-    received: u64,
-    misrouted: u64,
-    bad_seq: u64,
-    switches: u64,
-    switches_down: u64,
-    unfinished: u64,
+    run: Run,
     reconnects: u64,
     recovered: u64,
     not_recovered: u64,
@@ -1020,14 +1013,7 @@ async fn run_client(
         run.unfinished += 1;
     }
     let seen = Seen {
-        streams: run.streams,
-        tracks: run.tracks,
-        received: run.received,
-        misrouted: run.misrouted,
-        bad_seq: run.bad_seq,
-        switches: run.switches,
-        switches_down: run.switches_down,
-        unfinished: run.unfinished,
+        run,
         reconnects: c.connects.saturating_sub(connects0),
         recovered: c.state.recovered,
         not_recovered: c.state.not_recovered,
@@ -1303,22 +1289,22 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     };
     for s in &seen {
         for (k, source) in Source::ALL.into_iter().enumerate() {
-            let t = &s.tracks[k];
-            r.lost += reliable[layout.lane(source, s.streams[k])].missing_from(&t.seen);
+            let t = &s.run.tracks[k];
+            r.lost += reliable[layout.lane(source, s.run.streams[k])].missing_from(&t.seen);
             r.duplicated += t.duplicated;
             r.out_of_order += t.out_of_order;
         }
-        r.received += s.received;
-        r.misrouted += s.misrouted;
-        r.bad_seq += s.bad_seq;
-        r.switches += s.switches;
-        r.switches_while_reconnecting += s.switches_down;
+        r.received += s.run.received;
+        r.misrouted += s.run.misrouted;
+        r.bad_seq += s.run.bad_seq;
+        r.switches += s.run.switches;
+        r.switches_while_reconnecting += s.run.switches_down;
         r.reconnects += s.reconnects;
         r.resumes_recovered += s.recovered;
         r.not_recovered += s.not_recovered;
         r.zero_rtt_attempted += s.zero_rtt_attempted;
         r.zero_rtt_accepted += s.zero_rtt_accepted;
-        r.handovers_unfinished += s.unfinished;
+        r.handovers_unfinished += s.run.unfinished;
     }
     let latency: Option<LatencyUs> = {
         let hist = shared.latencies.lock();
