@@ -56,7 +56,7 @@ use tracing::debug;
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
 use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
 use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source};
-use crate::registry::{OpFilter, Registry, RoomsFull};
+use crate::registry::{OpFilter, OpList, Registry, RoomsFull};
 use crate::resume::{Positions, ResumeReply};
 use crate::shutdown::Shutdown;
 
@@ -561,23 +561,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-fn parse_ops(op: u32, body: &[u8]) -> Result<Vec<u32>, SessionError> {
-    let text = std::str::from_utf8(body).map_err(|_| SessionError::BadBody {
-        op,
-        reason: "ops are not UTF-8".into(),
-    })?;
-    text.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<u32>().map_err(|_| SessionError::BadBody {
-                op,
-                reason: format!("{s:?} is not an op number"),
-            })
-        })
-        .collect()
-}
-
 async fn handle(
     ctx: &SessionContext,
     chan: &Arc<Channel>,
@@ -630,7 +613,11 @@ async fn handle(
             reply(op::CHANGE_ROOM_REPLY, frame.body.clone())
         }
         op::SUB | op::UNSUB => {
-            let ops = parse_ops(frame.op, &frame.body)?;
+            // Parsed, capped, sorted and deduplicated before the bucket's lock.
+            let ops = OpList::parse(&frame.body).map_err(|e| SessionError::BadBody {
+                op: frame.op,
+                reason: e.to_string(),
+            })?;
             ctx.registry
                 .update_filter(chan, &ops, frame.op == op::SUB)
                 .map_err(|e| SessionError::BadBody {

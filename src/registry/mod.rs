@@ -22,6 +22,10 @@ use crate::history::{History, SourceState, StreamRef};
 use crate::protocol::{PushMeta, Source};
 use crate::resume::{Positions, ResumeReply};
 
+mod filter;
+
+pub use filter::{FilterFull, OpFilter, OpList, OpListError, MAX_FILTER_OPS};
+
 /// How many channels a push reached, by outcome.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
@@ -65,91 +69,10 @@ pub struct Online {
     pub quic: u64,
 }
 
-/// Most ops one filter lists (in its accepted or its excluded set).
-pub const MAX_FILTER_OPS: usize = 1024;
-
-/// The ops a client accepts.
-///
-/// Built from the token's `accepts` (empty = every op). Sub adds ops, Unsub removes
-/// them: on an every-op filter Unsub excludes ops and Sub takes exclusions back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OpFilter {
-    /// Every op except these (sorted).
-    All { except: Vec<u32> },
-    /// Only these ops (sorted).
-    Only(Vec<u32>),
-}
-
-impl Default for OpFilter {
-    fn default() -> Self {
-        OpFilter::All { except: Vec::new() }
-    }
-}
-
 /// Joining a new room would make more rooms than the registry's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("room limit reached: {0} rooms exist (registry.max_rooms)")]
 pub struct RoomsFull(pub usize);
-
-/// A Sub or Unsub would make the filter list more than [`MAX_FILTER_OPS`] ops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("op filter would hold more than {MAX_FILTER_OPS} ops")]
-pub struct FilterFull;
-
-fn merge(list: &mut Vec<u32>, ops: &[u32]) -> Result<(), FilterFull> {
-    let mut next = list.clone();
-    next.extend_from_slice(ops);
-    next.sort_unstable();
-    next.dedup();
-    if next.len() > MAX_FILTER_OPS {
-        return Err(FilterFull);
-    }
-    *list = next;
-    Ok(())
-}
-
-impl OpFilter {
-    /// The filter for a token's accepts list: empty means every op.
-    pub fn new(mut ops: Vec<u32>) -> Self {
-        if ops.is_empty() {
-            return OpFilter::default();
-        }
-        ops.sort_unstable();
-        ops.dedup();
-        ops.truncate(MAX_FILTER_OPS);
-        OpFilter::Only(ops)
-    }
-
-    #[inline]
-    pub fn accepts(&self, op: u32) -> bool {
-        match self {
-            OpFilter::All { except } => except.is_empty() || except.binary_search(&op).is_err(),
-            OpFilter::Only(ops) => ops.binary_search(&op).is_ok(),
-        }
-    }
-
-    /// Sub: the client wants these ops too.
-    pub fn sub(&mut self, ops: &[u32]) -> Result<(), FilterFull> {
-        match self {
-            OpFilter::All { except } => {
-                except.retain(|o| !ops.contains(o));
-                Ok(())
-            }
-            OpFilter::Only(list) => merge(list, ops),
-        }
-    }
-
-    /// Unsub: the client no longer wants these ops.
-    pub fn unsub(&mut self, ops: &[u32]) -> Result<(), FilterFull> {
-        match self {
-            OpFilter::All { except } => merge(except, ops),
-            OpFilter::Only(list) => {
-                list.retain(|o| !ops.contains(o));
-                Ok(())
-            }
-        }
-    }
-}
 
 struct Entry {
     chan: Arc<Channel>,
@@ -640,7 +563,7 @@ impl Registry {
     pub fn update_filter(
         &self,
         chan: &Channel,
-        ops: &[u32],
+        ops: &OpList,
         add: bool,
     ) -> Result<bool, FilterFull> {
         let mut b = self.bucket(&chan.key).lock();
@@ -950,35 +873,22 @@ mod tests {
             .unwrap();
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Delivered);
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
-        assert_eq!(r.update_filter(&a, &[1001], true), Ok(true));
+        assert_eq!(
+            r.update_filter(&a, &OpList::new(vec![1001]).unwrap(), true),
+            Ok(true)
+        );
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Delivered);
-        assert_eq!(r.update_filter(&a, &[1000], false), Ok(true));
+        assert_eq!(
+            r.update_filter(&a, &OpList::new(vec![1000]).unwrap(), false),
+            Ok(true)
+        );
         assert_eq!(r.push_key("a", 1000, &frame()), PushOutcome::Filtered);
         // unsubscribing the last op leaves a filter that accepts nothing
-        assert_eq!(r.update_filter(&a, &[1001], false), Ok(true));
+        assert_eq!(
+            r.update_filter(&a, &OpList::new(vec![1001]).unwrap(), false),
+            Ok(true)
+        );
         assert_eq!(r.push_key("a", 1001, &frame()), PushOutcome::Filtered);
-    }
-
-    #[test]
-    fn filter_on_every_op_excludes_and_readmits() {
-        let mut f = OpFilter::new(vec![]);
-        assert!(f.accepts(1) && f.accepts(5000));
-        f.unsub(&[1000]).unwrap();
-        assert!(!f.accepts(1000) && f.accepts(1001));
-        f.sub(&[1000]).unwrap();
-        assert!(f.accepts(1000));
-    }
-
-    #[test]
-    fn filter_size_is_capped() {
-        let mut f = OpFilter::new(vec![1]);
-        let many: Vec<u32> = (0..MAX_FILTER_OPS as u32).collect();
-        assert_eq!(f.sub(&many), Ok(()));
-        assert_eq!(f.sub(&[99_999]), Err(FilterFull));
-        assert!(!f.accepts(99_999), "a refused Sub changes nothing");
-        let mut all = OpFilter::default();
-        assert_eq!(all.unsub(&many), Ok(()));
-        assert_eq!(all.unsub(&[99_999]), Err(FilterFull));
     }
 
     #[test]
