@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, StoresServerSessions, WebPkiClientVerifier};
 use rustls::RootCertStore;
@@ -53,6 +54,9 @@ pub enum TlsError {
         path: String,
         source: std::io::Error,
     },
+    /// A PEM file is malformed (a section without its end, bad base64).
+    #[error("{path} is not valid PEM: {source}")]
+    Pem { path: String, source: pem::Error },
     /// A PEM file holds no certificate.
     #[error("{path} holds no certificate")]
     NoCertificate { path: String },
@@ -97,9 +101,9 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
         path: path.display().to_string(),
         source,
     })?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &data[..])
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read {
+        .map_err(|source| TlsError::Pem {
             path: path.display().to_string(),
             source,
         })?;
@@ -132,14 +136,15 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         path: path.display().to_string(),
         source,
     })?;
-    rustls_pemfile::private_key(&mut &data[..])
-        .map_err(|source| TlsError::Read {
+    PrivateKeyDer::from_pem_slice(&data).map_err(|source| match source {
+        pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.display().to_string(),
+        },
+        source => TlsError::Pem {
             path: path.display().to_string(),
             source,
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.display().to_string(),
-        })
+        },
+    })
 }
 
 fn roots(ca_path: &Path) -> Result<RootCertStore, TlsError> {
@@ -466,6 +471,40 @@ pub fn quic_client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsErro
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    fn write(dir: &Path, name: &str, body: &[u8]) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    #[test]
+    fn pem_files_load_and_bad_ones_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::generate(dir.path(), &[]).unwrap();
+        let cert = dir.path().join("server.pem");
+        let key = dir.path().join("server.key");
+        assert_eq!(load_certs(&cert).unwrap().len(), 1);
+        assert!(load_key(&key).is_ok());
+
+        let cut = std::fs::read_to_string(&cert).unwrap();
+        let cut = write(dir.path(), "cut.pem", &cut.as_bytes()[..cut.len() / 2]);
+        let e = load_certs(&cut).unwrap_err();
+        assert!(matches!(e, TlsError::Pem { .. }), "{e}");
+        assert!(e.to_string().contains("cut.pem"), "{e}");
+
+        let empty = write(dir.path(), "empty.pem", b"no PEM here\n");
+        assert!(matches!(
+            load_certs(&empty),
+            Err(TlsError::NoCertificate { .. })
+        ));
+        assert!(matches!(load_key(&empty), Err(TlsError::NoKey { .. })));
+        // a certificate is not a key
+        let only_cert = write(dir.path(), "only-cert.pem", &std::fs::read(&cert).unwrap());
+        assert!(matches!(load_key(&only_cert), Err(TlsError::NoKey { .. })));
+    }
 
     #[test]
     fn session_store_hands_each_session_out_once_and_forgets_the_oldest() {
