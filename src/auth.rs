@@ -180,7 +180,7 @@ impl Authenticator {
 
     /// Checks an Auth body and returns who the client is.
     pub fn verify(&self, body: &[u8]) -> Result<Identity, AuthError> {
-        let body = trim_ascii(body);
+        let body = body.trim_ascii();
         if body.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -233,24 +233,6 @@ impl Authenticator {
             }
         }
     }
-}
-
-fn trim_ascii(mut b: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = b {
-        if first.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    while let [rest @ .., last] = b {
-        if last.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    b
 }
 
 fn identity(
@@ -318,7 +300,7 @@ pub fn load_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
         path: path.display().to_string(),
         source,
     })?;
-    let secret = trim_ascii(&raw).to_vec();
+    let secret = raw.trim_ascii().to_vec();
     if secret.len() < MIN_SECRET_LEN {
         return Err(SecretError::TooShort {
             path: path.display().to_string(),
