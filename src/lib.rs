@@ -79,7 +79,8 @@
 //!   library backends use.
 //! - [`client`]: a goim client over TCP or QUIC, for examples, tests and load tools;
 //!   it keeps its last offsets and resumes.
-//! - [`bench`]: `quicpush bench`, the load generator and the raw floor it compares against.
+//! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):
+//!   `quicpush bench`, the load generator and the raw floor it compares against.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
@@ -92,6 +93,7 @@
 //!   `rpc::dispatch` that the QUIC RPC server calls.
 
 pub mod auth;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod certs;
 pub mod channel;

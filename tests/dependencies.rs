@@ -15,3 +15,53 @@ fn no_crate_with_an_advisory_is_locked() {
         );
     }
 }
+
+/// The load tool's crates, which a library user without the `bench` feature must
+/// not get.
+const BENCH_ONLY: &[&str] = &[
+    "clap",
+    "indicatif",
+    "hdrhistogram",
+    "tempfile",
+    "rlimit",
+    "anyhow",
+    "tracing-subscriber",
+];
+
+#[test]
+fn the_library_without_default_features_has_the_servers_dependencies_only() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "tree",
+            "--offline",
+            "--no-default-features",
+            "--edges",
+            "normal",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+            "--package",
+            "quicpush",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8(out.stdout).unwrap();
+    let names: std::collections::BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        names.contains("quinn"),
+        "the tree lists the server's crates"
+    );
+    let leaked: Vec<_> = BENCH_ONLY.iter().filter(|c| names.contains(**c)).collect();
+    assert!(leaked.is_empty(), "the library depends on {leaked:?}");
+}
