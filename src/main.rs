@@ -79,6 +79,9 @@ enum Command {
     BenchFloor {
         #[arg(long)]
         certs: PathBuf,
+        /// Send buffer of accepted TCP sockets, as the bench's server has it.
+        #[arg(long, default_value_t = 0)]
+        tcp_send_buffer: u32,
     },
 }
 
@@ -327,9 +330,12 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing("warn");
             run_bench(args).await
         }
-        Command::BenchFloor { certs } => {
+        Command::BenchFloor {
+            certs,
+            tcp_send_buffer,
+        } => {
             init_tracing("info");
-            bench::floor::run(&certs).await?;
+            bench::floor::run(&certs, tcp_send_buffer).await?;
             Ok(())
         }
         Command::Kick { key, remote } => {

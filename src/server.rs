@@ -54,8 +54,9 @@ pub enum ServerError {
 }
 
 /// A TCP listener whose accepted sockets inherit a send buffer of `send_buffer`
-/// bytes (0: the kernel's default and autotuning).
-fn bind_tcp(addr: SocketAddr, send_buffer: u32) -> std::io::Result<TcpListener> {
+/// bytes (0: the kernel's default and autotuning), with a backlog of 4,096. The
+/// bench's raw floor binds its listener here too, so both have the same sockets.
+pub fn bind_tcp(addr: SocketAddr, send_buffer: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -101,8 +102,9 @@ fn bind_err(what: &'static str, addr: SocketAddr) -> impl FnOnce(std::io::Error)
 /// answer. The kernel grants at most `net.core.rmem_max`.
 const QUIC_RECV_BUFFER: usize = 4 << 20;
 
-/// A QUIC server endpoint on `addr`, with a larger receive buffer than the default.
-fn quic_endpoint(
+/// A QUIC server endpoint on `addr`, with a larger receive buffer than the default
+/// (the bench's raw floor uses it too).
+pub fn quic_endpoint(
     config: quinn::ServerConfig,
     addr: SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {

@@ -67,7 +67,7 @@ pub struct ClientStats {
 }
 
 impl ClientStats {
-    fn new(latency: Option<Latencies>) -> Self {
+    pub(crate) fn new(latency: Option<Latencies>) -> Self {
         ClientStats {
             received: 0,
             unique: 0,
@@ -83,7 +83,7 @@ impl ClientStats {
         }
     }
 
-    fn check(&mut self, me: u32, seq: u32, body: &[u8], epoch: Instant) {
+    pub(crate) fn check(&mut self, me: u32, seq: u32, body: &[u8], epoch: Instant) {
         if seq != 0 {
             if seq != self.last_seq.wrapping_add(1) {
                 self.bad_seq += 1;

@@ -32,16 +32,17 @@ fn local() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-/// Runs the floor until SIGINT/SIGTERM, logging its three addresses.
-pub async fn run(certs: &Path) -> Result<(), BenchError> {
+/// Runs the floor until SIGINT/SIGTERM, logging its three addresses. Its client
+/// sockets are bound as the server binds its own (backlog, QUIC receive buffer,
+/// `tcp_send_buffer`), so a comparison is like for like.
+pub async fn run(certs: &Path, tcp_send_buffer: u32) -> Result<(), BenchError> {
     crate::certs::ensure(certs, &[]).map_err(|e| BenchError::Spawn(e.to_string()))?;
-    let tcp = tokio::net::TcpListener::bind(local())
-        .await
-        .map_err(|e| BenchError::Io(e.to_string()))?;
+    let tcp = crate::server::bind_tcp(local(), tcp_send_buffer)
+        .map_err(|e| BenchError::Io(format!("floor TCP bind: {e}")))?;
     let quic_cfg = crate::tls::client_server_config(certs, &QuicConfig::default())
         .map_err(|e| BenchError::Spawn(e.to_string()))?;
-    let quic =
-        quinn::Endpoint::server(quic_cfg, local()).map_err(|e| BenchError::Io(e.to_string()))?;
+    let quic = crate::server::quic_endpoint(quic_cfg, local())
+        .map_err(|e| BenchError::Io(format!("floor QUIC bind: {e}")))?;
     let control = tokio::net::TcpListener::bind(local())
         .await
         .map_err(|e| BenchError::Io(e.to_string()))?;

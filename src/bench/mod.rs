@@ -424,7 +424,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     server.stop();
 
     let raw = if opts.raw {
-        let floor = ServerProcess::floor(&opts.exe, &certs)?;
+        let floor = ServerProcess::floor(&opts.exe, &certs, opts.tcp_send_buffer)?;
         let control = tokio::net::TcpStream::connect(floor.control)
             .await
             .map_err(|e| BenchError::Io(format!("floor control: {e}")))?;
@@ -602,18 +602,7 @@ async fn measure(
     let secs = done_at.duration_since(t0).as_secs_f64().max(1e-9);
     let stats = readers.finish().await;
 
-    let mut gaps = 0u64;
-    for (s, &want) in stats.iter().zip(&per_client) {
-        m.deliveries += s.received;
-        m.duplicated += s.duplicated;
-        m.misrouted += s.misrouted;
-        m.reordered += s.reordered;
-        m.bad_seq += s.bad_seq;
-        gaps += want.saturating_sub(s.unique);
-    }
-    // Gaps the server reported as dropped (queue full) are not losses.
-    m.lost = gaps.saturating_sub(dropped);
-    m.dropped_queue_full = dropped;
+    m.count_clients(&stats, &per_client, dropped);
     m.expected = total;
     m.seconds = secs;
     m.deliveries_per_sec = m.deliveries as f64 / secs;
@@ -636,6 +625,26 @@ async fn measure(
     let hist = latencies.lock();
     m.latency_us = (!hist.is_empty()).then(|| percentiles(&hist));
     Ok(m)
+}
+
+impl Measurement {
+    /// Adds what the clients saw: `per_client` is what each should have received,
+    /// `dropped` what the server reported it refused (queue full).
+    fn count_clients(&mut self, stats: &[fleet::ClientStats], per_client: &[u64], dropped: u64) {
+        let mut gaps = 0u64;
+        for (s, &want) in stats.iter().zip(per_client) {
+            // Unique deliveries: a duplicate is counted in `duplicated`, not here.
+            self.deliveries += s.unique;
+            self.duplicated += s.duplicated;
+            self.misrouted += s.misrouted;
+            self.reordered += s.reordered;
+            self.bad_seq += s.bad_seq;
+            gaps += want.saturating_sub(s.unique);
+        }
+        // Gaps the server reported as dropped (queue full) are not losses.
+        self.lost = gaps.saturating_sub(dropped);
+        self.dropped_queue_full = dropped;
+    }
 }
 
 fn latency_messages(opts: &BenchOptions, n: usize) -> u64 {
@@ -688,6 +697,24 @@ async fn wait_done(received: &std::sync::atomic::AtomicU64, want: u64, t0: Insta
     }
 }
 
+/// The schedule of a paced sender: message `i` is due at `start + i × period`.
+/// A sender that falls behind gets the missed due times at once (and stamps each
+/// message with its due time), so being late shows as latency.
+struct Pacer(tokio::time::Interval);
+
+impl Pacer {
+    fn new(period: Duration) -> Self {
+        let mut t = tokio::time::interval(period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        Pacer(t)
+    }
+
+    /// Waits for the next message's due time, and returns it.
+    async fn due(&mut self) -> Instant {
+        self.0.tick().await.into_std()
+    }
+}
+
 /// Most messages the sender may be ahead of the clients' average progress.
 const WINDOW: u64 = 32;
 
@@ -705,17 +732,20 @@ async fn send_fanout(
     let n = opts.clients as u64;
     let mut dropped = 0u64;
     let mut inflight = FuturesUnordered::new();
-    let mut ticker = pace.map(|p| {
-        let mut t = tokio::time::interval(p);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        t
-    });
+    let mut ticker = pace.map(Pacer::new);
     for i in 0..count {
+        // A paced message is stamped with the time it was due, not the time a call
+        // slot freed up: a late send counts its lateness as latency (no coordinated
+        // omission). Late ticks then fire at once, each stamped with its due time.
+        let mut due = None;
         if let Some(t) = &mut ticker {
             // keep completing calls while waiting for the next tick
             loop {
                 tokio::select! {
-                    _ = t.tick() => break,
+                    at = t.due() => {
+                        due = Some(at);
+                        break;
+                    }
                     Some(r) = inflight.next(), if !inflight.is_empty() => dropped += r?,
                 }
             }
@@ -727,12 +757,8 @@ async fn send_fanout(
             WINDOW * n
         };
         dropped += make_room(&mut inflight, received, i * n, window, opts.in_flight).await?;
-        let body = fleet::body(
-            i,
-            epoch.elapsed().as_nanos() as u64,
-            ANY_KEY,
-            opts.body_size,
-        );
+        let sent_at = due.map_or_else(|| epoch.elapsed(), |d| d.duration_since(epoch));
+        let body = fleet::body(i, sent_at.as_nanos() as u64, ANY_KEY, opts.body_size);
         if broadcast {
             inflight.push(futures_util::future::Either::Left(pusher.broadcast(body)));
         } else {
@@ -886,5 +912,38 @@ impl Report {
             s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn deliveries_count_each_message_once() {
+        let epoch = Instant::now();
+        let mut c = fleet::ClientStats::new(None);
+        for i in [0u64, 1, 1, 2, 2, 2] {
+            c.check(7, 0, &fleet::body(i, 0, 7, 0), epoch);
+        }
+        let mut m = Measurement::default();
+        m.count_clients(&[c], &[4], 0);
+        assert_eq!((m.deliveries, m.duplicated, m.lost), (3, 3, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_paced_message_is_stamped_when_it_was_due() {
+        let epoch = Instant::now();
+        let mut pace = Pacer::new(Duration::from_millis(10));
+        let first = pace.due().await;
+        // The sender is held up (waiting for a call slot) for 55 ms.
+        tokio::time::sleep(Duration::from_millis(55)).await;
+        let mut stamps = Vec::new();
+        for _ in 0..6 {
+            stamps.push(pace.due().await.duration_since(first).as_millis());
+        }
+        assert_eq!(stamps, [10, 20, 30, 40, 50, 60]);
+        assert!(first.duration_since(epoch) < Duration::from_millis(1));
     }
 }

@@ -181,11 +181,17 @@ impl ServerProcess {
     }
 
     /// Starts the raw floor server (`quicpush bench-floor`).
-    pub fn floor(exe: &Path, dir: &Path) -> Result<ServerProcess, BenchError> {
+    pub fn floor(
+        exe: &Path,
+        dir: &Path,
+        tcp_send_buffer: u32,
+    ) -> Result<ServerProcess, BenchError> {
         let args = vec![
             "bench-floor".to_string(),
             "--certs".into(),
             dir.display().to_string(),
+            "--tcp-send-buffer".into(),
+            tcp_send_buffer.to_string(),
         ];
         Self::spawn(
             exe,
