@@ -75,7 +75,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
-use super::{ConnLimits, IpPermit};
+use super::{refused, ConnLimits, IpPermit, Refusal};
 use crate::channel::Transport;
 use crate::session::{self, SessionContext};
 
@@ -264,12 +264,12 @@ pub async fn serve(
         let remote = incoming.remote_address();
         // Over the connection limit the handshake is refused before any work.
         let Ok(permit) = limits.total.clone().try_acquire_owned() else {
-            warn!(%remote, "QUIC connection refused: connection limit reached");
+            refused(Refusal::QuicLimit, remote);
             incoming.refuse();
             continue;
         };
         let Some(ip_permit) = limits.per_ip.try_acquire(remote.ip()) else {
-            warn!(%remote, "QUIC connection refused: per-IP connection limit reached");
+            refused(Refusal::QuicPerIp, remote);
             incoming.refuse();
             continue;
         };
