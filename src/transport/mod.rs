@@ -2,8 +2,9 @@
 //! and a writer and hands them to [`crate::session::run`].
 //!
 //! Every connection gets one tracing span (`conn`, with transport, remote address
-//! and, after Auth, the key) and a permit from the shared connection limit, taken
-//! before the connection is accepted.
+//! and, after Auth, the key) and a permit from the shared connection limit: a TCP
+//! connection before it is accepted, a QUIC connection once its address is
+//! validated (see [`quic`]).
 //!
 //! Refusals are logged at warn, at most once a second per reason, with the number
 //! of refusals left out since the last line ([`refused`]): a flood of refused
@@ -81,6 +82,11 @@ impl IpLimiter {
     pub fn count(&self, ip: IpAddr) -> usize {
         self.counts.lock().get(&ip).copied().unwrap_or(0)
     }
+
+    /// Whether `ip` has `max` connections already.
+    pub fn is_full(&self, ip: IpAddr) -> bool {
+        self.count(ip) >= self.max
+    }
 }
 
 impl IpPermit {
@@ -131,15 +137,12 @@ impl Drop for IpPermit {
 #[derive(Debug)]
 pub(crate) struct ConnPermits {
     _total: OwnedSemaphorePermit,
-    _ip: IpPermit,
+    ip: IpPermit,
 }
 
 impl ConnPermits {
     pub(crate) fn new(total: OwnedSemaphorePermit, ip: IpPermit) -> Self {
-        ConnPermits {
-            _total: total,
-            _ip: ip,
-        }
+        ConnPermits { _total: total, ip }
     }
 }
 
@@ -150,12 +153,15 @@ pub(crate) enum Refusal {
     QuicLimit,
     /// A QUIC handshake was refused: its address is at its per-IP limit.
     QuicPerIp,
+    /// A QUIC handshake from an unvalidated address was answered with a Retry:
+    /// `quic.retry_threshold` such handshakes are in progress. Logged at info.
+    QuicRetry,
     /// A TCP connection was closed: its address is at its per-IP limit.
     TcpPerIp,
 }
 
 impl Refusal {
-    const ALL: usize = 3;
+    const ALL: usize = 4;
 }
 
 /// At most one log line per [`LogThrottle::INTERVAL_MS`]; counts the lines it
@@ -221,6 +227,11 @@ pub(crate) fn refused(reason: Refusal, remote: SocketAddr) {
         Refusal::QuicPerIp => {
             warn!(%remote, suppressed, "QUIC connection refused: per-IP connection limit reached")
         }
+        Refusal::QuicRetry => info!(
+            %remote,
+            suppressed,
+            "QUIC handshakes from unvalidated addresses over quic.retry_threshold: validating with Retry"
+        ),
         Refusal::TcpPerIp => {
             warn!(%remote, suppressed, "TCP connection refused: per-IP connection limit reached")
         }
@@ -279,6 +290,15 @@ mod tests {
         assert_eq!(t.allow(1006), None);
         assert_eq!(t.allow(60_000), Some(1));
         assert_eq!(t.allow(60_000), None);
+    }
+
+    #[test]
+    fn is_full_at_the_limit() {
+        let l = Arc::new(IpLimiter::new(1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(!l.is_full(a));
+        let _p = l.try_acquire(a).unwrap();
+        assert!(l.is_full(a));
     }
 
     #[test]
