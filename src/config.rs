@@ -128,6 +128,12 @@ pub struct QuicConfig {
     /// ticket; the oldest is forgotten first, and its client does a full
     /// handshake). About 300 bytes each.
     pub session_cache: usize,
+    /// Handshakes from addresses not yet validated that may be in progress at
+    /// once (they hold no connection permit); beyond, each new one is answered
+    /// with a Retry, which costs its client one round trip and a forger its
+    /// handshake. 0: every address is validated with a Retry. At most
+    /// `client.max_connections`.
+    pub retry_threshold: usize,
 }
 
 impl Default for QuicConfig {
@@ -144,6 +150,10 @@ impl Default for QuicConfig {
             send_window: 1024 * 1024,
             zero_rtt: true,
             session_cache: 100_000,
+            // A burst of this many new clients costs no extra round trip; a flood
+            // of forged Initials holds at most this many handshakes (for
+            // client.handshake_timeout each) and gets Retries beyond.
+            retry_threshold: 64,
         }
     }
 }
@@ -426,6 +436,12 @@ impl Config {
                 ),
             ));
         }
+        if q.retry_threshold > c.max_connections {
+            return Err(invalid(
+                "quic.retry_threshold",
+                "must be at most client.max_connections",
+            ));
+        }
         let r = &self.rpc;
         if r.bind.is_empty() {
             return Err(invalid("rpc.bind", "needs at least one address"));
@@ -601,6 +617,10 @@ mod tests {
             ("[quic]\nsend_window = 1\n", "quic.send_window"),
             ("[quic]\nsession_cache = 0\n", "quic.session_cache"),
             ("[quic]\nsession_cache = 10000001\n", "quic.session_cache"),
+            (
+                "[client]\nmax_connections = 10\n[quic]\nretry_threshold = 11\n",
+                "quic.retry_threshold",
+            ),
             ("[rpc]\nbind = []\n", "rpc.bind"),
             ("[rpc]\nmax_request_bytes = 10\n", "rpc.max_request_bytes"),
             (
@@ -631,6 +651,16 @@ mod tests {
         let c = Config::parse("[quic]\nzero_rtt = false\nsession_cache = 0\n").unwrap();
         assert!(!c.quic.zero_rtt);
         assert!(Config::default().quic.zero_rtt);
+    }
+
+    #[test]
+    fn retry_threshold_zero_means_always_retry_and_is_valid() {
+        let c = Config::parse("[quic]\nretry_threshold = 0\n").unwrap();
+        assert_eq!(c.quic.retry_threshold, 0);
+        assert_eq!(Config::default().quic.retry_threshold, 64);
+        let c = Config::parse("[client]\nmax_connections = 10\n[quic]\nretry_threshold = 10\n")
+            .unwrap();
+        assert_eq!(c.quic.retry_threshold, 10);
     }
 
     #[test]

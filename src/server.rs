@@ -270,6 +270,9 @@ impl Server {
                 sessions.clone(),
             ));
         }
+        let unvalidated = Arc::new(transport::quic::Unvalidated::new(
+            config.quic.retry_threshold,
+        ));
         for e in &quic {
             if let Ok(addr) = e.local_addr() {
                 info!(%addr, alpn = "quicpush/1", "client QUIC listening");
@@ -278,6 +281,7 @@ impl Server {
                 e.clone(),
                 ctx.clone(),
                 limits.clone(),
+                unvalidated.clone(),
                 sessions.clone(),
             ));
         }

@@ -2,15 +2,22 @@
 //! and a writer and hands them to [`crate::session::run`].
 //!
 //! Every connection gets one tracing span (`conn`, with transport, remote address
-//! and, after Auth, the key) and a permit from the shared connection limit, taken
-//! before the connection is accepted.
+//! and, after Auth, the key) and a permit from the shared connection limit: a TCP
+//! connection before it is accepted, a QUIC connection once its address is
+//! validated (see [`quic`]).
+//!
+//! Refusals are logged at warn, at most once a second per reason, with the number
+//! of refusals left out since the last line ([`refused`]): a flood of refused
+//! connections costs a line a second, not a line each.
 
 pub mod quic;
 pub mod tcp;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -75,6 +82,11 @@ impl IpLimiter {
     pub fn count(&self, ip: IpAddr) -> usize {
         self.counts.lock().get(&ip).copied().unwrap_or(0)
     }
+
+    /// Whether `ip` has `max` connections already.
+    pub fn is_full(&self, ip: IpAddr) -> bool {
+        self.count(ip) >= self.max
+    }
 }
 
 impl IpPermit {
@@ -125,7 +137,105 @@ impl Drop for IpPermit {
 #[derive(Debug)]
 pub(crate) struct ConnPermits {
     _total: OwnedSemaphorePermit,
-    _ip: IpPermit,
+    ip: IpPermit,
+}
+
+impl ConnPermits {
+    pub(crate) fn new(total: OwnedSemaphorePermit, ip: IpPermit) -> Self {
+        ConnPermits { _total: total, ip }
+    }
+}
+
+/// Why a client connection was turned away, for [`refused`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A QUIC handshake was refused: the connection limit is reached.
+    QuicLimit,
+    /// A QUIC handshake was refused: its address is at its per-IP limit.
+    QuicPerIp,
+    /// A QUIC handshake from an unvalidated address was answered with a Retry:
+    /// `quic.retry_threshold` such handshakes are in progress. Logged at info.
+    QuicRetry,
+    /// A TCP connection was closed: its address is at its per-IP limit.
+    TcpPerIp,
+}
+
+impl Refusal {
+    const ALL: usize = 4;
+}
+
+/// At most one log line per [`LogThrottle::INTERVAL_MS`]; counts the lines it
+/// held back. Lock-free: the accept loops call it for every refusal.
+#[derive(Debug)]
+pub(crate) struct LogThrottle {
+    /// When the next line may go out, in [`now_ms`] time.
+    next_ms: AtomicU64,
+    /// Lines held back since the last one that went out.
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    pub(crate) const INTERVAL_MS: u64 = 1000;
+
+    pub(crate) const fn new() -> Self {
+        LogThrottle {
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may go out at `now_ms`; if so, how many were held back
+    /// since the last one.
+    pub(crate) fn allow(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + Self::INTERVAL_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// Milliseconds since the first call, for [`LogThrottle`].
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let ms = START.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// Logs a refusal of a connection from `remote`, at most once a second per
+/// reason; `suppressed` counts the refusals for that reason not logged since.
+pub(crate) fn refused(reason: Refusal, remote: SocketAddr) {
+    static THROTTLES: [LogThrottle; Refusal::ALL] = [const { LogThrottle::new() }; Refusal::ALL];
+    let Some(suppressed) = THROTTLES[reason as usize].allow(now_ms()) else {
+        return;
+    };
+    match reason {
+        Refusal::QuicLimit => {
+            warn!(%remote, suppressed, "QUIC connection refused: connection limit reached")
+        }
+        Refusal::QuicPerIp => {
+            warn!(%remote, suppressed, "QUIC connection refused: per-IP connection limit reached")
+        }
+        Refusal::QuicRetry => info!(
+            %remote,
+            suppressed,
+            "QUIC handshakes from unvalidated addresses over quic.retry_threshold: validating with Retry"
+        ),
+        Refusal::TcpPerIp => {
+            warn!(%remote, suppressed, "TCP connection refused: per-IP connection limit reached")
+        }
+    }
 }
 
 /// Logs how a session ended, in the connection's span.
@@ -164,6 +274,31 @@ mod tests {
         drop(p1);
         assert_eq!(l.count(a), 1);
         assert!(l.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn the_log_throttle_lets_one_line_a_second_through_and_counts_the_rest() {
+        let t = LogThrottle::new();
+        assert_eq!(t.allow(5), Some(0), "the first line goes out");
+        assert_eq!(t.allow(6), None);
+        assert_eq!(t.allow(1004), None);
+        assert_eq!(
+            t.allow(1005),
+            Some(2),
+            "a second later, with the two held back"
+        );
+        assert_eq!(t.allow(1006), None);
+        assert_eq!(t.allow(60_000), Some(1));
+        assert_eq!(t.allow(60_000), None);
+    }
+
+    #[test]
+    fn is_full_at_the_limit() {
+        let l = Arc::new(IpLimiter::new(1));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(!l.is_full(a));
+        let _p = l.try_acquire(a).unwrap();
+        assert!(l.is_full(a));
     }
 
     #[test]

@@ -61,21 +61,52 @@
 //!
 //! The handshake timeout is unchanged: a peer that has not completed the
 //! handshake `client.handshake_timeout` after its first packet is closed with
-//! [`code::NO_HANDSHAKE`] (a watchdog beside the session), so it holds a permit at
-//! most that long.
+//! [`code::NO_HANDSHAKE`] (a watchdog beside the session), so it holds its place
+//! at most that long.
+//!
+//! # Unvalidated addresses, Retry, and when a connection is counted
+//!
+//! A UDP source address can be forged: a client Initial proves nothing about who
+//! sent it. So a handshake from an address that has not been validated takes no
+//! connection permit and no per-IP place; otherwise a flood of Initials from
+//! forged addresses, none of which ever answers, would hold the permits for the
+//! handshake timeout, starve the TCP accept loop waiting on the same limit, and
+//! use up the quota of any address it names. Such handshakes have a budget of
+//! their own instead ([`Unvalidated`], `quic.retry_threshold` in progress over
+//! all client endpoints). Beyond it, each new one is answered with a Retry: a
+//! token the client must echo from the address it claims, which a forger never
+//! receives. (A returning client still gets its 0-RTT after a Retry: quinn
+//! resends the early data with the token; `tests/quic_flood.rs` checks it.) `quic.retry_threshold = 0` validates
+//! every address that way, at one round trip more per connection.
+//!
+//! A handshake is counted against the connection limit and its address's
+//! per-IP limit once the address is proven: at accept when its Initial carries
+//! our Retry token, otherwise when the handshake completes (the peer answered
+//! from that address). Taking the permits never waits: when either limit is
+//! full, the handshake is refused at accept, or the connection closed at
+//! completion with [`code::CONN_LIMIT`] or [`code::IP_LIMIT`]. Until then the session may read a 0-RTT
+//! Auth and answer it, but registers nothing: registration waits for the
+//! handshake's confirmation, and confirmation includes being counted. So the
+//! connection cap bounds the connections that exist for the registry, and at most
+//! `quic.retry_threshold` unvalidated handshakes are in progress besides. An
+//! unvalidated handshake from an address already at its limit is refused at
+//! once: only proven connections fill an address's quota, so that refusal
+//! cannot be caused by a forger.
 
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
+use parking_lot::Mutex;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, field, info, info_span, warn, Instrument};
 
-use super::{ConnLimits, IpPermit};
+use super::{refused, ConnLimits, ConnPermits, Refusal};
 use crate::channel::Transport;
 use crate::session::{self, SessionContext};
 
@@ -91,6 +122,86 @@ pub mod code {
     pub const IP_LIMIT: u32 = 3;
     /// The handshake was not completed within `client.handshake_timeout`.
     pub const NO_HANDSHAKE: u32 = 4;
+    /// The handshake completed with the connection limit reached.
+    pub const CONN_LIMIT: u32 = 5;
+}
+
+/// Handshakes in progress from addresses not validated yet, over all client
+/// endpoints, and how many may be (see the module docs).
+#[derive(Debug)]
+pub struct Unvalidated {
+    threshold: usize,
+    in_progress: AtomicUsize,
+}
+
+/// One unvalidated handshake's place in [`Unvalidated`], given back on drop.
+#[derive(Debug)]
+struct UnvalidatedPlace(Arc<Unvalidated>);
+
+impl Unvalidated {
+    /// A budget of `threshold` handshakes (`quic.retry_threshold`); 0: every
+    /// address is validated with a Retry.
+    pub fn new(threshold: usize) -> Self {
+        Unvalidated {
+            threshold,
+            in_progress: AtomicUsize::new(0),
+        }
+    }
+
+    /// Unvalidated handshakes in progress.
+    pub fn in_progress(&self) -> usize {
+        self.in_progress.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more, unless `threshold` are in progress.
+    fn try_enter(self: &Arc<Self>) -> Option<UnvalidatedPlace> {
+        self.in_progress
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < self.threshold).then_some(n + 1)
+            })
+            .ok()?;
+        Some(UnvalidatedPlace(self.clone()))
+    }
+}
+
+impl Drop for UnvalidatedPlace {
+    fn drop(&mut self) {
+        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection's permits: taken at accept for a validated address, when the
+/// handshake completes otherwise (`None` until then). Shared by the stream
+/// reader, which moves the per-IP place as the connection migrates, and the
+/// handshake's confirmation, which fills it; locked only briefly, never across
+/// an await.
+type Counted = Arc<Mutex<Option<ConnPermits>>>;
+
+/// How an accepted handshake is to be counted.
+#[derive(Debug)]
+enum Admission {
+    /// Its address is validated: its permits are taken.
+    Counted(ConnPermits),
+    /// Not yet: it holds a place among the unvalidated handshakes, and is counted
+    /// when the handshake completes.
+    Unvalidated(UnvalidatedPlace),
+}
+
+/// Takes the connection's permits for the address it is reached at now, without
+/// waiting: the connection has proven that address.
+fn count(limits: &ConnLimits, conn: &quinn::Connection, counted: &Counted) -> Result<(), Refusal> {
+    let remote = conn.remote_address();
+    let total = limits
+        .total
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::QuicLimit)?;
+    let ip = limits
+        .per_ip
+        .try_acquire(remote.ip())
+        .ok_or(Refusal::QuicPerIp)?;
+    *counted.lock() = Some(ConnPermits::new(total, ip));
+    Ok(())
 }
 
 /// A client's stream reader that keeps the connection's per-IP permit on the
@@ -99,24 +210,36 @@ pub mod code {
 pub struct FollowPath {
     recv: quinn::RecvStream,
     conn: quinn::Connection,
-    permit: IpPermit,
+    counted: Counted,
 }
 
 impl FollowPath {
-    /// Reads `recv`, moving `permit` as `conn` migrates.
-    pub fn new(recv: quinn::RecvStream, conn: quinn::Connection, permit: IpPermit) -> Self {
-        FollowPath { recv, conn, permit }
+    /// Reads `recv`, moving the per-IP place in `counted` as `conn` migrates.
+    fn new(recv: quinn::RecvStream, conn: quinn::Connection, counted: Counted) -> Self {
+        FollowPath {
+            recv,
+            conn,
+            counted,
+        }
     }
 
     /// Moves the permit to the connection's current address, or closes the
-    /// connection if that address has no room.
+    /// connection if that address has no room. Before the connection is counted
+    /// there is nothing to move: it is counted where its handshake completes.
     fn follow(&mut self) -> io::Result<()> {
         let remote = self.conn.remote_address();
-        let from = self.permit.ip();
-        if remote.ip() == from {
-            return Ok(());
-        }
-        if self.permit.move_to(remote.ip()) {
+        let (from, moved) = {
+            let mut counted = self.counted.lock();
+            let Some(permits) = counted.as_mut() else {
+                return Ok(());
+            };
+            let from = permits.ip.ip();
+            if remote.ip() == from {
+                return Ok(());
+            }
+            (from, permits.ip.move_to(remote.ip()))
+        };
+        if moved {
             info!(%from, to = %remote, "client moved: counted for its new address");
             return Ok(());
         }
@@ -153,15 +276,30 @@ enum Unconfirmed {
     TimedOut,
     /// The connection failed or closed first.
     Lost(quinn::ConnectionError),
+    /// The handshake completed, but a limit had no room for the connection.
+    Refused(Refusal),
 }
 
 /// The handshake's confirmation, awaited by the session and the watchdog alike.
 type Confirmation = Shared<BoxFuture<'static, Result<(), Unconfirmed>>>;
 
 /// Serves one accepted connection to its end.
-async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_permit: IpPermit) {
+async fn connection(
+    incoming: quinn::Incoming,
+    ctx: Arc<SessionContext>,
+    limits: ConnLimits,
+    admission: Admission,
+) {
     let timeout = ctx.limits.handshake_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
+    let counted: Counted = Arc::new(Mutex::new(None));
+    let unvalidated = match admission {
+        Admission::Counted(permits) => {
+            *counted.lock() = Some(permits);
+            None
+        }
+        Admission::Unvalidated(place) => Some(place),
+    };
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -174,21 +312,37 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_perm
     let (conn, confirmed): (quinn::Connection, Confirmation) = match connecting.into_0rtt() {
         Ok((conn, accepted)) => {
             let c = conn.clone();
+            let counted = counted.clone();
             let confirmed = async move {
                 // Resolves at handshake completion, which a server reaches only
                 // with the client's Finished, or at connection loss.
                 tokio::time::timeout_at(deadline, accepted)
                     .await
                     .map_err(|_| Unconfirmed::TimedOut)?;
-                match c.close_reason() {
-                    None => Ok(()),
-                    Some(e) => Err(Unconfirmed::Lost(e)),
+                if let Some(e) = c.close_reason() {
+                    return Err(Unconfirmed::Lost(e));
                 }
+                // The peer answered from its address: it leaves the unvalidated
+                // handshakes and is counted.
+                if let Some(place) = unvalidated {
+                    drop(place);
+                    count(&limits, &c, &counted).map_err(Unconfirmed::Refused)?;
+                }
+                Ok(())
             };
             (conn, confirmed.boxed().shared())
         }
         Err(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
-            Ok(Ok(conn)) => (conn, async { Ok(()) }.boxed().shared()),
+            Ok(Ok(conn)) => {
+                let result = match unvalidated {
+                    Some(place) => {
+                        drop(place);
+                        count(&limits, &conn, &counted).map_err(Unconfirmed::Refused)
+                    }
+                    None => Ok(()),
+                };
+                (conn, async move { result }.boxed().shared())
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "QUIC handshake failed");
                 return;
@@ -214,6 +368,15 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_perm
                     conn.close(code::NO_HANDSHAKE.into(), b"handshake timeout");
                 }
                 Err(Unconfirmed::Lost(e)) => info!(error = %e, "QUIC handshake failed"),
+                Err(Unconfirmed::Refused(reason)) => {
+                    refused(reason, conn.remote_address());
+                    match reason {
+                        Refusal::QuicPerIp => {
+                            conn.close(code::IP_LIMIT.into(), b"per-IP connection limit")
+                        }
+                        _ => conn.close(code::CONN_LIMIT.into(), b"connection limit"),
+                    }
+                }
             }
             std::future::pending::<Infallible>().await
         }
@@ -233,7 +396,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_perm
                 return;
             }
         };
-        let recv = FollowPath::new(recv, conn.clone(), ip_permit);
+        let recv = FollowPath::new(recv, conn.clone(), counted.clone());
         let confirmed = confirmed.clone().map(|r| r.is_ok()).boxed();
         let result = session::run(ctx, recv, send, Transport::Quic, Some(confirmed)).await;
         super::log_end(&result);
@@ -245,11 +408,13 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<SessionContext>, ip_perm
     conn.close(code::DONE.into(), b"bye");
 }
 
-/// Accepts QUIC clients until shutdown.
+/// Accepts QUIC clients until shutdown; `unvalidated` is shared by every client
+/// endpoint.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     ctx: Arc<SessionContext>,
     limits: ConnLimits,
+    unvalidated: Arc<Unvalidated>,
     tracker: TaskTracker,
 ) {
     let shutdown = ctx.shutdown.clone();
@@ -262,25 +427,48 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let remote = incoming.remote_address();
-        // Over the connection limit the handshake is refused before any work.
-        let Ok(permit) = limits.total.clone().try_acquire_owned() else {
-            warn!(%remote, "QUIC connection refused: connection limit reached");
-            incoming.refuse();
-            continue;
-        };
-        let Some(ip_permit) = limits.per_ip.try_acquire(remote.ip()) else {
-            warn!(%remote, "QUIC connection refused: per-IP connection limit reached");
-            incoming.refuse();
-            continue;
+        let admission = if incoming.remote_address_validated() {
+            // It echoed our Retry token from this address: counted from now on.
+            // Over a limit the handshake is refused before any work.
+            let Ok(total) = limits.total.clone().try_acquire_owned() else {
+                refused(Refusal::QuicLimit, remote);
+                incoming.refuse();
+                continue;
+            };
+            let Some(ip) = limits.per_ip.try_acquire(remote.ip()) else {
+                refused(Refusal::QuicPerIp, remote);
+                incoming.refuse();
+                continue;
+            };
+            Admission::Counted(ConnPermits::new(total, ip))
+        } else {
+            // Only proven connections hold permits, so these checks cannot be
+            // tripped by a forger; they spare a handshake that would be refused.
+            if limits.total.available_permits() == 0 {
+                refused(Refusal::QuicLimit, remote);
+                incoming.refuse();
+                continue;
+            }
+            if limits.per_ip.is_full(remote.ip()) {
+                refused(Refusal::QuicPerIp, remote);
+                incoming.refuse();
+                continue;
+            }
+            match unvalidated.try_enter() {
+                Some(place) => Admission::Unvalidated(place),
+                None => {
+                    refused(Refusal::QuicRetry, remote);
+                    // Unvalidated, so a Retry is always possible.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+            }
         };
         let span = info_span!("conn", transport = "quic", remote = %remote, key = field::Empty);
         let ctx = ctx.clone();
-        tracker.spawn(
-            async move {
-                connection(incoming, ctx, ip_permit).await;
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        let limits = limits.clone();
+        tracker.spawn(connection(incoming, ctx, limits, admission).instrument(span));
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tracing::{error, field, info_span, warn, Instrument};
+use tracing::{error, field, info_span, Instrument};
 
 use super::{ConnLimits, ConnPermits};
 use crate::channel::Transport;
@@ -42,14 +42,11 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
         };
         let Some(ip_permit) = limits.per_ip.try_acquire(remote.ip()) else {
-            warn!(%remote, "TCP connection refused: per-IP connection limit reached");
+            super::refused(super::Refusal::TcpPerIp, remote);
             drop(socket);
             continue;
         };
-        let permits = ConnPermits {
-            _total: permit,
-            _ip: ip_permit,
-        };
+        let permits = ConnPermits::new(permit, ip_permit);
         let _ = socket.set_nodelay(true);
         let span = info_span!("conn", transport = "tcp", remote = %remote, key = field::Empty);
         let ctx = ctx.clone();
