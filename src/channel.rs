@@ -42,7 +42,8 @@ pub enum CloseReason {
     Kicked,
     /// The server is shutting down.
     Shutdown,
-    /// Its queue refused pushes and did not drain for `client.slow_consumer_timeout`.
+    /// Its queue refused a push and did not get back to its low-water mark (half
+    /// its bound) for `client.slow_consumer_timeout`.
     SlowConsumer,
     /// A resume-capable connection's queue refused a push kept in history: rather
     /// than skip it, the server closes the connection and the client resumes.
@@ -56,7 +57,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Kicked => "kicked by a backend",
             CloseReason::Shutdown => "server shutting down",
             CloseReason::SlowConsumer => {
-                "slow consumer: queue full and not drained within client.slow_consumer_timeout"
+                "slow consumer: queue full and not back to half within client.slow_consumer_timeout"
             }
             CloseReason::Overflow => {
                 "queue full for a push kept in history: the client resumes to get it"
@@ -106,7 +107,8 @@ struct QueueState {
     push_seq: u32,
     /// No more pushes: the server is closing the channel, or the client is gone.
     shut: bool,
-    /// When a push was first refused since the writer last caught up.
+    /// When a push was first refused since a write last finished with the queue at
+    /// or below its low-water mark ([`QueueState::at_low_water`]).
     lagging_since: Option<Instant>,
     /// How long the queue may lag before the client is a slow consumer.
     slow_after: Duration,
@@ -115,6 +117,16 @@ struct QueueState {
     /// Per source: pushes of this epoch up to this offset were already queued (a
     /// replay), so a live copy of one is dropped.
     floors: [Position; 4],
+}
+
+impl QueueState {
+    /// At or below half the bound: a client whose writes keep finishing with no more
+    /// than this queued is keeping up, whatever it refused before. Under a steady
+    /// load a write rarely finishes with the queue empty, so "empty" would make a
+    /// burst long ago count as lag.
+    fn at_low_water(&self) -> bool {
+        self.frames <= self.cap / 2
+    }
 }
 
 enum Push {
@@ -187,6 +199,16 @@ impl OutQueue {
     }
 }
 
+/// A snapshot of a channel's queue ([`Channel::queue_level`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueLevel {
+    /// Frames waiting for the writer (not counting those it is writing).
+    pub frames: usize,
+    /// A push was refused and the queue has not been back at its low-water mark
+    /// since: the slow-consumer clock is running.
+    pub lagging: bool,
+}
+
 /// What [`OutReceiver::next`] hands the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Batch {
@@ -244,11 +266,12 @@ impl OutReceiver {
         batch
     }
 
-    /// Tells the queue the writer has sent everything it took: if nothing was
-    /// queued meanwhile, the client has caught up and is no longer lagging.
+    /// Tells the queue the writer has sent everything it took: if what was queued
+    /// meanwhile is at or below the low-water mark (half the bound), the client is
+    /// keeping up and no longer lagging. Lag is a backlog sustained above the mark.
     pub fn written(&mut self) {
         let mut s = self.chan.queue.state.lock();
-        if s.frames == 0 {
+        if s.at_low_water() {
             s.lagging_since = None;
         }
     }
@@ -306,8 +329,9 @@ impl Channel {
     }
 
     /// A channel whose queue holds `queue_size` frames and which is closed as a
-    /// slow consumer when a push is refused after the queue has been lagging
-    /// (refusing pushes without the writer catching up) for `slow_after`.
+    /// slow consumer when a push is refused after the queue has been lagging for
+    /// `slow_after`: a push was refused, and no write has finished since with at
+    /// most half of `queue_size` queued.
     pub fn with_limits(
         id: u64,
         key: Arc<str>,
@@ -439,6 +463,16 @@ impl Channel {
                 Push::Duplicate => return true,
                 Push::Full { .. } => room.await,
             }
+        }
+    }
+
+    /// How full the queue is now: a cheap read under the queue's lock, for tests and
+    /// diagnostics.
+    pub fn queue_level(&self) -> QueueLevel {
+        let s = self.queue.state.lock();
+        QueueLevel {
+            frames: s.frames,
+            lagging: s.lagging_since.is_some(),
         }
     }
 
@@ -642,6 +676,52 @@ mod tests {
             "a new lag starts"
         );
         assert!(!ch.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_burst_long_ago_is_not_lag_when_writes_finish_at_low_water() {
+        let slow_after = Duration::from_millis(50);
+        let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 4, slow_after);
+        let f = frame(b"f");
+        for _ in 0..4 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull, "the burst");
+        assert!(ch.queue_level().lagging);
+        // Steady load: every write finishes with a frame or two queued meanwhile,
+        // never with the queue empty, for longer than the limit.
+        let mut out = BytesMut::new();
+        for _ in 0..3 {
+            rx.take(&mut out);
+            out.clear();
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+            rx.written();
+            assert!(!ch.queue_level().lagging, "2 of 4 queued: at low water");
+            tokio::time::sleep(slow_after / 2).await;
+        }
+        // another refusal, long after the burst, starts a new lag
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+        assert!(
+            !ch.is_closed(),
+            "closed for a burst {:?} ago",
+            3 * slow_after / 2
+        );
+        // A write that finishes above low water does not end the lag: a backlog
+        // sustained for the limit is slow.
+        rx.take(&mut out);
+        out.clear();
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        rx.written();
+        assert!(ch.queue_level().lagging, "3 of 4 queued: above low water");
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+        assert_eq!(ch.close_reason(), Some(CloseReason::SlowConsumer));
     }
 
     #[tokio::test]

@@ -69,7 +69,8 @@ pub struct ClientConfig {
     /// kernel's default and autotuning. Small values bound a stalled client's
     /// memory in the kernel and make its queue fill sooner.
     pub tcp_send_buffer: u32,
-    /// A client whose queue refuses pushes and does not drain for this long is
+    /// A client whose queue refuses a push and does not get back to half full (a
+    /// write finishing with at most half the queue queued) for this long is
     /// disconnected (a slow consumer).
     #[serde(with = "humantime_serde")]
     pub slow_consumer_timeout: Duration,

@@ -112,8 +112,8 @@ pub struct SessionLimits {
     pub heartbeat_timeout: Duration,
     pub write_timeout: Duration,
     pub queue_size: usize,
-    /// A client whose queue refuses pushes and does not drain for this long is
-    /// disconnected.
+    /// A client whose queue refuses a push and does not get back to half full for
+    /// this long is disconnected.
     pub slow_consumer_timeout: Duration,
     /// Frames per second a client may send; bursts of twice as many.
     pub max_frames_per_sec: u32,
