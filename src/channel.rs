@@ -516,6 +516,14 @@ mod tests {
         Frame::new(1000, 0, body).to_bytes()
     }
 
+    /// Awaits `fut` for at most a few seconds: a regression fails the test instead
+    /// of hanging it.
+    async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .expect("timed out")
+    }
+
     const KEY: PushMeta = PushMeta {
         source: Source::Key,
         epoch: 0,
@@ -589,10 +597,10 @@ mod tests {
     async fn pushes_are_stamped_with_the_connection_sequence() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
         ch.try_push(&frame(b"a"), KEY);
-        assert!(ch.reply(Frame::new(3, 77, Bytes::new()).to_bytes()).await);
+        assert!(within(ch.reply(Frame::new(3, 77, Bytes::new()).to_bytes())).await);
         ch.try_push(&frame(b"b"), KEY);
         let mut out = BytesMut::new();
-        let batch = rx.next(&mut out).await;
+        let batch = within(rx.next(&mut out)).await;
         assert_eq!(
             batch,
             Batch {
@@ -619,22 +627,22 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert_eq!(ch.try_push(&frame(b"f"), KEY), PushOutcome::Delivered);
-        assert_eq!(waiter.await.unwrap().frames, 1);
+        assert_eq!(within(waiter).await.unwrap().frames, 1);
     }
 
     #[tokio::test]
     async fn reply_waits_for_room() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 1);
-        assert!(ch.reply(frame(b"1")).await);
+        assert!(within(ch.reply(frame(b"1"))).await);
         let ch2 = ch.clone();
         let second = tokio::spawn(async move { ch2.reply(frame(b"2")).await });
         tokio::task::yield_now().await;
         assert!(!second.is_finished(), "the queue is full: the reply waits");
         assert_eq!(rx.drain(), 1);
-        assert!(second.await.unwrap());
+        assert!(within(second).await.unwrap());
         assert_eq!(rx.drain(), 1);
         drop(rx);
-        assert!(!ch.reply(frame(b"3")).await, "no writer: refused");
+        assert!(!within(ch.reply(frame(b"3"))).await, "no writer: refused");
     }
 
     #[tokio::test]
@@ -648,7 +656,7 @@ mod tests {
             PushOutcome::QueueFull,
             "lagging starts"
         );
-        std::thread::sleep(slow_after);
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
         // the writer took the frame but has not finished writing it: still lagging
         let mut out = BytesMut::new();
         assert_eq!(rx.take(&mut out).frames, 1);
@@ -666,7 +674,7 @@ mod tests {
         let f = frame(b"f");
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
-        std::thread::sleep(slow_after);
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
         assert_eq!(rx.drain(), 1);
         rx.written();
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
@@ -731,12 +739,12 @@ mod tests {
         ch.try_push(&frame(b"queued before"), KEY);
         ch.close(CloseReason::Replaced);
         ch.close(CloseReason::Shutdown);
-        ch.closed().await;
+        within(ch.closed()).await;
         assert_eq!(ch.close_reason(), Some(CloseReason::Replaced));
         assert_eq!(ch.try_push(&frame(b"x"), KEY), PushOutcome::Offline);
         let mut out = BytesMut::new();
         assert_eq!(
-            rx.next(&mut out).await,
+            within(rx.next(&mut out)).await,
             Batch {
                 frames: 1,
                 last: true
