@@ -89,8 +89,16 @@ pub enum PushOutcome {
 /// sequence number, to this buffer under a plain mutex, and wakes the writer only
 /// when the buffer was empty; the writer swaps the whole buffer out and sends it in
 /// one write. Copying a small frame is cheaper than sharing it: no reference count
-/// bounces between the core that pushes and the core that writes. The bound is in
-/// frames (`client.queue_size`).
+/// bounces between the core that pushes and the core that writes.
+///
+/// Two bounds apply: frames queued (`client.queue_size`), and bytes queued plus the
+/// bytes the writer took and has not finished writing (`client.queue_bytes`): what a
+/// client costs the server is the whole backlog, on its way to the socket or not. A
+/// push or reply that does not fit is refused (a reply waits for room). Only forced
+/// frames go beyond: AuthReply and a replay at registration (a replay holds at most
+/// `history.size` pushes per source), and a resume-capable ChangeRoomReply, queued
+/// under the registry's lock after its session waited for room, so at most that one
+/// frame over the bound.
 struct OutQueue {
     state: Mutex<QueueState>,
     /// The writer waits here for bytes, or for the queue to shut.
@@ -103,6 +111,12 @@ struct QueueState {
     buf: BytesMut,
     frames: usize,
     cap: usize,
+    /// Bound on `buf.len() + in_flight`.
+    max_bytes: usize,
+    /// Bytes the writer took and has not reported written.
+    in_flight: usize,
+    /// The most `buf.len() + in_flight` has been.
+    peak: usize,
     /// Sequence number of the last push queued on this connection.
     push_seq: u32,
     /// No more pushes: the server is closing the channel, or the client is gone.
@@ -120,12 +134,24 @@ struct QueueState {
 }
 
 impl QueueState {
-    /// At or below half the bound: a client whose writes keep finishing with no more
-    /// than this queued is keeping up, whatever it refused before. Under a steady
+    /// Bytes queued or being written.
+    fn used(&self) -> usize {
+        self.buf.len() + self.in_flight
+    }
+
+    /// Whether a frame of `len` bytes may be queued. An empty queue takes any one
+    /// frame, so a frame larger than the bound cannot wait forever.
+    fn has_room(&self, len: usize) -> bool {
+        self.frames < self.cap && (self.used() + len <= self.max_bytes || self.used() == 0)
+    }
+
+    /// At or below half of both bounds (frames, and bytes queued): a client whose
+    /// writes keep finishing with no more than this queued is keeping up, whatever
+    /// it refused before. Under a steady
     /// load a write rarely finishes with the queue empty, so "empty" would make a
     /// burst long ago count as lag.
     fn at_low_water(&self) -> bool {
-        self.frames <= self.cap / 2
+        self.frames <= self.cap / 2 && self.buf.len() <= self.max_bytes / 2
     }
 }
 
@@ -166,7 +192,11 @@ impl OutQueue {
                 }
             }
         }
-        if s.frames >= s.cap && !force {
+        let len = match stamp {
+            Stamp::Push(_) if s.resume => frame.len() + protocol::EXT_LEN,
+            _ => frame.len(),
+        };
+        if !force && !s.has_room(len) {
             // Only the refusing path reads the clock.
             let now = Instant::now();
             let since = *s.lagging_since.get_or_insert(now);
@@ -187,6 +217,7 @@ impl OutQueue {
             Stamp::Reply => s.buf.extend_from_slice(frame),
         }
         s.frames += 1;
+        s.peak = s.peak.max(s.used());
         Push::Queued {
             was_empty: s.frames == 1,
         }
@@ -204,6 +235,13 @@ impl OutQueue {
 pub struct QueueLevel {
     /// Frames waiting for the writer (not counting those it is writing).
     pub frames: usize,
+    /// Bytes waiting for the writer plus those it took and has not finished
+    /// writing: what `client.queue_bytes` bounds.
+    pub bytes: usize,
+    /// Of `bytes`, those the writer took and has not finished writing.
+    pub in_flight: usize,
+    /// The most `bytes` has been over the channel's life.
+    pub peak_bytes: usize,
     /// A push was refused and the queue has not been back at its low-water mark
     /// since: the slow-consumer clock is running.
     pub lagging: bool,
@@ -249,11 +287,13 @@ impl OutReceiver {
         self.take(out)
     }
 
-    /// Swaps whatever is queued into `out` without waiting.
+    /// Swaps whatever is queued into `out` without waiting. Its bytes still count
+    /// against `client.queue_bytes` until [`OutReceiver::written`].
     pub fn take(&mut self, out: &mut BytesMut) -> Batch {
         let batch = {
             let mut s = self.chan.queue.state.lock();
             std::mem::swap(&mut s.buf, out);
+            s.in_flight += out.len();
             let frames = std::mem::take(&mut s.frames);
             Batch {
                 frames,
@@ -270,16 +310,31 @@ impl OutReceiver {
     /// meanwhile is at or below the low-water mark (half the bound), the client is
     /// keeping up and no longer lagging. Lag is a backlog sustained above the mark.
     pub fn written(&mut self) {
-        let mut s = self.chan.queue.state.lock();
-        if s.at_low_water() {
-            s.lagging_since = None;
+        let freed = {
+            let mut s = self.chan.queue.state.lock();
+            if s.at_low_water() {
+                s.lagging_since = None;
+            }
+            std::mem::take(&mut s.in_flight)
+        };
+        if freed > 0 {
+            self.chan.queue.writable.notify_waiters();
         }
     }
 
     /// Discards everything queued; returns how many frames that was.
     pub fn drain(&mut self) -> usize {
         let mut out = BytesMut::new();
-        self.take(&mut out).frames
+        let frames = self.take(&mut out).frames;
+        let freed = {
+            let mut s = self.chan.queue.state.lock();
+            s.in_flight = s.in_flight.saturating_sub(out.len());
+            out.len()
+        };
+        if freed > 0 {
+            self.chan.queue.writable.notify_waiters();
+        }
+        frames
     }
 }
 
@@ -287,6 +342,18 @@ impl Drop for OutReceiver {
     fn drop(&mut self) {
         self.chan.queue.shut();
     }
+}
+
+/// The bounds of a channel's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Frames queued (`client.queue_size`).
+    pub frames: usize,
+    /// Bytes queued plus those being written (`client.queue_bytes`).
+    pub bytes: usize,
+    /// How long the queue may lag before the client is a slow consumer
+    /// (`client.slow_consumer_timeout`).
+    pub slow_after: Duration,
 }
 
 /// A client's registration: identity, outbound queue and close signal.
@@ -353,11 +420,37 @@ impl Channel {
         slow_after: Duration,
         resume: bool,
     ) -> (Arc<Channel>, OutReceiver) {
+        let limits = QueueLimits {
+            frames: queue_size,
+            bytes: usize::MAX,
+            slow_after,
+        };
+        Self::open(id, key, mid, transport, limits, resume)
+    }
+
+    /// A channel whose queue is bounded by `limits`, for a connection that
+    /// negotiated resume or not (`resume`).
+    pub fn open(
+        id: u64,
+        key: Arc<str>,
+        mid: Option<i64>,
+        transport: Transport,
+        limits: QueueLimits,
+        resume: bool,
+    ) -> (Arc<Channel>, OutReceiver) {
+        let QueueLimits {
+            frames,
+            bytes,
+            slow_after,
+        } = limits;
         let queue = OutQueue {
             state: Mutex::new(QueueState {
                 buf: BytesMut::new(),
                 frames: 0,
-                cap: queue_size.max(1),
+                cap: frames.max(1),
+                max_bytes: bytes.max(1),
+                in_flight: 0,
+                peak: 0,
                 push_seq: 0,
                 shut: false,
                 lagging_since: None,
@@ -472,7 +565,32 @@ impl Channel {
         let s = self.queue.state.lock();
         QueueLevel {
             frames: s.frames,
+            bytes: s.used(),
+            in_flight: s.in_flight,
+            peak_bytes: s.peak,
             lagging: s.lagging_since.is_some(),
+        }
+    }
+
+    /// Waits until a frame of `len` bytes fits in the queue, for a reply that must
+    /// then be forced in under the registry's lock ([`Channel::force_reply`]):
+    /// pushes queued in between can take the room, so it may go over the bound by
+    /// that one frame. False if the queue is shut.
+    pub async fn room_for(&self, len: usize) -> bool {
+        loop {
+            let room = self.queue.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let s = self.queue.state.lock();
+                if s.shut {
+                    return false;
+                }
+                if s.has_room(len) {
+                    return true;
+                }
+            }
+            room.await;
         }
     }
 
@@ -730,6 +848,81 @@ mod tests {
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
         assert_eq!(ch.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_counts_what_the_writer_is_writing_and_replies_wait_for_room() {
+        let f = frame(b"0123456789");
+        let len = f.len();
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: 3 * len,
+            slow_after: Duration::MAX,
+        };
+        let (ch, mut rx) = Channel::open(1, "k".into(), None, Transport::Tcp, limits, false);
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "3 frames of bytes"
+        );
+        assert!(ch.queue_level().lagging, "refused by bytes: the same lag");
+        let mut out = BytesMut::new();
+        assert_eq!(rx.take(&mut out).frames, 3);
+        let level = ch.queue_level();
+        assert_eq!(
+            (level.frames, level.bytes, level.in_flight),
+            (0, 3 * len, 3 * len)
+        );
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "taken but not written still counts"
+        );
+        let ch2 = ch.clone();
+        let reply = tokio::spawn(async move { ch2.reply(frame(b"reply")).await });
+        tokio::task::yield_now().await;
+        assert!(!reply.is_finished(), "no room: the reply waits");
+        rx.written();
+        assert!(within(reply).await.unwrap(), "written: room for the reply");
+        assert_eq!(ch.queue_level().bytes, frame(b"reply").len());
+        // A forced reply goes in whatever the bound; the peak records it.
+        rx.drain();
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert!(ch.force_reply(&f));
+        let level = ch.queue_level();
+        assert_eq!((level.bytes, level.peak_bytes), (4 * len, 4 * len));
+        // An empty queue takes any one frame, however large.
+        rx.drain();
+        let big = Frame::new(1000, 0, vec![0u8; 4 * len]).to_bytes();
+        assert_eq!(ch.try_push(&big, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+    }
+
+    #[tokio::test]
+    async fn room_for_waits_until_a_frame_fits() {
+        let f = frame(b"0123456789");
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: 2 * f.len(),
+            slow_after: Duration::MAX,
+        };
+        let (ch, mut rx) = Channel::open(1, "k".into(), None, Transport::Tcp, limits, true);
+        assert!(within(ch.room_for(f.len())).await);
+        assert!(ch.force_reply(&f));
+        assert!(ch.force_reply(&f));
+        let ch2 = ch.clone();
+        let waiting = tokio::spawn(async move { ch2.room_for(f.len()).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        rx.drain();
+        assert!(within(waiting).await.unwrap());
+        drop(rx);
+        assert!(!within(ch.room_for(1)).await, "shut: no room ever");
     }
 
     #[tokio::test]

@@ -143,6 +143,8 @@ async fn a_burst_long_ago_is_not_lag_but_a_stalled_client_still_is() {
     let server = TestServer::start_with(|c| {
         c.client.slow_consumer_timeout = SLOW_AFTER;
         c.client.queue_size = QUEUE;
+        // the frame bound is the one this test is about
+        c.client.queue_bytes = 1 << 20;
         c.client.tcp_send_buffer = 4096;
         // longer than the run: only the slow-consumer limit closes a client here
         c.client.write_timeout = Duration::from_secs(60);
