@@ -42,7 +42,8 @@ pub enum CloseReason {
     Kicked,
     /// The server is shutting down.
     Shutdown,
-    /// Its queue refused pushes and did not drain for `client.slow_consumer_timeout`.
+    /// Its queue refused a push and did not get back to its low-water mark (half
+    /// its bound) for `client.slow_consumer_timeout`.
     SlowConsumer,
     /// A resume-capable connection's queue refused a push kept in history: rather
     /// than skip it, the server closes the connection and the client resumes.
@@ -56,7 +57,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Kicked => "kicked by a backend",
             CloseReason::Shutdown => "server shutting down",
             CloseReason::SlowConsumer => {
-                "slow consumer: queue full and not drained within client.slow_consumer_timeout"
+                "slow consumer: queue full and not back to half within client.slow_consumer_timeout"
             }
             CloseReason::Overflow => {
                 "queue full for a push kept in history: the client resumes to get it"
@@ -88,8 +89,16 @@ pub enum PushOutcome {
 /// sequence number, to this buffer under a plain mutex, and wakes the writer only
 /// when the buffer was empty; the writer swaps the whole buffer out and sends it in
 /// one write. Copying a small frame is cheaper than sharing it: no reference count
-/// bounces between the core that pushes and the core that writes. The bound is in
-/// frames (`client.queue_size`).
+/// bounces between the core that pushes and the core that writes.
+///
+/// Two bounds apply: frames queued (`client.queue_size`), and bytes queued plus the
+/// bytes the writer took and has not finished writing (`client.queue_bytes`): what a
+/// client costs the server is the whole backlog, on its way to the socket or not. A
+/// push or reply that does not fit is refused (a reply waits for room). Only forced
+/// frames go beyond: AuthReply and a replay at registration (a replay holds at most
+/// `history.size` pushes per source), and a resume-capable ChangeRoomReply, queued
+/// under the registry's lock after its session waited for room, so at most that one
+/// frame over the bound.
 struct OutQueue {
     state: Mutex<QueueState>,
     /// The writer waits here for bytes, or for the queue to shut.
@@ -102,11 +111,18 @@ struct QueueState {
     buf: BytesMut,
     frames: usize,
     cap: usize,
+    /// Bound on `buf.len() + in_flight`.
+    max_bytes: usize,
+    /// Bytes the writer took and has not reported written.
+    in_flight: usize,
+    /// The most `buf.len() + in_flight` has been.
+    peak: usize,
     /// Sequence number of the last push queued on this connection.
     push_seq: u32,
     /// No more pushes: the server is closing the channel, or the client is gone.
     shut: bool,
-    /// When a push was first refused since the writer last caught up.
+    /// When a push was first refused since a write last finished with the queue at
+    /// or below its low-water mark ([`QueueState::at_low_water`]).
     lagging_since: Option<Instant>,
     /// How long the queue may lag before the client is a slow consumer.
     slow_after: Duration,
@@ -115,6 +131,28 @@ struct QueueState {
     /// Per source: pushes of this epoch up to this offset were already queued (a
     /// replay), so a live copy of one is dropped.
     floors: [Position; 4],
+}
+
+impl QueueState {
+    /// Bytes queued or being written.
+    fn used(&self) -> usize {
+        self.buf.len() + self.in_flight
+    }
+
+    /// Whether a frame of `len` bytes may be queued. An empty queue takes any one
+    /// frame, so a frame larger than the bound cannot wait forever.
+    fn has_room(&self, len: usize) -> bool {
+        self.frames < self.cap && (self.used() + len <= self.max_bytes || self.used() == 0)
+    }
+
+    /// At or below half of both bounds (frames, and bytes queued): a client whose
+    /// writes keep finishing with no more than this queued is keeping up, whatever
+    /// it refused before. Under a steady
+    /// load a write rarely finishes with the queue empty, so "empty" would make a
+    /// burst long ago count as lag.
+    fn at_low_water(&self) -> bool {
+        self.frames <= self.cap / 2 && self.buf.len() <= self.max_bytes / 2
+    }
 }
 
 enum Push {
@@ -154,7 +192,11 @@ impl OutQueue {
                 }
             }
         }
-        if s.frames >= s.cap && !force {
+        let len = match stamp {
+            Stamp::Push(_) if s.resume => frame.len() + protocol::EXT_LEN,
+            _ => frame.len(),
+        };
+        if !force && !s.has_room(len) {
             // Only the refusing path reads the clock.
             let now = Instant::now();
             let since = *s.lagging_since.get_or_insert(now);
@@ -175,6 +217,7 @@ impl OutQueue {
             Stamp::Reply => s.buf.extend_from_slice(frame),
         }
         s.frames += 1;
+        s.peak = s.peak.max(s.used());
         Push::Queued {
             was_empty: s.frames == 1,
         }
@@ -185,6 +228,23 @@ impl OutQueue {
         self.readable.notify_one();
         self.writable.notify_waiters();
     }
+}
+
+/// A snapshot of a channel's queue ([`Channel::queue_level`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueLevel {
+    /// Frames waiting for the writer (not counting those it is writing).
+    pub frames: usize,
+    /// Bytes waiting for the writer plus those it took and has not finished
+    /// writing: what `client.queue_bytes` bounds.
+    pub bytes: usize,
+    /// Of `bytes`, those the writer took and has not finished writing.
+    pub in_flight: usize,
+    /// The most `bytes` has been over the channel's life.
+    pub peak_bytes: usize,
+    /// A push was refused and the queue has not been back at its low-water mark
+    /// since: the slow-consumer clock is running.
+    pub lagging: bool,
 }
 
 /// What [`OutReceiver::next`] hands the writer.
@@ -227,11 +287,13 @@ impl OutReceiver {
         self.take(out)
     }
 
-    /// Swaps whatever is queued into `out` without waiting.
+    /// Swaps whatever is queued into `out` without waiting. Its bytes still count
+    /// against `client.queue_bytes` until [`OutReceiver::written`].
     pub fn take(&mut self, out: &mut BytesMut) -> Batch {
         let batch = {
             let mut s = self.chan.queue.state.lock();
             std::mem::swap(&mut s.buf, out);
+            s.in_flight += out.len();
             let frames = std::mem::take(&mut s.frames);
             Batch {
                 frames,
@@ -244,19 +306,35 @@ impl OutReceiver {
         batch
     }
 
-    /// Tells the queue the writer has sent everything it took: if nothing was
-    /// queued meanwhile, the client has caught up and is no longer lagging.
+    /// Tells the queue the writer has sent everything it took: if what was queued
+    /// meanwhile is at or below the low-water mark (half the bound), the client is
+    /// keeping up and no longer lagging. Lag is a backlog sustained above the mark.
     pub fn written(&mut self) {
-        let mut s = self.chan.queue.state.lock();
-        if s.frames == 0 {
-            s.lagging_since = None;
+        let freed = {
+            let mut s = self.chan.queue.state.lock();
+            if s.at_low_water() {
+                s.lagging_since = None;
+            }
+            std::mem::take(&mut s.in_flight)
+        };
+        if freed > 0 {
+            self.chan.queue.writable.notify_waiters();
         }
     }
 
     /// Discards everything queued; returns how many frames that was.
     pub fn drain(&mut self) -> usize {
         let mut out = BytesMut::new();
-        self.take(&mut out).frames
+        let frames = self.take(&mut out).frames;
+        let freed = {
+            let mut s = self.chan.queue.state.lock();
+            s.in_flight = s.in_flight.saturating_sub(out.len());
+            out.len()
+        };
+        if freed > 0 {
+            self.chan.queue.writable.notify_waiters();
+        }
+        frames
     }
 }
 
@@ -264,6 +342,18 @@ impl Drop for OutReceiver {
     fn drop(&mut self) {
         self.chan.queue.shut();
     }
+}
+
+/// The bounds of a channel's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Frames queued (`client.queue_size`).
+    pub frames: usize,
+    /// Bytes queued plus those being written (`client.queue_bytes`).
+    pub bytes: usize,
+    /// How long the queue may lag before the client is a slow consumer
+    /// (`client.slow_consumer_timeout`).
+    pub slow_after: Duration,
 }
 
 /// A client's registration: identity, outbound queue and close signal.
@@ -306,8 +396,9 @@ impl Channel {
     }
 
     /// A channel whose queue holds `queue_size` frames and which is closed as a
-    /// slow consumer when a push is refused after the queue has been lagging
-    /// (refusing pushes without the writer catching up) for `slow_after`.
+    /// slow consumer when a push is refused after the queue has been lagging for
+    /// `slow_after`: a push was refused, and no write has finished since with at
+    /// most half of `queue_size` queued.
     pub fn with_limits(
         id: u64,
         key: Arc<str>,
@@ -329,11 +420,37 @@ impl Channel {
         slow_after: Duration,
         resume: bool,
     ) -> (Arc<Channel>, OutReceiver) {
+        let limits = QueueLimits {
+            frames: queue_size,
+            bytes: usize::MAX,
+            slow_after,
+        };
+        Self::open(id, key, mid, transport, limits, resume)
+    }
+
+    /// A channel whose queue is bounded by `limits`, for a connection that
+    /// negotiated resume or not (`resume`).
+    pub fn open(
+        id: u64,
+        key: Arc<str>,
+        mid: Option<i64>,
+        transport: Transport,
+        limits: QueueLimits,
+        resume: bool,
+    ) -> (Arc<Channel>, OutReceiver) {
+        let QueueLimits {
+            frames,
+            bytes,
+            slow_after,
+        } = limits;
         let queue = OutQueue {
             state: Mutex::new(QueueState {
                 buf: BytesMut::new(),
                 frames: 0,
-                cap: queue_size.max(1),
+                cap: frames.max(1),
+                max_bytes: bytes.max(1),
+                in_flight: 0,
+                peak: 0,
                 push_seq: 0,
                 shut: false,
                 lagging_since: None,
@@ -442,6 +559,41 @@ impl Channel {
         }
     }
 
+    /// How full the queue is now: a cheap read under the queue's lock, for tests and
+    /// diagnostics.
+    pub fn queue_level(&self) -> QueueLevel {
+        let s = self.queue.state.lock();
+        QueueLevel {
+            frames: s.frames,
+            bytes: s.used(),
+            in_flight: s.in_flight,
+            peak_bytes: s.peak,
+            lagging: s.lagging_since.is_some(),
+        }
+    }
+
+    /// Waits until a frame of `len` bytes fits in the queue, for a reply that must
+    /// then be forced in under the registry's lock ([`Channel::force_reply`]):
+    /// pushes queued in between can take the room, so it may go over the bound by
+    /// that one frame. False if the queue is shut.
+    pub async fn room_for(&self, len: usize) -> bool {
+        loop {
+            let room = self.queue.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let s = self.queue.state.lock();
+                if s.shut {
+                    return false;
+                }
+                if s.has_room(len) {
+                    return true;
+                }
+            }
+            room.await;
+        }
+    }
+
     /// Ends the writer: what is queued is still written, then its stream finishes
     /// (without DisconnectReply unless [`Channel::close`] was called). Pushes from
     /// now on report the channel offline.
@@ -480,6 +632,14 @@ mod tests {
 
     fn frame(body: &'static [u8]) -> Bytes {
         Frame::new(1000, 0, body).to_bytes()
+    }
+
+    /// Awaits `fut` for at most a few seconds: a regression fails the test instead
+    /// of hanging it.
+    async fn within<T>(fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .expect("timed out")
     }
 
     const KEY: PushMeta = PushMeta {
@@ -555,10 +715,10 @@ mod tests {
     async fn pushes_are_stamped_with_the_connection_sequence() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
         ch.try_push(&frame(b"a"), KEY);
-        assert!(ch.reply(Frame::new(3, 77, Bytes::new()).to_bytes()).await);
+        assert!(within(ch.reply(Frame::new(3, 77, Bytes::new()).to_bytes())).await);
         ch.try_push(&frame(b"b"), KEY);
         let mut out = BytesMut::new();
-        let batch = rx.next(&mut out).await;
+        let batch = within(rx.next(&mut out)).await;
         assert_eq!(
             batch,
             Batch {
@@ -585,22 +745,22 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert_eq!(ch.try_push(&frame(b"f"), KEY), PushOutcome::Delivered);
-        assert_eq!(waiter.await.unwrap().frames, 1);
+        assert_eq!(within(waiter).await.unwrap().frames, 1);
     }
 
     #[tokio::test]
     async fn reply_waits_for_room() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 1);
-        assert!(ch.reply(frame(b"1")).await);
+        assert!(within(ch.reply(frame(b"1"))).await);
         let ch2 = ch.clone();
         let second = tokio::spawn(async move { ch2.reply(frame(b"2")).await });
         tokio::task::yield_now().await;
         assert!(!second.is_finished(), "the queue is full: the reply waits");
         assert_eq!(rx.drain(), 1);
-        assert!(second.await.unwrap());
+        assert!(within(second).await.unwrap());
         assert_eq!(rx.drain(), 1);
         drop(rx);
-        assert!(!ch.reply(frame(b"3")).await, "no writer: refused");
+        assert!(!within(ch.reply(frame(b"3"))).await, "no writer: refused");
     }
 
     #[tokio::test]
@@ -614,7 +774,7 @@ mod tests {
             PushOutcome::QueueFull,
             "lagging starts"
         );
-        std::thread::sleep(slow_after);
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
         // the writer took the frame but has not finished writing it: still lagging
         let mut out = BytesMut::new();
         assert_eq!(rx.take(&mut out).frames, 1);
@@ -632,7 +792,7 @@ mod tests {
         let f = frame(b"f");
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
-        std::thread::sleep(slow_after);
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
         assert_eq!(rx.drain(), 1);
         rx.written();
         assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
@@ -645,18 +805,139 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_burst_long_ago_is_not_lag_when_writes_finish_at_low_water() {
+        let slow_after = Duration::from_millis(50);
+        let (ch, mut rx) = Channel::with_limits(1, "k".into(), None, Transport::Tcp, 4, slow_after);
+        let f = frame(b"f");
+        for _ in 0..4 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull, "the burst");
+        assert!(ch.queue_level().lagging);
+        // Steady load: every write finishes with a frame or two queued meanwhile,
+        // never with the queue empty, for longer than the limit.
+        let mut out = BytesMut::new();
+        for _ in 0..3 {
+            rx.take(&mut out);
+            out.clear();
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+            rx.written();
+            assert!(!ch.queue_level().lagging, "2 of 4 queued: at low water");
+            tokio::time::sleep(slow_after / 2).await;
+        }
+        // another refusal, long after the burst, starts a new lag
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+        assert!(
+            !ch.is_closed(),
+            "closed for a burst {:?} ago",
+            3 * slow_after / 2
+        );
+        // A write that finishes above low water does not end the lag: a backlog
+        // sustained for the limit is slow.
+        rx.take(&mut out);
+        out.clear();
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        rx.written();
+        assert!(ch.queue_level().lagging, "3 of 4 queued: above low water");
+        tokio::time::sleep(slow_after + Duration::from_millis(10)).await;
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+        assert_eq!(ch.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_counts_what_the_writer_is_writing_and_replies_wait_for_room() {
+        let f = frame(b"0123456789");
+        let len = f.len();
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: 3 * len,
+            slow_after: Duration::MAX,
+        };
+        let (ch, mut rx) = Channel::open(1, "k".into(), None, Transport::Tcp, limits, false);
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "3 frames of bytes"
+        );
+        assert!(ch.queue_level().lagging, "refused by bytes: the same lag");
+        let mut out = BytesMut::new();
+        assert_eq!(rx.take(&mut out).frames, 3);
+        let level = ch.queue_level();
+        assert_eq!(
+            (level.frames, level.bytes, level.in_flight),
+            (0, 3 * len, 3 * len)
+        );
+        assert_eq!(
+            ch.try_push(&f, KEY),
+            PushOutcome::QueueFull,
+            "taken but not written still counts"
+        );
+        let ch2 = ch.clone();
+        let reply = tokio::spawn(async move { ch2.reply(frame(b"reply")).await });
+        tokio::task::yield_now().await;
+        assert!(!reply.is_finished(), "no room: the reply waits");
+        rx.written();
+        assert!(within(reply).await.unwrap(), "written: room for the reply");
+        assert_eq!(ch.queue_level().bytes, frame(b"reply").len());
+        // A forced reply goes in whatever the bound; the peak records it.
+        rx.drain();
+        for _ in 0..3 {
+            assert_eq!(ch.try_push(&f, KEY), PushOutcome::Delivered);
+        }
+        assert!(ch.force_reply(&f));
+        let level = ch.queue_level();
+        assert_eq!((level.bytes, level.peak_bytes), (4 * len, 4 * len));
+        // An empty queue takes any one frame, however large.
+        rx.drain();
+        let big = Frame::new(1000, 0, vec![0u8; 4 * len]).to_bytes();
+        assert_eq!(ch.try_push(&big, KEY), PushOutcome::Delivered);
+        assert_eq!(ch.try_push(&f, KEY), PushOutcome::QueueFull);
+    }
+
+    #[tokio::test]
+    async fn room_for_waits_until_a_frame_fits() {
+        let f = frame(b"0123456789");
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: 2 * f.len(),
+            slow_after: Duration::MAX,
+        };
+        let (ch, mut rx) = Channel::open(1, "k".into(), None, Transport::Tcp, limits, true);
+        assert!(within(ch.room_for(f.len())).await);
+        assert!(ch.force_reply(&f));
+        assert!(ch.force_reply(&f));
+        let ch2 = ch.clone();
+        let waiting = tokio::spawn(async move { ch2.room_for(f.len()).await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        rx.drain();
+        assert!(within(waiting).await.unwrap());
+        drop(rx);
+        assert!(!within(ch.room_for(1)).await, "shut: no room ever");
+    }
+
+    #[tokio::test]
     async fn close_shuts_the_queue_and_wakes_the_writer() {
         let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Quic, 2);
         assert!(!ch.is_closed());
         ch.try_push(&frame(b"queued before"), KEY);
         ch.close(CloseReason::Replaced);
         ch.close(CloseReason::Shutdown);
-        ch.closed().await;
+        within(ch.closed()).await;
         assert_eq!(ch.close_reason(), Some(CloseReason::Replaced));
         assert_eq!(ch.try_push(&frame(b"x"), KEY), PushOutcome::Offline);
         let mut out = BytesMut::new();
         assert_eq!(
-            rx.next(&mut out).await,
+            within(rx.next(&mut out)).await,
             Batch {
                 frames: 1,
                 last: true

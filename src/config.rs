@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{DEFAULT_MAX_BODY, MAX_BODY_LIMIT};
+use crate::protocol::{self, DEFAULT_MAX_BODY, MAX_BODY_LIMIT};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -65,11 +65,23 @@ pub struct ClientConfig {
     pub write_timeout: Duration,
     /// Frames queued per client before pushes to it report `queue full`.
     pub queue_size: usize,
+    /// Bytes per client, a hard bound: frames queued (pushes and replies) plus
+    /// those its writer has taken and not finished writing. A push that does not
+    /// fit reports `queue full`; a reply that does not fit waits, and the client's
+    /// reader stops reading until it does. Only what the server must queue at
+    /// once goes beyond it: AuthReply and a resume replay at Auth (at most
+    /// `history.size` pushes per source), and one resume-capable ChangeRoomReply.
+    /// The default, 256 KiB, is a quarter of what `queue_size` full-size frames
+    /// take (256 × 4112 bytes ≈ 1 MiB at the defaults): 64 full-size frames or
+    /// 256 of 1 KiB, about a second of a busy room for a client that is behind,
+    /// and 2.5 GiB for 10,000 stalled clients instead of 10.
+    pub queue_bytes: usize,
     /// Kernel send buffer of each client TCP socket, bytes; 0 keeps the
     /// kernel's default and autotuning. Small values bound a stalled client's
     /// memory in the kernel and make its queue fill sooner.
     pub tcp_send_buffer: u32,
-    /// A client whose queue refuses pushes and does not drain for this long is
+    /// A client whose queue refuses a push and does not get back to half full (a
+    /// write finishing with at most half the queue queued) for this long is
     /// disconnected (a slow consumer).
     #[serde(with = "humantime_serde")]
     pub slow_consumer_timeout: Duration,
@@ -92,6 +104,7 @@ impl Default for ClientConfig {
             heartbeat_timeout: Duration::from_secs(300),
             write_timeout: Duration::from_secs(10),
             queue_size: 256,
+            queue_bytes: 256 * 1024,
             tcp_send_buffer: 0,
             slow_consumer_timeout: Duration::from_secs(5),
             max_connections: 100_000,
@@ -100,6 +113,9 @@ impl Default for ClientConfig {
         }
     }
 }
+
+/// Most bytes `client.queue_bytes` may allow one client.
+pub const MAX_QUEUE_BYTES: usize = 1 << 30;
 
 /// Most sessions `quic.session_cache` may remember.
 pub const MAX_SESSION_CACHE: usize = 10_000_000;
@@ -387,6 +403,19 @@ impl Config {
                 format!("{} is outside 1..=1048576", c.queue_size),
             ));
         }
+        // one frame of the largest body, with the resume extension, must fit
+        let one_frame = c.max_body + protocol::EXT_HEADER_LEN;
+        if c.queue_bytes < one_frame || c.queue_bytes > MAX_QUEUE_BYTES {
+            return Err(invalid(
+                "client.queue_bytes",
+                format!(
+                    "{} is outside {one_frame}..={MAX_QUEUE_BYTES} (at least one frame of \
+                     client.max_body plus its {}-byte header must fit)",
+                    c.queue_bytes,
+                    protocol::EXT_HEADER_LEN
+                ),
+            ));
+        }
         if c.max_connections == 0 {
             return Err(invalid("client.max_connections", "must be at least 1"));
         }
@@ -591,6 +620,11 @@ mod tests {
             ),
             ("[registry]\nmax_rooms = 0\n", "registry.max_rooms"),
             ("[client]\nqueue_size = 2000000\n", "client.queue_size"),
+            ("[client]\nqueue_bytes = 0\n", "client.queue_bytes"),
+            // one 4096-byte body plus the 32-byte header with the extension: 4128
+            ("[client]\nqueue_bytes = 4127\n", "client.queue_bytes"),
+            ("[client]\nmax_body = 1048576\n", "client.queue_bytes"),
+            ("[client]\nqueue_bytes = 1073741825\n", "client.queue_bytes"),
             ("[client]\nmax_connections = 0\n", "client.max_connections"),
             (
                 "[client]\nmax_connections_per_ip = 0\n",
@@ -644,6 +678,15 @@ mod tests {
         for (text, field) in cases {
             assert_eq!(field_of(text), *field, "for {text:?}");
         }
+    }
+
+    #[test]
+    fn queue_bytes_fits_one_frame_of_max_body() {
+        let c = Config::parse("[client]\nqueue_bytes = 4128\n").unwrap();
+        assert_eq!(c.client.queue_bytes, 4128);
+        let c = Config::parse("[client]\nmax_body = 1048576\nqueue_bytes = 1048608\n").unwrap();
+        assert_eq!(c.client.queue_bytes, 1048608);
+        assert_eq!(Config::default().client.queue_bytes, 256 * 1024);
     }
 
     #[test]

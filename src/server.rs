@@ -240,6 +240,7 @@ impl Server {
                 heartbeat_timeout: c.heartbeat_timeout,
                 write_timeout: c.write_timeout,
                 queue_size: c.queue_size,
+                queue_bytes: c.queue_bytes,
                 slow_consumer_timeout: c.slow_consumer_timeout,
                 max_frames_per_sec: c.max_frames_per_sec,
             },

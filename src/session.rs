@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
-use crate::channel::{Channel, CloseReason, OutReceiver, Transport};
+use crate::channel::{Channel, CloseReason, OutReceiver, QueueLimits, Transport};
 use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source};
 use crate::registry::{OpFilter, OpList, Registry, RoomsFull};
 use crate::resume::{Positions, ResumeReply};
@@ -112,8 +112,10 @@ pub struct SessionLimits {
     pub heartbeat_timeout: Duration,
     pub write_timeout: Duration,
     pub queue_size: usize,
-    /// A client whose queue refuses pushes and does not drain for this long is
-    /// disconnected.
+    /// Bytes queued or being written per client (`client.queue_bytes`).
+    pub queue_bytes: usize,
+    /// A client whose queue refuses a push and does not get back to half full for
+    /// this long is disconnected.
     pub slow_consumer_timeout: Duration,
     /// Frames per second a client may send; bursts of twice as many.
     pub max_frames_per_sec: u32,
@@ -348,13 +350,16 @@ where
     tracing::Span::current().record("key", id.key.as_str());
 
     let resume = id.resume.is_some();
-    let (chan, rx) = Channel::with_resume(
+    let (chan, rx) = Channel::open(
         ctx.registry.next_id(),
         id.key.as_str().into(),
         id.mid,
         transport,
-        limits.queue_size,
-        limits.slow_consumer_timeout,
+        QueueLimits {
+            frames: limits.queue_size,
+            bytes: limits.queue_bytes,
+            slow_after: limits.slow_consumer_timeout,
+        },
         resume,
     );
     let mut room: Option<Arc<str>> = id.room.as_deref().map(Arc::from);
@@ -593,6 +598,12 @@ async fn handle(
                 // The reply, with the new room's position in the extension, is
                 // queued before any push from that room.
                 let plain = reply(op::CHANGE_ROOM_REPLY, frame.body.clone());
+                // Forced in under the registry's lock, so room for it first (a
+                // flood of ChangeRoom only slows this client's reader). False: the
+                // writer is gone, and the read loop notices through `stop`.
+                if !chan.room_for(plain.len() + protocol::EXT_LEN).await {
+                    return Ok(());
+                }
                 ctx.registry.change_room_with(chan, next.clone(), |state| {
                     let meta = state.map_or(PushMeta::untracked(Source::Room), |s| PushMeta {
                         source: Source::Room,
@@ -721,6 +732,7 @@ mod tests {
                 heartbeat_timeout: Duration::from_secs(10),
                 write_timeout: Duration::from_secs(1),
                 queue_size: 8,
+                queue_bytes: 64 * 1024,
                 slow_consumer_timeout: Duration::from_secs(5),
                 max_frames_per_sec: 100,
             },

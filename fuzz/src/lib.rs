@@ -489,6 +489,7 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
             heartbeat_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(1),
             queue_size: if setup.tiny_queue { 1 } else { 8 },
+            queue_bytes: if setup.tiny_queue { MAX_BODY + 32 } else { 64 * 1024 },
             slow_consumer_timeout: Duration::from_millis(500),
             max_frames_per_sec: if setup.low_rate { 5 } else { 100_000 },
         },
