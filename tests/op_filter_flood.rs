@@ -97,6 +97,7 @@ async fn a_flood_of_huge_sub_lists_costs_little_and_stalls_no_bystander() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::loopback(dir.path());
     config.client.max_body = 1_048_576;
+    config.client.queue_bytes = 4 << 20;
     // One bucket: every flooder and every bystander share its lock.
     config.registry.buckets = 1;
     config.client.max_frames_per_sec = 10_000;
