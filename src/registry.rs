@@ -14,25 +14,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use indexmap::IndexSet;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use crate::channel::{Channel, CloseReason, PushOutcome, Transport};
+use crate::channel::{Channel, CloseReason, Transport};
 use crate::history::{History, SourceState, StreamRef};
 use crate::protocol::{PushMeta, Source};
 use crate::resume::{Positions, ResumeReply};
-
-/// How many channels a push reached, by outcome.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tally {
-    pub delivered: u64,
-    pub queue_full: u64,
-    pub filtered: u64,
-    /// Connections that did not take it live but get it when they resume.
-    pub stored: u64,
-    /// History streams the push was appended to (one per user id, one for a room).
-    pub appended: u64,
-}
+use crate::rpc::proto::PushOutcome;
+pub use crate::rpc::proto::{Online, Tally};
 
 impl Tally {
     #[inline]
@@ -55,14 +44,6 @@ impl AddAssign for Tally {
         self.stored += o.stored;
         self.appended += o.appended;
     }
-}
-
-/// Connections online, in total and per transport.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Online {
-    pub total: u64,
-    pub tcp: u64,
-    pub quic: u64,
 }
 
 /// Most ops one filter lists (in its accepted or its excluded set).

@@ -41,8 +41,8 @@ use crate::config::{QuicConfig, RpcConfig};
 
 /// ALPN of client QUIC connections.
 pub const CLIENT_ALPN: &[u8] = b"quicpush/1";
-/// ALPN of backend RPC connections.
-pub const RPC_ALPN: &[u8] = b"quicpush-rpc/1";
+/// ALPN of backend RPC connections: the version of the RPC wire format.
+pub const RPC_ALPN: &[u8] = crate::rpc::proto::ALPN;
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
