@@ -778,6 +778,7 @@ impl Registry {
             total: tcp + quic,
             tcp,
             quic,
+            paced: Vec::new(),
         }
     }
 
@@ -980,7 +981,8 @@ mod tests {
             Online {
                 total: 2,
                 tcp: 1,
-                quic: 1
+                quic: 1,
+                paced: Vec::new(),
             }
         );
     }

@@ -320,3 +320,77 @@ async fn calls_that_time_out_or_are_dropped_are_forgotten() {
     client.close().await;
     fake.endpoint.close(0u32.into(), b"");
 }
+
+#[tokio::test]
+async fn a_paced_broadcast_longer_than_the_cap_is_refused() {
+    let s = TestServer::start_with(|c| {
+        c.rpc.paced_max_duration = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let b = s.backend().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(s.client(Via::Tcp, &format!("p{i}")).await);
+    }
+    // 3 channels at 1/s: 3 s, over the 2 s cap
+    match b.broadcast(1000, "slow", 1).await {
+        Err(ClientError::Rpc(e)) => assert_eq!(
+            e,
+            RpcError::PacedTooLong {
+                online: 3,
+                speed: 1,
+                secs: 3,
+                max_secs: 2
+            }
+        ),
+        other => panic!("expected PacedTooLong, got {other:?}"),
+    }
+    // 3 channels at 2/s fit in the cap
+    assert_eq!(b.broadcast(1000, "ok", 2).await.unwrap(), 3);
+    for c in &mut clients {
+        assert_eq!(&next_push(c).await.body[..], b"ok");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn online_reports_a_running_paced_broadcast_and_its_progress() {
+    let s = TestServer::start().await;
+    let b = s.backend().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(s.client(Via::Tcp, &format!("p{i}")).await);
+    }
+    assert!(b.online().await.unwrap().paced.is_empty());
+    b.broadcast(1000, "slow", 1).await.unwrap();
+    // at 1/s the first channel gets it at once, the others a second apart
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let o = b.online().await.unwrap();
+            if let Some(p) = o.paced.first() {
+                if p.delivered >= 1 && p.remaining >= 1 {
+                    return o;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Online never showed the paced broadcast under way");
+    assert_eq!(seen.paced.len(), 1, "{seen:?}");
+    let p = &seen.paced[0];
+    assert_eq!((p.op, p.speed), (1000, 1));
+    assert_eq!(p.delivered + p.remaining, 3, "{p:?}");
+    for c in &mut clients {
+        assert_eq!(&next_push(c).await.body[..], b"slow");
+    }
+    // once done, it is no longer listed
+    tokio::time::timeout(WAIT, async {
+        while !b.online().await.unwrap().paced.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the finished paced broadcast is still listed");
+    s.stop().await;
+}

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// ALPN of backend RPC connections, the version of the wire format in this module.
-pub const ALPN: &[u8] = b"quicpush-rpc/1";
+pub const ALPN: &[u8] = b"quicpush-rpc/2";
 
 /// The result of pushing one message to one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -49,12 +49,30 @@ pub struct Tally {
     pub appended: u64,
 }
 
-/// Connections online, in total and per transport.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Connections online, in total and per transport, and the paced broadcasts
+/// running.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Online {
     pub total: u64,
     pub tcp: u64,
     pub quic: u64,
+    /// Paced broadcasts running on this node, oldest first.
+    pub paced: Vec<PacedProgress>,
+}
+
+/// How far one running paced broadcast has got.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacedProgress {
+    pub op: u32,
+    /// Messages per second, node-wide.
+    pub speed: u32,
+    /// Channels it was queued to so far.
+    pub delivered: u64,
+    /// Channels still to visit, estimated from the online count when it was
+    /// accepted (clients that come and go meanwhile make it approximate).
+    pub remaining: u64,
+    /// Milliseconds since it was accepted.
+    pub elapsed_ms: u64,
 }
 
 /// One message of an `MPushMsgs` call.
@@ -191,6 +209,18 @@ pub enum RpcError {
     /// The server failed to encode its reply.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A paced broadcast at this speed would take longer than
+    /// `rpc.paced_max_duration` over the channels online.
+    #[error(
+        "push arg error: a paced broadcast to {online} channels at {speed}/s takes {secs} s, \
+         over rpc.paced_max_duration of {max_secs} s"
+    )]
+    PacedTooLong {
+        online: u64,
+        speed: u32,
+        secs: u64,
+        max_secs: u64,
+    },
 }
 
 /// What a call returns on the wire.
@@ -228,11 +258,15 @@ mod tests {
 
     /// The version the golden table below is the encoding of. A test fails unless
     /// it is [`ALPN`].
-    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/1";
+    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/2";
 
     /// Every wire version there has been, with the fingerprint of its golden
     /// table. Bumping the version appends a line; an old line never changes.
-    const VERSIONS: &[(&[u8], u64)] = &[(b"quicpush-rpc/1", 0x5754dcb3b6fb3f78)];
+    const VERSIONS: &[(&[u8], u64)] = &[
+        (b"quicpush-rpc/1", 0x5754dcb3b6fb3f78),
+        // Online lists paced broadcasts; RpcError::PacedTooLong
+        (b"quicpush-rpc/2", 0x9bf900913ab95e37),
+    ];
 
     fn b(s: &str) -> Bytes {
         Bytes::copy_from_slice(s.as_bytes())
@@ -353,8 +387,15 @@ mod tests {
                     total: 3,
                     tcp: 1,
                     quic: 2,
+                    paced: vec![PacedProgress {
+                        op: 1000,
+                        speed: 50,
+                        delivered: 7,
+                        remaining: 300,
+                        elapsed_ms: 1500,
+                    }],
                 })),
-                "0006030102",
+                "000603010201fbe8033207fb2c01fbdc05",
             ),
             (Ok(Reply::Kicked(true)), "000701"),
             (Err(RpcError::EmptyKeys), "0100"),
@@ -379,6 +420,15 @@ mod tests {
             (Err(RpcError::ShuttingDown), "0107"),
             (Err(RpcError::Busy("b".into())), "01080162"),
             (Err(RpcError::Internal("i".into())), "01090169"),
+            (
+                Err(RpcError::PacedTooLong {
+                    online: 3000,
+                    speed: 1,
+                    secs: 3000,
+                    max_secs: 600,
+                }),
+                "010afbb80b01fbb80bfb5802",
+            ),
         ]
     }
 
@@ -421,9 +471,10 @@ mod tests {
             Err(RpcError::ShuttingDown) => 15,
             Err(RpcError::Busy(_)) => 16,
             Err(RpcError::Internal(_)) => 17,
+            Err(RpcError::PacedTooLong { .. }) => 18,
         }
     }
-    const RESPONSE_VARIANTS: usize = 18;
+    const RESPONSE_VARIANTS: usize = 19;
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
