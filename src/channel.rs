@@ -66,22 +66,7 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// The result of pushing one message to one channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum PushOutcome {
-    /// Queued for the client's writer.
-    Delivered,
-    /// No channel with that key (or it is closing).
-    Offline,
-    /// The client's queue is full; this message was not queued.
-    QueueFull,
-    /// The client's accepts list does not hold the op.
-    Filtered,
-    /// Not queued to a live connection, but kept in history: a client that resumes
-    /// gets it (the key is offline with live history, or its resume-capable
-    /// connection is closing or was closed to catch up).
-    Stored,
-}
+pub use crate::rpc::proto::PushOutcome;
 
 /// A channel's bounded outbound queue: the bytes its writer will send next.
 ///

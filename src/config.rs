@@ -178,7 +178,7 @@ impl Default for QuicConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
-    /// UDP addresses for backends (ALPN `quicpush-rpc/1`, mutual TLS); one accept task each.
+    /// UDP addresses for backends (ALPN `quicpush-rpc/2`, mutual TLS); one accept task each.
     pub bind: Vec<SocketAddr>,
     /// Largest request accepted; a larger one gets an error reply.
     pub max_request_bytes: usize,
@@ -189,6 +189,10 @@ pub struct RpcConfig {
     /// A backend connection with no packets for this long is dropped.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Longest a paced broadcast may run: one whose speed would take longer over
+    /// the channels online is refused, and one still running this long is stopped.
+    #[serde(with = "humantime_serde")]
+    pub paced_max_duration: Duration,
 }
 
 impl Default for RpcConfig {
@@ -199,6 +203,7 @@ impl Default for RpcConfig {
             max_keys: 100_000,
             max_streams: 64,
             idle_timeout: Duration::from_secs(60),
+            paced_max_duration: Duration::from_secs(600),
         }
     }
 }
@@ -491,6 +496,11 @@ impl Config {
         if r.max_streams == 0 {
             return Err(invalid("rpc.max_streams", "must be at least 1"));
         }
+        if r.paced_max_duration < Duration::from_secs(1)
+            || r.paced_max_duration > Duration::from_secs(24 * 3600)
+        {
+            return Err(invalid("rpc.paced_max_duration", "must be within 1s..=24h"));
+        }
         let b = self.registry.buckets;
         if b == 0 || !b.is_power_of_two() || b > 65536 {
             return Err(invalid(
@@ -665,6 +675,14 @@ mod tests {
             ("[rpc]\nmax_streams = 0\n", "rpc.max_streams"),
             ("[rpc]\nidle_timeout = \"0s\"\n", "rpc.idle_timeout"),
             ("[rpc]\nidle_timeout = \"2h\"\n", "rpc.idle_timeout"),
+            (
+                "[rpc]\npaced_max_duration = \"500ms\"\n",
+                "rpc.paced_max_duration",
+            ),
+            (
+                "[rpc]\npaced_max_duration = \"2d\"\n",
+                "rpc.paced_max_duration",
+            ),
             ("[registry]\nbuckets = 0\n", "registry.buckets"),
             ("[registry]\nbuckets = 12\n", "registry.buckets"),
             ("[registry]\nbuckets = 131072\n", "registry.buckets"),

@@ -314,6 +314,12 @@ async fn run(cli: Cli) -> Result<()> {
             let client = connect(&remote).await?;
             let o = client.online().await?;
             println!("total={} tcp={} quic={}", o.total, o.tcp, o.quic);
+            for p in &o.paced {
+                println!(
+                    "paced broadcast op={} speed={}/s delivered={} remaining={} elapsed={}ms",
+                    p.op, p.speed, p.delivered, p.remaining, p.elapsed_ms
+                );
+            }
             client.close().await;
             Ok(())
         }

@@ -6,7 +6,8 @@
 //! the shutdown future resolves, then:
 //! 1. stops every accept loop;
 //! 2. closes every client channel: each writer drains its queue, sends
-//!    DisconnectReply and finishes its stream;
+//!    DisconnectReply and finishes its stream; cancels the paced broadcasts and
+//!    waits for their tasks to end, at most `shutdown.grace`;
 //! 3. waits for the sessions, at most `shutdown.grace`;
 //! 4. closes the QUIC endpoints with code 1 and waits for them to go idle, at most
 //!    `shutdown.grace` again.
@@ -247,9 +248,15 @@ impl Server {
             shutdown: stop.clone(),
         });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let broadcaster = Broadcaster::start(
+            registry.clone(),
+            workers,
+            config.rpc.paced_max_duration,
+            stop.clone(),
+        );
         let dispatcher = Arc::new(Dispatcher {
             registry: registry.clone(),
-            broadcaster: Broadcaster::start(registry.clone(), workers),
+            broadcaster: broadcaster.clone(),
             limits: RpcLimits {
                 max_body: c.max_body,
                 max_keys: config.rpc.max_keys,
@@ -288,7 +295,7 @@ impl Server {
         }
         for e in &rpc {
             if let Ok(addr) = e.local_addr() {
-                info!(%addr, alpn = "quicpush-rpc/1", "backend RPC listening (mutual TLS)");
+                info!(%addr, alpn = %String::from_utf8_lossy(tls::RPC_ALPN), "backend RPC listening (mutual TLS)");
             }
             backends.spawn(crate::rpc::server::serve(
                 e.clone(),
@@ -312,6 +319,17 @@ impl Server {
         );
         stop.cancel();
         let closing = registry.close_all(CloseReason::Shutdown);
+        // Paced broadcasts were cancelled with `stop`: their recipients are closing.
+        if tokio::time::timeout(grace, broadcaster.paced_stopped())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = broadcaster.paced_running(),
+                "grace period over: some paced broadcasts did not stop"
+            );
+        }
+        drop(broadcaster);
         sessions.close();
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             warn!(

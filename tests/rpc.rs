@@ -227,3 +227,170 @@ async fn a_full_queue_is_reported_and_the_rest_of_the_push_carries_on() {
     assert_eq!(&next_push(&mut active).await.body[..], b"after");
     s.stop().await;
 }
+
+/// An RPC endpoint with the server's mutual TLS that answers the client's connect
+/// Ping and nothing else: every other call is read and never answered.
+struct SilentServer {
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+    endpoint: quinn::Endpoint,
+}
+
+impl SilentServer {
+    fn start() -> SilentServer {
+        let dir = tempfile::tempdir().unwrap();
+        quicpush::certs::generate(dir.path(), &[]).unwrap();
+        let config =
+            tls::rpc_server_config(dir.path(), &quicpush::config::RpcConfig::default()).unwrap();
+        let endpoint = quinn::Endpoint::server(config, local()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let e = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = e.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(answer_pings_only(send, recv));
+                    }
+                });
+            }
+        });
+        SilentServer {
+            addr,
+            dir,
+            endpoint,
+        }
+    }
+}
+
+async fn answer_pings_only(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = BytesMut::new();
+    while let Ok(n) = recv.read_buf(&mut buf).await {
+        if n == 0 {
+            return;
+        }
+        while let Ok(Some((id, len))) = quicpush::codec::peek_prefix(&buf) {
+            let total = quicpush::codec::PREFIX_LEN + len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let msg = buf.split_to(total);
+            let req: Request =
+                quicpush::codec::decode_payload(&msg[quicpush::codec::PREFIX_LEN..]).unwrap();
+            if req == Request::Ping {
+                let mut out = BytesMut::new();
+                let pong: Response = Ok(quicpush::rpc::Reply::Pong);
+                quicpush::codec::write_message(&mut out, id, &pong).unwrap();
+                send.write_all(&out).await.unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn calls_that_time_out_or_are_dropped_are_forgotten() {
+    let fake = SilentServer::start();
+    let mut client = Client::connect(
+        fake.addr,
+        "localhost",
+        &BackendIdentity::from_dir(fake.dir.path()),
+    )
+    .await
+    .unwrap();
+    let short = std::time::Duration::from_millis(20);
+    client.set_call_timeout(short);
+    for _ in 0..50 {
+        let r = client.push_msg("k", 1000, "x").await;
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+    }
+    let many = (0..500).map(|_| client.push_msg("k", 1000, "x"));
+    for r in futures_util::future::join_all(many).await {
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+    }
+    // callers that give up before the client's own timeout: the call future is dropped
+    client.set_call_timeout(std::time::Duration::from_secs(30));
+    let many = (0..200).map(|_| tokio::time::timeout(short, client.push_msg("k", 1000, "x")));
+    for r in futures_util::future::join_all(many).await {
+        assert!(r.is_err(), "{r:?}");
+    }
+    // the connection still works for calls that are answered
+    client.ping().await.unwrap();
+    assert_eq!(client.pending_calls(), 0);
+    client.close().await;
+    fake.endpoint.close(0u32.into(), b"");
+}
+
+#[tokio::test]
+async fn a_paced_broadcast_longer_than_the_cap_is_refused() {
+    let s = TestServer::start_with(|c| {
+        c.rpc.paced_max_duration = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let b = s.backend().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(s.client(Via::Tcp, &format!("p{i}")).await);
+    }
+    // 3 channels at 1/s: 3 s, over the 2 s cap
+    match b.broadcast(1000, "slow", 1).await {
+        Err(ClientError::Rpc(e)) => assert_eq!(
+            e,
+            RpcError::PacedTooLong {
+                online: 3,
+                speed: 1,
+                secs: 3,
+                max_secs: 2
+            }
+        ),
+        other => panic!("expected PacedTooLong, got {other:?}"),
+    }
+    // 3 channels at 2/s fit in the cap
+    assert_eq!(b.broadcast(1000, "ok", 2).await.unwrap(), 3);
+    for c in &mut clients {
+        assert_eq!(&next_push(c).await.body[..], b"ok");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn online_reports_a_running_paced_broadcast_and_its_progress() {
+    let s = TestServer::start().await;
+    let b = s.backend().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(s.client(Via::Tcp, &format!("p{i}")).await);
+    }
+    assert!(b.online().await.unwrap().paced.is_empty());
+    b.broadcast(1000, "slow", 1).await.unwrap();
+    // at 1/s the first channel gets it at once, the others a second apart
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let o = b.online().await.unwrap();
+            if let Some(p) = o.paced.first() {
+                if p.delivered >= 1 && p.remaining >= 1 {
+                    return o;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("Online never showed the paced broadcast under way");
+    assert_eq!(seen.paced.len(), 1, "{seen:?}");
+    let p = &seen.paced[0];
+    assert_eq!((p.op, p.speed), (1000, 1));
+    assert_eq!(p.delivered + p.remaining, 3, "{p:?}");
+    for c in &mut clients {
+        assert_eq!(&next_push(c).await.body[..], b"slow");
+    }
+    // once done, it is no longer listed
+    tokio::time::timeout(WAIT, async {
+        while !b.online().await.unwrap().paced.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the finished paced broadcast is still listed");
+    s.stop().await;
+}

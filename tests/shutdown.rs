@@ -36,6 +36,43 @@ async fn in_process_shutdown_sends_disconnect_reply_after_queued_pushes() {
     assert_eq!(reg.online().total, 0);
 }
 
+#[tokio::test]
+async fn shutdown_stops_a_running_paced_broadcast_within_the_grace() {
+    let grace = Duration::from_secs(5);
+    let s = TestServer::start_with(|c| c.shutdown.grace = grace).await;
+    let backend = s.backend().await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(s.client(Via::Tcp, &format!("paced-{i}")).await);
+    }
+    // 10 channels at 1/s: runs for about 10 s, longer than the grace
+    backend.broadcast(1000, "slow", 1).await.unwrap();
+    let mut first = None;
+    for (i, c) in clients.iter_mut().enumerate() {
+        if let Ok(f) = tokio::time::timeout(Duration::from_millis(100), next_push(c)).await {
+            first = Some((i, f));
+            break;
+        }
+    }
+    assert!(first.is_some(), "the paced broadcast never started");
+    let reg = s.registry.clone();
+    let started = std::time::Instant::now();
+    s.stop().await;
+    assert!(
+        started.elapsed() < grace,
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    // the paced task is gone: nothing but this test holds the registry any more
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while std::sync::Arc::strong_count(&reg) > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a task still holds the registry after shutdown: the paced broadcast runs on");
+}
+
 use quicpush::bench::process::listening_addr;
 
 #[tokio::test]

@@ -14,29 +14,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use indexmap::IndexSet;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use slab::Slab;
 
-use crate::channel::{Channel, CloseReason, PushOutcome, Transport};
+use crate::channel::{Channel, CloseReason, Transport};
 use crate::history::{History, SourceState, StreamRef};
 use crate::protocol::{PushMeta, Source};
 use crate::resume::{Positions, ResumeReply};
+use crate::rpc::proto::PushOutcome;
+pub use crate::rpc::proto::{Online, Tally};
 
 mod filter;
 
 pub use filter::{FilterFull, OpFilter, OpList, OpListError, MAX_FILTER_OPS};
-
-/// How many channels a push reached, by outcome.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Tally {
-    pub delivered: u64,
-    pub queue_full: u64,
-    pub filtered: u64,
-    /// Connections that did not take it live but get it when they resume.
-    pub stored: u64,
-    /// History streams the push was appended to (one per user id, one for a room).
-    pub appended: u64,
-}
 
 impl Tally {
     #[inline]
@@ -59,14 +48,6 @@ impl AddAssign for Tally {
         self.stored += o.stored;
         self.appended += o.appended;
     }
-}
-
-/// Connections online, in total and per transport.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Online {
-    pub total: u64,
-    pub tcp: u64,
-    pub quic: u64,
 }
 
 /// Joining a new room would make more rooms than the registry's limit.
@@ -720,6 +701,7 @@ impl Registry {
             total: tcp + quic,
             tcp,
             quic,
+            paced: Vec::new(),
         }
     }
 
@@ -909,7 +891,8 @@ mod tests {
             Online {
                 total: 2,
                 tcp: 1,
-                quic: 1
+                quic: 1,
+                paced: Vec::new(),
             }
         );
     }

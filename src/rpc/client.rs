@@ -88,6 +88,8 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     streams: Vec<mpsc::Sender<Call>>,
+    /// Per stream, the calls written and not yet answered.
+    pending: Vec<Pending>,
     next_stream: AtomicUsize,
     next_id: AtomicU64,
     addr: SocketAddr,
@@ -139,19 +141,23 @@ impl Client {
             })?
             .map_err(|source| ClientError::Connection { addr, source })?;
         let mut streams = Vec::with_capacity(STREAMS);
+        let mut pending = Vec::with_capacity(STREAMS);
         for _ in 0..STREAMS {
             let (send, recv) = conn
                 .open_bi()
                 .await
                 .map_err(|source| ClientError::Connection { addr, source })?;
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(run_stream(send, recv, rx, conn.clone(), addr));
+            let p = Pending::default();
+            tokio::spawn(run_stream(send, recv, rx, p.clone(), conn.clone(), addr));
             streams.push(tx);
+            pending.push(p);
         }
         let client = Client {
             endpoint,
             conn,
             streams,
+            pending,
             next_stream: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             addr,
@@ -168,6 +174,12 @@ impl Client {
         self.call_timeout = timeout;
     }
 
+    /// Calls sent and still waiting for their reply, over every stream.
+    #[doc(hidden)]
+    pub fn pending_calls(&self) -> usize {
+        self.pending.iter().map(|p| p.lock().len()).sum()
+    }
+
     /// The server's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.addr
@@ -180,6 +192,13 @@ impl Client {
         codec::write_message(&mut message, id, req)?;
         let (tx, rx) = oneshot::channel();
         let i = self.next_stream.fetch_add(1, Ordering::Relaxed) % self.streams.len();
+        // From here on, however the call ends (reply, timeout, or the caller
+        // dropping this future), its entry leaves the stream's pending map.
+        let mut waiting = Waiting {
+            rx,
+            pending: &self.pending[i],
+            id,
+        };
         let call = Call {
             message,
             id,
@@ -188,7 +207,7 @@ impl Client {
         if self.streams[i].send(call).await.is_err() {
             return Err(self.lost());
         }
-        match tokio::time::timeout(self.call_timeout, rx).await {
+        match tokio::time::timeout(self.call_timeout, &mut waiting.rx).await {
             Ok(Ok(r)) => Ok(r??),
             Ok(Err(_)) => Err(self.lost()),
             Err(_) => Err(ClientError::Timeout(self.call_timeout)),
@@ -360,6 +379,23 @@ impl Client {
 type Pending =
     Arc<parking_lot::Mutex<HashMap<u64, oneshot::Sender<Result<Response, ClientError>>>>>;
 
+/// A caller waiting for its reply. Dropped, it closes the receiver and then takes
+/// the call out of the pending map: a reply that comes later is discarded, and a
+/// call still queued for the writer is never written (the writer sees the receiver
+/// closed under the same lock), so no entry outlives its caller.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<Result<Response, ClientError>>,
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        self.pending.lock().remove(&self.id);
+    }
+}
+
 /// One stream: a writer task sends queued calls, a reader task hands each reply to
 /// its caller. Separate tasks, so a large burst of calls never stops replies from
 /// being read.
@@ -367,10 +403,10 @@ async fn run_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut calls: mpsc::Receiver<Call>,
+    pending: Pending,
     conn: quinn::Connection,
     addr: SocketAddr,
 ) {
-    let pending: Pending = Arc::default();
     let reader_pending = pending.clone();
     let mut reader = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -419,9 +455,16 @@ async fn run_stream(
                 {
                     let mut p = pending.lock();
                     for call in batch.drain(..) {
+                        // Its caller gave up while it was queued: nothing to send.
+                        if call.reply.is_closed() {
+                            continue;
+                        }
                         out.extend_from_slice(&call.message);
                         p.insert(call.id, call.reply);
                     }
+                }
+                if out.is_empty() {
+                    continue;
                 }
                 if let Err(e) = send.write_all(&out).await {
                     reader.abort();

@@ -129,7 +129,11 @@ impl Dispatcher {
                     .map(|(room, online)| RoomCount { room, online })
                     .collect(),
             )),
-            Request::Online => Ok(Reply::Online(r.online())),
+            Request::Online => {
+                let mut online = r.online();
+                online.paced = self.broadcaster.paced_progress();
+                Ok(Reply::Online(online))
+            }
             Request::Kick { key } => {
                 self.check_keys(std::iter::once(key.as_str()))?;
                 Ok(Reply::Kicked(r.kick(&key)))

@@ -1,6 +1,7 @@
 //! The backend API over QUIC with mutual TLS.
 //!
-//! - [`proto`]: the request, reply and error types (serde; encoded by [`crate::codec`]).
+//! - [`proto`]: every type on the wire (request, reply, error and the values they
+//!   carry; serde, encoded by [`crate::codec`]) and the ALPN that versions them.
 //! - [`dispatch`]: validates a request and carries it out against the registry.
 //! - [`broadcast`]: the ordered, bounded workers that fan a Broadcast out over buckets.
 //! - [`server`]: accepts backend connections and serves calls on their streams.

@@ -1,10 +1,79 @@
-//! Requests, replies and errors of the backend RPC.
+//! Requests, replies and errors of the backend RPC: every type that crosses the
+//! wire, and the protocol version they make up.
+//!
+//! # Changing a wire type means bumping [`ALPN`]
+//!
+//! The payload of a call is the bincode encoding of these types ([`crate::codec`]),
+//! and bincode is positional: an enum variant is its index, a struct is its fields
+//! in declaration order, with no names and no tags. Adding, removing or reordering a
+//! variant or a field, or changing a field's type, silently changes what every
+//! deployed backend sends or expects. Any such change must therefore bump [`ALPN`]
+//! (`quicpush-rpc/N` to `N+1`), so that old and new peers refuse each other at the
+//! handshake instead of misreading each other. The golden tests at the end of this
+//! file pin the bytes of every `Request`, `Reply` and `RpcError` variant for the
+//! current version: a wire change fails them, and they only pass again once the
+//! golden table is regenerated under a new version with the ALPN bumped to match.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use crate::channel::PushOutcome;
-pub use crate::registry::{Online, Tally};
+/// ALPN of backend RPC connections, the version of the wire format in this module.
+pub const ALPN: &[u8] = b"quicpush-rpc/2";
+
+/// The result of pushing one message to one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PushOutcome {
+    /// Queued for the client's writer.
+    Delivered,
+    /// No channel with that key (or it is closing).
+    Offline,
+    /// The client's queue is full; this message was not queued.
+    QueueFull,
+    /// The client's accepts list does not hold the op.
+    Filtered,
+    /// Not queued to a live connection, but kept in history: a client that resumes
+    /// gets it (the key is offline with live history, or its resume-capable
+    /// connection is closing or was closed to catch up).
+    Stored,
+}
+
+/// How many channels a push reached, by outcome.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub delivered: u64,
+    pub queue_full: u64,
+    pub filtered: u64,
+    /// Connections that did not take it live but get it when they resume.
+    pub stored: u64,
+    /// History streams the push was appended to (one per user id, one for a room).
+    pub appended: u64,
+}
+
+/// Connections online, in total and per transport, and the paced broadcasts
+/// running.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Online {
+    pub total: u64,
+    pub tcp: u64,
+    pub quic: u64,
+    /// Paced broadcasts running on this node, oldest first.
+    pub paced: Vec<PacedProgress>,
+}
+
+/// How far one running paced broadcast has got.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacedProgress {
+    pub op: u32,
+    /// Messages per second, node-wide.
+    pub speed: u32,
+    /// Channels it was queued to so far.
+    pub delivered: u64,
+    /// Channels still to visit, estimated from the online count when it was
+    /// accepted (clients that come and go meanwhile make it approximate).
+    pub remaining: u64,
+    /// Milliseconds since it was accepted.
+    pub elapsed_ms: u64,
+}
 
 /// One message of an `MPushMsgs` call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +209,363 @@ pub enum RpcError {
     /// The server failed to encode its reply.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A paced broadcast at this speed would take longer than
+    /// `rpc.paced_max_duration` over the channels online.
+    #[error(
+        "push arg error: a paced broadcast to {online} channels at {speed}/s takes {secs} s, \
+         over rpc.paced_max_duration of {max_secs} s"
+    )]
+    PacedTooLong {
+        online: u64,
+        speed: u32,
+        secs: u64,
+        max_secs: u64,
+    },
 }
 
 /// What a call returns on the wire.
 pub type Response = Result<Reply, RpcError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    /// Every type that is part of a request or a reply is defined in this module,
+    /// so a change to one is a change to this file.
+    #[test]
+    fn every_wire_type_is_defined_in_proto() {
+        fn at<T>() -> &'static str {
+            std::any::type_name::<T>()
+        }
+        for name in [
+            at::<Request>(),
+            at::<PushItem>(),
+            at::<Reply>(),
+            at::<MultiOutcome>(),
+            at::<RoomCount>(),
+            at::<RpcError>(),
+            at::<PushOutcome>(),
+            at::<Tally>(),
+            at::<Online>(),
+        ] {
+            assert!(
+                name.starts_with("quicpush::rpc::proto::"),
+                "{name} is on the wire but defined outside rpc::proto"
+            );
+        }
+    }
+
+    /// The version the golden table below is the encoding of. A test fails unless
+    /// it is [`ALPN`].
+    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/2";
+
+    /// Every wire version there has been, with the fingerprint of its golden
+    /// table. Bumping the version appends a line; an old line never changes.
+    const VERSIONS: &[(&[u8], u64)] = &[
+        (b"quicpush-rpc/1", 0x5754dcb3b6fb3f78),
+        // Online lists paced broadcasts; RpcError::PacedTooLong
+        (b"quicpush-rpc/2", 0x9bf900913ab95e37),
+    ];
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    /// One fixed value of every request variant, with its payload bytes in hex.
+    fn golden_requests() -> Vec<(Request, &'static str)> {
+        vec![
+            (Request::Ping, "00"),
+            (
+                Request::PushMsg {
+                    key: "k1".into(),
+                    op: 1000,
+                    body: b("hi"),
+                },
+                "01026b31fbe803026869",
+            ),
+            (
+                Request::MPushMsg {
+                    keys: vec!["a".into(), "bc".into()],
+                    op: 1001,
+                    body: b("xyz"),
+                },
+                "02020161026263fbe9030378797a",
+            ),
+            (
+                Request::MPushMsgs {
+                    msgs: vec![
+                        PushItem {
+                            key: "a".into(),
+                            op: 7,
+                            body: b("1"),
+                        },
+                        PushItem {
+                            key: "b".into(),
+                            op: 70_000,
+                            body: b(""),
+                        },
+                    ],
+                },
+                "030201610701310162fc7011010000",
+            ),
+            (
+                Request::PushUser {
+                    mids: vec![1, -2, 300],
+                    op: 1000,
+                    body: b("u"),
+                },
+                "04030203fb5802fbe8030175",
+            ),
+            (
+                Request::Broadcast {
+                    op: 1000,
+                    body: b("all"),
+                    speed: 500,
+                },
+                "05fbe80303616c6cfbf401",
+            ),
+            (
+                Request::BroadcastRoom {
+                    room: "live://1".into(),
+                    op: 1000,
+                    body: b("r"),
+                },
+                "06086c6976653a2f2f31fbe8030172",
+            ),
+            (Request::Rooms, "07"),
+            (Request::Online, "08"),
+            (Request::Kick { key: "k1".into() }, "09026b31"),
+        ]
+    }
+
+    /// One fixed value of every reply and every error variant, as the response
+    /// (`Result<Reply, RpcError>`) that carries it, with its payload bytes in hex.
+    fn golden_responses() -> Vec<(Response, &'static str)> {
+        vec![
+            (Ok(Reply::Pong), "0000"),
+            (Ok(Reply::Pushed(PushOutcome::Stored)), "000104"),
+            (
+                Ok(Reply::Multi(MultiOutcome {
+                    outcomes: vec![
+                        PushOutcome::Delivered,
+                        PushOutcome::Offline,
+                        PushOutcome::QueueFull,
+                        PushOutcome::Filtered,
+                        PushOutcome::Stored,
+                    ],
+                    index: 0,
+                })),
+                "000205000102030400",
+            ),
+            (
+                Ok(Reply::Tally(Tally {
+                    delivered: 1,
+                    queue_full: 2,
+                    filtered: 3,
+                    stored: 4,
+                    appended: 300,
+                })),
+                "000301020304fb2c01",
+            ),
+            (Ok(Reply::BroadcastAccepted { online: 12 }), "00040c"),
+            (
+                Ok(Reply::Rooms(vec![
+                    RoomCount {
+                        room: "a".into(),
+                        online: 1,
+                    },
+                    RoomCount {
+                        room: "b".into(),
+                        online: 2,
+                    },
+                ])),
+                "000502016101016202",
+            ),
+            (
+                Ok(Reply::Online(Online {
+                    total: 3,
+                    tcp: 1,
+                    quic: 2,
+                    paced: vec![PacedProgress {
+                        op: 1000,
+                        speed: 50,
+                        delivered: 7,
+                        remaining: 300,
+                        elapsed_ms: 1500,
+                    }],
+                })),
+                "000603010201fbe8033207fb2c01fbdc05",
+            ),
+            (Ok(Reply::Kicked(true)), "000701"),
+            (Err(RpcError::EmptyKeys), "0100"),
+            (Err(RpcError::EmptyMids), "0101"),
+            (Err(RpcError::EmptyRoom), "0102"),
+            (
+                Err(RpcError::BodyTooLarge {
+                    len: 5000,
+                    max: 4096,
+                }),
+                "0103fb8813fb0010",
+            ),
+            (Err(RpcError::TooManyKeys { len: 11, max: 10 }), "01040b0a"),
+            (
+                Err(RpcError::RequestTooLarge {
+                    len: 1 << 32,
+                    max: 4 << 20,
+                }),
+                "0105fd0000000001000000fc00004000",
+            ),
+            (Err(RpcError::Malformed("m".into())), "0106016d"),
+            (Err(RpcError::ShuttingDown), "0107"),
+            (Err(RpcError::Busy("b".into())), "01080162"),
+            (Err(RpcError::Internal("i".into())), "01090169"),
+            (
+                Err(RpcError::PacedTooLong {
+                    online: 3000,
+                    speed: 1,
+                    secs: 3000,
+                    max_secs: 600,
+                }),
+                "010afbb80b01fbb80bfb5802",
+            ),
+        ]
+    }
+
+    /// Which variant a request is; no wildcard, so a new variant does not compile
+    /// until it is listed here and given a golden value.
+    fn request_variant(r: &Request) -> usize {
+        match r {
+            Request::Ping => 0,
+            Request::PushMsg { .. } => 1,
+            Request::MPushMsg { .. } => 2,
+            Request::MPushMsgs { .. } => 3,
+            Request::PushUser { .. } => 4,
+            Request::Broadcast { .. } => 5,
+            Request::BroadcastRoom { .. } => 6,
+            Request::Rooms => 7,
+            Request::Online => 8,
+            Request::Kick { .. } => 9,
+        }
+    }
+    const REQUEST_VARIANTS: usize = 10;
+
+    /// Which reply or error variant a response is, as for [`request_variant`].
+    fn response_variant(r: &Response) -> usize {
+        match r {
+            Ok(Reply::Pong) => 0,
+            Ok(Reply::Pushed(_)) => 1,
+            Ok(Reply::Multi(_)) => 2,
+            Ok(Reply::Tally(_)) => 3,
+            Ok(Reply::BroadcastAccepted { .. }) => 4,
+            Ok(Reply::Rooms(_)) => 5,
+            Ok(Reply::Online(_)) => 6,
+            Ok(Reply::Kicked(_)) => 7,
+            Err(RpcError::EmptyKeys) => 8,
+            Err(RpcError::EmptyMids) => 9,
+            Err(RpcError::EmptyRoom) => 10,
+            Err(RpcError::BodyTooLarge { .. }) => 11,
+            Err(RpcError::TooManyKeys { .. }) => 12,
+            Err(RpcError::RequestTooLarge { .. }) => 13,
+            Err(RpcError::Malformed(_)) => 14,
+            Err(RpcError::ShuttingDown) => 15,
+            Err(RpcError::Busy(_)) => 16,
+            Err(RpcError::Internal(_)) => 17,
+            Err(RpcError::PacedTooLong { .. }) => 18,
+        }
+    }
+    const RESPONSE_VARIANTS: usize = 19;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The payload the project's codec puts on the wire for `value`.
+    fn payload<T: Serialize>(value: &T) -> Vec<u8> {
+        let mut buf = bytes::BytesMut::new();
+        codec::write_message(&mut buf, 0, value).expect("encodes");
+        buf[codec::PREFIX_LEN..].to_vec()
+    }
+
+    /// Checks every golden value encodes to its bytes and decodes back.
+    fn check<T>(table: &[(T, &str)])
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let mut wrong = Vec::new();
+        for (value, want) in table {
+            let got = hex(&payload(value));
+            if got != *want {
+                wrong.push(format!("{value:?}\n  golden {want:?}\n  now    {got:?}"));
+                continue;
+            }
+            let back: T = codec::decode_payload(&payload(value)).expect("decodes");
+            assert_eq!(&back, value);
+        }
+        assert!(
+            wrong.is_empty(),
+            "the wire encoding changed: bump ALPN and regenerate the golden table\n{}",
+            wrong.join("\n")
+        );
+    }
+
+    #[test]
+    fn every_request_variant_has_its_golden_bytes() {
+        let table = golden_requests();
+        let mut seen: Vec<usize> = table.iter().map(|(r, _)| request_variant(r)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..REQUEST_VARIANTS).collect::<Vec<_>>());
+        check(&table);
+    }
+
+    #[test]
+    fn every_reply_and_error_variant_has_its_golden_bytes() {
+        let table = golden_responses();
+        let mut seen: Vec<usize> = table.iter().map(|(r, _)| response_variant(r)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..RESPONSE_VARIANTS).collect::<Vec<_>>());
+        check(&table);
+    }
+
+    /// FNV-1a over every golden byte string, in table order.
+    fn fingerprint() -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let hexes = golden_requests()
+            .into_iter()
+            .map(|(_, h)| h)
+            .chain(golden_responses().into_iter().map(|(_, h)| h));
+        for s in hexes {
+            for byte in s.bytes().chain(std::iter::once(b'|')) {
+                h ^= u64::from(byte);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        h
+    }
+
+    /// The golden table belongs to one wire version: it is the version the server
+    /// speaks, and a table whose bytes changed must come with a new version.
+    #[test]
+    fn golden_table_is_the_current_alpn_version() {
+        assert_eq!(
+            GOLDEN_ALPN, ALPN,
+            "the golden table is for another version than the ALPN"
+        );
+        assert_eq!(crate::tls::RPC_ALPN, ALPN);
+        let (last, print) = VERSIONS.last().expect("at least one version");
+        assert_eq!(*last, ALPN, "VERSIONS must end with the current ALPN");
+        for (i, (v, f)) in VERSIONS.iter().enumerate() {
+            for (w, g) in &VERSIONS[i + 1..] {
+                assert_ne!(v, w, "a version listed twice");
+                assert_ne!(f, g, "two versions with the same bytes");
+            }
+        }
+        assert_eq!(
+            *print,
+            fingerprint(),
+            "the golden bytes changed under the same version: bump ALPN and append \
+             the new version with this fingerprint to VERSIONS ({:#x})",
+            fingerprint()
+        );
+    }
+}
