@@ -68,15 +68,21 @@
 //! - [`tls`]: rustls/quinn configurations built from `certs/` (ring provider only).
 //! - [`auth`]: the Auth frame's token: HS256 JWT or goim's open JSON, plus the
 //!   optional resume request.
-//! - [`channel`]: one connected client as the registry sees it: key, bounded outbound
-//!   queue (stamping seq and, when negotiated, the resume extension) and a close signal.
+//! - [`channel`]: one connected client as the registry sees it: key, outbound queue
+//!   bounded in frames and in bytes (replies included; stamping seq and, when
+//!   negotiated, the resume extension), the slow-consumer lag, and a close signal.
 //! - [`registry`]: the sharded buckets: key → channel, room → members, user id → keys;
-//!   every push fans out from here, appending to history first.
+//!   every push fans out from here, appending to history first. `registry::filter`
+//!   holds a client's op filter: Sub/Unsub lists are parsed, capped and sorted
+//!   before the bucket's lock, and merged in one linear pass under it.
 //! - [`session`]: the one reader/writer loop for a client, generic over
 //!   `AsyncRead`/`AsyncWrite`, shared by every transport; it runs the recovery.
-//! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session.
-//! - [`rpc`]: the backend API: request/reply types, the QUIC server and the client
-//!   library backends use.
+//! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session;
+//!   QUIC counts a connection (global and per-IP permits) only once its address is
+//!   validated, answering with Retry past `quic.retry_threshold` unvalidated handshakes.
+//! - [`rpc`]: the backend API: every wire type in `rpc::proto` (pinned by golden
+//!   bytes; a change bumps the ALPN `quicpush-rpc/N`), the QUIC server, broadcast
+//!   workers and tracked paced broadcasts, and the client library backends use.
 //! - [`client`]: a goim client over TCP or QUIC, for examples, tests and load tools;
 //!   it keeps its last offsets and resumes.
 //! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):

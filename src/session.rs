@@ -72,7 +72,7 @@ const LINGER: Duration = Duration::from_secs(1);
 /// The write half of a client connection.
 pub trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
     /// Whether the session reads and discards input for a moment after the server
-    /// closed it (see [`LINGER`]).
+    /// closed it (see `LINGER`).
     const LINGER: bool = false;
 
     /// Ends the stream gracefully once everything written was sent.

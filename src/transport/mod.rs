@@ -7,7 +7,7 @@
 //! validated (see [`quic`]).
 //!
 //! Refusals are logged at warn, at most once a second per reason, with the number
-//! of refusals left out since the last line ([`refused`]): a flood of refused
+//! of refusals left out since the last line (`refused`): a flood of refused
 //! connections costs a line a second, not a line each.
 
 pub mod quic;
