@@ -16,6 +16,8 @@ use quicpush::transport::ConnLimits;
 use quicpush::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
+pub mod process;
+
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub struct TestServer {
