@@ -114,6 +114,9 @@ impl Default for ClientConfig {
     }
 }
 
+/// Most unvalidated QUIC handshakes `quic.retry_threshold` may allow.
+pub const MAX_RETRY_THRESHOLD: usize = 100_000;
+
 /// Most bytes `client.queue_bytes` may allow one client.
 pub const MAX_QUEUE_BYTES: usize = 1 << 30;
 
@@ -147,8 +150,10 @@ pub struct QuicConfig {
     /// Handshakes from addresses not yet validated that may be in progress at
     /// once (they hold no connection permit); beyond, each new one is answered
     /// with a Retry, which costs its client one round trip and a forger its
-    /// handshake. 0: every address is validated with a Retry. At most
-    /// `client.max_connections`.
+    /// handshake. 0: every address is validated with a Retry. At most 100,000.
+    /// The default, 1,024, is above what a burst of real clients reaches (a
+    /// handshake takes one round trip), so only a flood of Initials that never
+    /// finish makes the server ask for Retries.
     pub retry_threshold: usize,
 }
 
@@ -169,7 +174,7 @@ impl Default for QuicConfig {
             // A burst of this many new clients costs no extra round trip; a flood
             // of forged Initials holds at most this many handshakes (for
             // client.handshake_timeout each) and gets Retries beyond.
-            retry_threshold: 64,
+            retry_threshold: 1024,
         }
     }
 }
@@ -470,10 +475,13 @@ impl Config {
                 ),
             ));
         }
-        if q.retry_threshold > c.max_connections {
+        if q.retry_threshold > MAX_RETRY_THRESHOLD {
             return Err(invalid(
                 "quic.retry_threshold",
-                "must be at most client.max_connections",
+                format!(
+                    "{} is over {MAX_RETRY_THRESHOLD} unvalidated handshakes",
+                    q.retry_threshold
+                ),
             ));
         }
         let r = &self.rpc;
@@ -661,10 +669,7 @@ mod tests {
             ("[quic]\nsend_window = 1\n", "quic.send_window"),
             ("[quic]\nsession_cache = 0\n", "quic.session_cache"),
             ("[quic]\nsession_cache = 10000001\n", "quic.session_cache"),
-            (
-                "[client]\nmax_connections = 10\n[quic]\nretry_threshold = 11\n",
-                "quic.retry_threshold",
-            ),
+            ("[quic]\nretry_threshold = 100001\n", "quic.retry_threshold"),
             ("[rpc]\nbind = []\n", "rpc.bind"),
             ("[rpc]\nmax_request_bytes = 10\n", "rpc.max_request_bytes"),
             (
@@ -718,10 +723,11 @@ mod tests {
     fn retry_threshold_zero_means_always_retry_and_is_valid() {
         let c = Config::parse("[quic]\nretry_threshold = 0\n").unwrap();
         assert_eq!(c.quic.retry_threshold, 0);
-        assert_eq!(Config::default().quic.retry_threshold, 64);
-        let c = Config::parse("[client]\nmax_connections = 10\n[quic]\nretry_threshold = 10\n")
+        assert_eq!(Config::default().quic.retry_threshold, 1024);
+        // Independent of the connection cap: unvalidated handshakes hold no permit.
+        let c = Config::parse("[client]\nmax_connections = 10\n[quic]\nretry_threshold = 1024\n")
             .unwrap();
-        assert_eq!(c.quic.retry_threshold, 10);
+        assert_eq!(c.quic.retry_threshold, 1024);
     }
 
     #[test]
