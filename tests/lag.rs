@@ -61,7 +61,7 @@ async fn small_client(server: &TestServer, key: &str) -> PushClient {
 struct Seen {
     /// Indices of the pushes reported `Delivered`, in order.
     delivered: Vec<usize>,
-    /// When the first push was refused.
+    /// When the first push that was refused was sent.
     first_full: Option<Instant>,
     /// Pushes refused.
     refused: usize,
@@ -71,12 +71,14 @@ struct Seen {
 }
 
 impl Seen {
-    fn record(&mut self, i: usize, outcome: PushOutcome) {
+    /// `sent` is when the call went out: the server refused it after that, so a
+    /// gap measured from it to the close is never shorter than the server's.
+    fn record(&mut self, i: usize, outcome: PushOutcome, sent: Instant) {
         match outcome {
             PushOutcome::Delivered => self.delivered.push(i),
             PushOutcome::QueueFull => {
                 self.refused += 1;
-                self.first_full.get_or_insert_with(Instant::now);
+                self.first_full.get_or_insert(sent);
             }
             other => {
                 self.gone.get_or_insert((i, Instant::now(), other));
@@ -166,10 +168,12 @@ async fn a_burst_long_ago_is_not_lag_but_a_stalled_client_still_is() {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
+                let sent = Instant::now();
                 let h = backend.push_msg("healthy", 1000, body(i)).await.unwrap();
-                hs.lock().record(i, h);
+                hs.lock().record(i, h, sent);
+                let sent = Instant::now();
                 let s = backend.push_msg("stalled", 1000, body(i)).await.unwrap();
-                ss.lock().record(i, s);
+                ss.lock().record(i, s, sent);
                 i += 1;
             }
         })

@@ -13,8 +13,6 @@ use quicpush::channel::PushOutcome;
 use quicpush::client::PushClient;
 use quicpush::protocol::op;
 use quicpush::rpc::Client;
-use quicpush::tls::BackendIdentity;
-use quicpush::Config;
 
 /// Flooding clients, and the Unsub/Sub rounds each one sends (72 Subs in all, the
 /// count of the measurement that found the defect).
@@ -94,36 +92,21 @@ async fn push_all(backend: &Client, keys: &[String], n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_huge_sub_lists_costs_little_and_stalls_no_bystander() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::loopback(dir.path());
-    config.client.max_body = 1_048_576;
-    config.client.queue_bytes = 4 << 20;
-    // One bucket: every flooder and every bystander share its lock.
-    config.registry.buckets = 1;
-    config.client.max_frames_per_sec = 10_000;
-    let server = ServerProcess::quicpush_with(
-        std::path::Path::new(env!("CARGO_BIN_EXE_quicpush")),
-        dir.path(),
-        &config,
-    )
-    .unwrap();
-    let secret = quicpush::auth::load_secret(&dir.path().join("token.secret")).unwrap();
-    let token = |key: &str| {
-        let claims = quicpush::auth::claims_for(key, Duration::from_secs(3600));
-        quicpush::auth::issue(&secret, &claims).unwrap()
-    };
-    let ca = dir.path().join("ca.pem");
-    let backend = Client::connect(
-        server.control,
-        "localhost",
-        &BackendIdentity::from_dir(dir.path()),
-    )
-    .await
-    .unwrap();
+    let child = common::process::ChildServer::start(|config| {
+        config.client.max_body = 1_048_576;
+        config.client.queue_bytes = 4 << 20;
+        // One bucket: every flooder and every bystander share its lock.
+        config.registry.buckets = 1;
+        config.client.max_frames_per_sec = 10_000;
+    });
+    let server = &child.server;
+    let token = |key: &str| child.token(key, None);
+    let ca = child.ca();
+    let backend = child.backend().await;
 
     let mut bystanders = Vec::new();
     for i in 0..BYSTANDERS {
-        bystanders.push(connect_to(&server, Via::Tcp, &ca, token(&format!("bystander-{i}"))).await);
+        bystanders.push(connect_to(server, Via::Tcp, &ca, token(&format!("bystander-{i}"))).await);
     }
     // Bystanders read every push and keep the longest gap between two of them.
     let readers: Vec<_> = bystanders
@@ -155,7 +138,7 @@ async fn a_flood_of_huge_sub_lists_costs_little_and_stalls_no_bystander() {
     let stat = ProcStat::new(server.pid);
     let cpu_before = stat.cpu_us().unwrap();
     let flooders: Vec<_> = (0..FLOODERS)
-        .map(|i| flood(&server, &ca, token(&format!("flooder-{i}"))))
+        .map(|i| flood(server, &ca, token(&format!("flooder-{i}"))))
         .collect();
     let keys: Vec<String> = (0..BYSTANDERS).map(|i| format!("bystander-{i}")).collect();
     let pusher = async {
@@ -205,5 +188,4 @@ async fn a_flood_of_huge_sub_lists_costs_little_and_stalls_no_bystander() {
         cpu_us < 1_000_000,
         "the flood cost the server {cpu_us} µs of CPU"
     );
-    server.stop();
 }

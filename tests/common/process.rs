@@ -51,3 +51,49 @@ pub async fn wait_online(backend: &Client, n: u64, what: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A `quicpush serve` child process with its own certificates and token secret.
+pub struct ChildServer {
+    pub server: quicpush::bench::process::ServerProcess,
+    pub dir: tempfile::TempDir,
+    secret: Vec<u8>,
+}
+
+impl ChildServer {
+    /// Starts the binary under test on loopback ports with `tweak`'s changes to
+    /// the loopback configuration.
+    pub fn start(tweak: impl FnOnce(&mut quicpush::Config)) -> ChildServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = quicpush::Config::loopback(dir.path());
+        tweak(&mut config);
+        let server = quicpush::bench::process::ServerProcess::quicpush_with(
+            Path::new(env!("CARGO_BIN_EXE_quicpush")),
+            dir.path(),
+            &config,
+        )
+        .unwrap();
+        let secret = quicpush::auth::load_secret(&dir.path().join("token.secret")).unwrap();
+        ChildServer {
+            server,
+            dir,
+            secret,
+        }
+    }
+
+    /// A token for `key`, in `room` if given.
+    pub fn token(&self, key: &str, room: Option<&str>) -> String {
+        let mut claims = quicpush::auth::claims_for(key, Duration::from_secs(3600));
+        claims.room_id = room.map(str::to_owned);
+        quicpush::auth::issue(&self.secret, &claims).unwrap()
+    }
+
+    /// The CA certificate QUIC clients verify the server with.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A backend connection to the child's RPC port.
+    pub async fn backend(&self) -> Client {
+        connect_backend(self.server.control, self.dir.path()).await
+    }
+}
