@@ -119,8 +119,10 @@ pub fn quic_endpoint(
     }
     socket.bind(&addr.into())?;
     debug!(%addr, bytes = socket.recv_buffer_size().unwrap_or(0), "QUIC receive buffer");
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config.cid_generator(|| Box::new(crate::transport::quic::CidGenerator::new()));
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         Some(config),
         socket.into(),
         Arc::new(quinn::TokioRuntime),
