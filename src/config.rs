@@ -151,9 +151,8 @@ pub struct QuicConfig {
     /// once (they hold no connection permit); beyond, each new one is answered
     /// with a Retry, which costs its client one round trip and a forger its
     /// handshake. 0: every address is validated with a Retry. At most 100,000.
-    /// The default, 1,024, is above what a burst of real clients reaches (a
-    /// handshake takes one round trip), so only a flood of Initials that never
-    /// finish makes the server ask for Retries.
+    /// Unvalidated handshakes hold no connection permit, so this is a bound of
+    /// its own on the server's work for addresses that may be forged.
     pub retry_threshold: usize,
 }
 
@@ -174,7 +173,7 @@ impl Default for QuicConfig {
             // A burst of this many new clients costs no extra round trip; a flood
             // of forged Initials holds at most this many handshakes (for
             // client.handshake_timeout each) and gets Retries beyond.
-            retry_threshold: 1024,
+            retry_threshold: 64,
         }
     }
 }
@@ -723,7 +722,7 @@ mod tests {
     fn retry_threshold_zero_means_always_retry_and_is_valid() {
         let c = Config::parse("[quic]\nretry_threshold = 0\n").unwrap();
         assert_eq!(c.quic.retry_threshold, 0);
-        assert_eq!(Config::default().quic.retry_threshold, 1024);
+        assert_eq!(Config::default().quic.retry_threshold, 64);
         // Independent of the connection cap: unvalidated handshakes hold no permit.
         let c = Config::parse("[client]\nmax_connections = 10\n[quic]\nretry_threshold = 1024\n")
             .unwrap();
