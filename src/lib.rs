@@ -79,7 +79,8 @@
 //!   `AsyncRead`/`AsyncWrite`, shared by every transport; it runs the recovery.
 //! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session;
 //!   QUIC counts a connection (global and per-IP permits) only once its address is
-//!   validated, answering with Retry past `quic.retry_threshold` unvalidated handshakes.
+//!   validated, answering with Retry past `quic.retry_threshold` unvalidated handshakes;
+//!   the server's QUIC endpoints draw 12-byte connection IDs (8 random bytes and a tag).
 //! - [`rpc`]: the backend API: every wire type in `rpc::proto` (pinned by golden
 //!   bytes; a change bumps the ALPN `quicpush-rpc/N`), the QUIC server, broadcast
 //!   workers and tracked paced broadcasts, and the client library backends use.
