@@ -309,14 +309,11 @@ impl OutReceiver {
 
     /// Discards everything queued; returns how many frames that was.
     pub fn drain(&mut self) -> usize {
-        let mut out = BytesMut::new();
-        let frames = self.take(&mut out).frames;
-        let freed = {
+        let (frames, dropped) = {
             let mut s = self.chan.queue.state.lock();
-            s.in_flight = s.in_flight.saturating_sub(out.len());
-            out.len()
+            (std::mem::take(&mut s.frames), std::mem::take(&mut s.buf))
         };
-        if freed > 0 {
+        if !dropped.is_empty() {
             self.chan.queue.writable.notify_waiters();
         }
         frames

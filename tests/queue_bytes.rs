@@ -85,6 +85,31 @@ fn change_room_batch() -> BytesMut {
     b
 }
 
+/// Lets `floods` run for [`FLOOD`] while a reading client is served, then stops
+/// them; returns the pushes the bystander got and each flood's result.
+async fn run_floods<T: Send + 'static>(
+    server: &TestServer,
+    stop: &CancellationToken,
+    floods: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+) -> (usize, Vec<T>) {
+    let stopper = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(FLOOD).await;
+            stop.cancel();
+        })
+    };
+    let served = tokio::time::timeout(FLOOD + 2 * WAIT, bystander_served(server, stop))
+        .await
+        .expect("the bystander was not served");
+    stopper.await.unwrap();
+    let mut done = Vec::new();
+    for f in floods {
+        done.push(tokio::time::timeout(WAIT, f).await.unwrap().unwrap());
+    }
+    (served, done)
+}
+
 /// A reading client keeps getting pushes and heartbeat replies while the flood
 /// goes on; returns how many pushes it got.
 async fn bystander_served(server: &TestServer, stop: &CancellationToken) -> usize {
@@ -138,24 +163,8 @@ async fn send_msg_and_sub_echoes_are_held_to_queue_bytes() {
         let c = stalled_client(&server, key, false).await;
         floods.push(flood(c, echo_batch(), stop.clone()));
     }
-    let stopper = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(FLOOD).await;
-            stop.cancel();
-        })
-    };
-    let served = tokio::time::timeout(FLOOD + 2 * WAIT, bystander_served(&server, &stop))
-        .await
-        .expect("the bystander was not served");
-    stopper.await.unwrap();
-    let mut sent = Vec::new();
-    let mut conns = Vec::new();
-    for f in floods {
-        let (n, conn) = tokio::time::timeout(WAIT, f).await.unwrap().unwrap();
-        sent.push(n);
-        conns.push(conn);
-    }
+    let (served, done) = run_floods(&server, &stop, floods).await;
+    let (sent, conns): (Vec<_>, Vec<_>) = done.into_iter().unzip();
     let one = HEADER_LEN + ECHO;
     for (key, sent) in keys.iter().zip(&sent) {
         let peak = peak_of(&server, key);
@@ -196,21 +205,7 @@ async fn change_room_echoes_are_held_to_queue_bytes_on_goim_and_resume_connectio
         flood(goim, change_room_batch(), stop.clone()),
         flood(resume, change_room_batch(), stop.clone()),
     ];
-    let stopper = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(FLOOD).await;
-            stop.cancel();
-        })
-    };
-    let served = tokio::time::timeout(FLOOD + 2 * WAIT, bystander_served(&server, &stop))
-        .await
-        .expect("the bystander was not served");
-    stopper.await.unwrap();
-    let mut conns = Vec::new();
-    for f in floods {
-        conns.push(tokio::time::timeout(WAIT, f).await.unwrap().unwrap());
-    }
+    let (served, conns) = run_floods(&server, &stop, floods).await;
     // A goim ChangeRoomReply waits for room like any reply; a resume-capable one
     // is forced in under the registry's lock after waiting for room, so at most
     // that one frame (the extended header and the 200-byte room id) over.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use quicpush::channel::PushOutcome;
 use quicpush::client::{resume_auth_body, PushClient, ResumeState, ZeroRtt};
-use quicpush::protocol::{op, Source};
+use quicpush::protocol::Source;
 use quicpush::tls;
 use tokio::net::{TcpSocket, UdpSocket};
 
@@ -255,18 +255,7 @@ async fn spoofed_initials_leave_a_forged_address_its_quota() {
 
 /// The next push's body; `state` moves to it.
 async fn push(c: &mut PushClient, state: &mut ResumeState) -> bytes::Bytes {
-    loop {
-        let (f, meta) = tokio::time::timeout(WAIT, c.next_frame_meta())
-            .await
-            .expect("timed out waiting for a push")
-            .unwrap()
-            .expect("connection closed");
-        if f.op == op::HEARTBEAT_REPLY {
-            continue;
-        }
-        state.observe(&meta.expect("a resume-capable connection gets the extension"));
-        return f.body;
-    }
+    next_resume_push(c, state).await.0.body
 }
 
 /// `quic.retry_threshold = 0`: every connection is validated with a Retry first;

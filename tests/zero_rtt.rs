@@ -67,24 +67,8 @@ async fn connect(
 
 /// The next push with its resume extension; `state` moves to it.
 async fn push(c: &mut PushClient, state: &mut ResumeState) -> (Bytes, u32, PushMeta) {
-    loop {
-        let (f, meta) = tokio::time::timeout(WAIT, c.next_frame_meta())
-            .await
-            .expect("timed out waiting for a push")
-            .unwrap()
-            .expect("connection closed");
-        assert_ne!(
-            f.op,
-            op::DISCONNECT_REPLY,
-            "the server closed the connection"
-        );
-        if f.op == op::HEARTBEAT_REPLY {
-            continue;
-        }
-        let meta = meta.expect("a resume-capable connection gets the extension");
-        state.observe(&meta);
-        return (f.body, f.seq, meta);
-    }
+    let (f, meta) = next_resume_push(c, state).await;
+    (f.body, f.seq, meta)
 }
 
 /// A heartbeat round trip: the connection is alive and anything the server sent

@@ -258,10 +258,8 @@ enum Admission {
     Unvalidated(UnvalidatedPlace),
 }
 
-/// Takes the connection's permits for the address it is reached at now, without
-/// waiting: the connection has proven that address.
-fn count(limits: &ConnLimits, conn: &quinn::Connection, counted: &Counted) -> Result<(), Refusal> {
-    let remote = conn.remote_address();
+/// The global and per-IP permits for a connection from `remote`, without waiting.
+fn permits(limits: &ConnLimits, remote: std::net::SocketAddr) -> Result<ConnPermits, Refusal> {
     let total = limits
         .total
         .clone()
@@ -271,7 +269,13 @@ fn count(limits: &ConnLimits, conn: &quinn::Connection, counted: &Counted) -> Re
         .per_ip
         .try_acquire(remote.ip())
         .ok_or(Refusal::QuicPerIp)?;
-    *counted.lock() = Some(ConnPermits::new(total, ip));
+    Ok(ConnPermits::new(total, ip))
+}
+
+/// Takes the connection's permits for the address it is reached at now: the
+/// connection has proven that address.
+fn count(limits: &ConnLimits, conn: &quinn::Connection, counted: &Counted) -> Result<(), Refusal> {
+    *counted.lock() = Some(permits(limits, conn.remote_address())?);
     Ok(())
 }
 
@@ -501,17 +505,14 @@ pub async fn serve(
         let admission = if incoming.remote_address_validated() {
             // It echoed our Retry token from this address: counted from now on.
             // Over a limit the handshake is refused before any work.
-            let Ok(total) = limits.total.clone().try_acquire_owned() else {
-                refused(Refusal::QuicLimit, remote);
-                incoming.refuse();
-                continue;
-            };
-            let Some(ip) = limits.per_ip.try_acquire(remote.ip()) else {
-                refused(Refusal::QuicPerIp, remote);
-                incoming.refuse();
-                continue;
-            };
-            Admission::Counted(ConnPermits::new(total, ip))
+            match permits(&limits, remote) {
+                Ok(p) => Admission::Counted(p),
+                Err(reason) => {
+                    refused(reason, remote);
+                    incoming.refuse();
+                    continue;
+                }
+            }
         } else {
             // Only proven connections hold permits, so these checks cannot be
             // tripped by a forger; they spare a handshake that would be refused.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use quicpush::auth::{self, Claims};
 use quicpush::client::PushClient;
-use quicpush::protocol::{op, Frame};
+use quicpush::client::ResumeState;
+use quicpush::protocol::{op, Frame, PushMeta};
 use quicpush::registry::Registry;
 use quicpush::rpc::Client;
 use quicpush::tls::BackendIdentity;
@@ -183,6 +184,29 @@ pub async fn next_push(c: &mut PushClient) -> Frame {
         if f.op != op::HEARTBEAT_REPLY {
             return f;
         }
+    }
+}
+
+/// The next push on a resume-capable connection (heartbeat replies skipped), with
+/// its resume extension; `state` moves to it.
+pub async fn next_resume_push(c: &mut PushClient, state: &mut ResumeState) -> (Frame, PushMeta) {
+    loop {
+        let (f, meta) = tokio::time::timeout(WAIT, c.next_frame_meta())
+            .await
+            .expect("timed out waiting for a push")
+            .unwrap()
+            .expect("connection closed");
+        assert_ne!(
+            f.op,
+            op::DISCONNECT_REPLY,
+            "the server closed the connection"
+        );
+        if f.op == op::HEARTBEAT_REPLY {
+            continue;
+        }
+        let meta = meta.expect("a resume-capable connection gets the extension");
+        state.observe(&meta);
+        return (f, meta);
     }
 }
 
