@@ -7,11 +7,17 @@
 //! # Data flow
 //!
 //! ```text
-//! backend ──QUIC+mTLS──▶ rpc::server ──▶ registry (buckets) ──▶ Channel queue
-//!                                                                   │ (bounded)
-//! client ◀── TCP / QUIC stream ◀── session writer ◀─────────────────┘
+//! backend ──QUIC+mTLS──▶ rpc::server ─┐
+//!                                      ├─▶ rpc::dispatch ──▶ registry (buckets) ──▶ Channel queue
+//! backend ──HTTP (goim-logic API)──▶ http ─┘                                             │ (bounded)
+//! client ◀── TCP / TLS / QUIC stream / WebSocket message ◀── session writer ◀────────────┘
 //! client ──▶ session reader ──▶ registry (rooms, ops) / replies via the same queue
+//! Prometheus ──GET /metrics──▶ http ──▶ metrics (counters aggregated per call / per write)
 //! ```
+//!
+//! Every front door is an adapter: client transports hand a reader and a writer to
+//! the one [`session`] loop; the HTTP API turns goim-logic's routes into the same
+//! [`rpc::Request`]s the QUIC RPC carries and calls the same dispatcher.
 //!
 //! Data flows one way: backend → rpc → registry → channel queue → writer → socket.
 //! A push never awaits: it encodes the frame once, then copies it, stamped with the
@@ -77,13 +83,23 @@
 //!   before the bucket's lock, and merged in one linear pass under it.
 //! - [`session`]: the one reader/writer loop for a client, generic over
 //!   `AsyncRead`/`AsyncWrite`, shared by every transport; it runs the recovery.
-//! - [`transport`]: accept loops that adapt TCP sockets and QUIC streams to a session;
+//! - [`transport`]: accept loops that adapt TCP sockets (plain or TLS, `transport::tls`),
+//!   WebSocket connections (`transport::ws`: ws and wss on `/sub`, one goim frame or
+//!   one Raw frame of several per binary message, origin checks) and QUIC streams to a
+//!   session;
 //!   QUIC counts a connection (global and per-IP permits) only once its address is
 //!   validated, answering with Retry past `quic.retry_threshold` unvalidated handshakes;
 //!   the server's QUIC endpoints draw 12-byte connection IDs (8 random bytes and a tag).
 //! - [`rpc`]: the backend API: every wire type in `rpc::proto` (pinned by golden
 //!   bytes; a change bumps the ALPN `quicpush-rpc/N`), the QUIC server, broadcast
 //!   workers and tracked paced broadcasts, and the client library backends use.
+//! - [`http`]: one axum listener (`http.bind`) for goim-logic's HTTP API
+//!   (`/goim/push/*`, `/goim/online/*`, bearer token unless loopback and
+//!   `http.require_token = false`) and `GET /metrics`.
+//! - [`metrics`]: the server's counters, gauges and histograms (Prometheus text),
+//!   owned by the [`Server`] and counted per RPC call, per session event and per
+//!   writer wake-up, never per recipient of a push; `metrics.enabled = false` turns
+//!   them off.
 //! - [`client`]: a goim client over TCP or QUIC, for examples, tests and load tools;
 //!   it keeps its last offsets and resumes.
 //! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):
@@ -95,9 +111,6 @@
 //!
 //! - Several nodes: the registry is the presence directory to mirror into Redis; the
 //!   history store gets a Redis implementation behind the same trait.
-//! - WebSocket clients: another adapter in `transport` feeding the same session.
-//! - A goim-compatible HTTP API: another front end calling the same
-//!   `rpc::dispatch` that the QUIC RPC server calls.
 
 pub mod auth;
 #[cfg(feature = "bench")]
