@@ -1,5 +1,5 @@
-// Drives headless Chromium (playwright-core) through quicpush's browser test: pages
-// running goim-client.js connect over WebSocket, and pushes made through the HTTP
+// Drives headless Chromium (playwright-core) through quicpush's browser test: the
+// example page (examples/browser) running goim-client.js connect over WebSocket, and pushes made through the HTTP
 // API (and a kick through the backend RPC) must arrive as goim's client sees them.
 // Started by tests/browser/run, which passes everything in the environment.
 "use strict";
@@ -14,16 +14,17 @@ const API = process.env.HTTP_API;
 const TOKEN = process.env.API_TOKEN;
 const KICK = process.env.QUICPUSH_KICK;
 const PAGE_PORT = Number(process.env.PAGE_PORT);
-const here = __dirname;
+// The example page and its client, as a user would open them.
+const pages = path.join(__dirname, "..", "..", "examples", "browser");
 
 function fail(message) {
   console.error(`FAIL: ${message}`);
   process.exit(1);
 }
 
-// Serves page.html and goim-client.js: the page's origin is http://127.0.0.1:<port>.
+// Serves index.html and goim-client.js: the page's origin is http://127.0.0.1:<port>.
 function pageServer(port) {
-  const files = { "/page.html": "text/html", "/goim-client.js": "text/javascript" };
+  const files = { "/index.html": "text/html", "/goim-client.js": "text/javascript" };
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, "http://x");
     const type = files[url.pathname];
@@ -32,7 +33,7 @@ function pageServer(port) {
       return;
     }
     res.writeHead(200, { "content-type": type });
-    res.end(fs.readFileSync(path.join(here, url.pathname)));
+    res.end(fs.readFileSync(path.join(pages, url.pathname)));
   });
   return new Promise((resolve) => server.listen(port, "127.0.0.1", () => resolve(server)));
 }
@@ -72,7 +73,7 @@ async function open(browser, port, token) {
   const page = await browser.newPage();
   page.on("console", (m) => process.env.VERBOSE && console.log(`[page] ${m.text()}`));
   const q = new URLSearchParams({ ws: WS_URL, token: JSON.stringify(token), hb: "500", reconnect: "300" });
-  await page.goto(`http://127.0.0.1:${port}/page.html?${q}`);
+  await page.goto(`http://127.0.0.1:${port}/index.html?${q}`);
   return page;
 }
 

@@ -1,4 +1,4 @@
-// A goim v2 WebSocket client written for quicpush's browser test. It behaves the
+// A goim v2 WebSocket client for the browser (quicpush's example page and browser test). It behaves the
 // way goim's own JavaScript client does: on open it sends Auth (op 7, seq 1) with a
 // JSON token; after AuthReply (op 8) it sends a Heartbeat (op 2) at once and then
 // every `heartbeatMs`; a HeartbeatReply (op 3) carries the room's online count; a
@@ -37,7 +37,8 @@
   }
 
   class GoimClient {
-    // options: url, token (object), heartbeatMs, reconnectMs, maxConnects,
+    // options: url, token (a JWT, or goim's JSON token as text or an object),
+    // heartbeatMs, reconnectMs, maxConnects,
     // onEvent(event) for everything that happens.
     constructor(options) {
       this.options = options;
@@ -57,7 +58,8 @@
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       ws.onopen = () => {
-        ws.send(frame(OP.AUTH, 1, JSON.stringify(this.options.token)));
+        const token = this.options.token;
+        ws.send(frame(OP.AUTH, 1, typeof token === "string" ? token : JSON.stringify(token)));
         this.emit({ kind: "open", connect: this.connects });
       };
       ws.onmessage = (evt) => this.received(evt.data);
