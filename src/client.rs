@@ -664,15 +664,5 @@ impl ResumingClient {
 
 /// Whether a server-sent op is a push (as opposed to a reply to the client).
 fn is_push(op: u32) -> bool {
-    !matches!(
-        op,
-        op::HANDSHAKE_REPLY
-            | op::HEARTBEAT_REPLY
-            | op::SEND_MSG_REPLY
-            | op::DISCONNECT_REPLY
-            | op::AUTH_REPLY
-            | op::CHANGE_ROOM_REPLY
-            | op::SUB_REPLY
-            | op::UNSUB_REPLY
-    )
+    !op::is_reply(op)
 }

@@ -25,6 +25,11 @@ pub struct TestServer {
     pub tcp: SocketAddr,
     pub quic: SocketAddr,
     pub rpc: SocketAddr,
+    /// The WebSocket, WebSocket-over-TLS and TLS listeners, unless a test's
+    /// config turned them off.
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub registry: Arc<Registry>,
     /// The server's client connection limits and their per-IP counts.
@@ -56,6 +61,9 @@ impl TestServer {
         let mut config = Config::default();
         config.client.tcp_bind = vec![local()];
         config.client.quic_bind = vec![local()];
+        config.client.ws_bind = vec![local()];
+        config.client.wss_bind = vec![local()];
+        config.client.tls_bind = vec![local()];
         config.rpc.bind = vec![local()];
         config.tls.dir = dir.path().to_owned();
         config.auth.secret_file = dir.path().join("token.secret");
@@ -66,6 +74,9 @@ impl TestServer {
         let tcp = server.tcp_addrs()[0];
         let quic = server.quic_addrs()[0];
         let rpc = server.rpc_addrs()[0];
+        let ws = server.ws_addrs().first().copied();
+        let wss = server.wss_addrs().first().copied();
+        let tls = server.tls_addrs().first().copied();
         let registry = server.registry();
         let limits = server.conn_limits();
         let stop = CancellationToken::new();
@@ -75,6 +86,9 @@ impl TestServer {
             tcp,
             quic,
             rpc,
+            ws,
+            wss,
+            tls,
             dir,
             registry,
             limits,
