@@ -124,6 +124,11 @@ async fn connect(
                 .await
                 .map_err(|e| e.to_string())?
         }
+        other => {
+            return Err(format!(
+                "this test binds clients over TCP or QUIC, not {other:?}"
+            ))
+        }
     };
     c.auth(s.token(key)).await.map_err(|e| e.to_string())?;
     Ok(c)

@@ -43,9 +43,18 @@ pub struct TestServer {
 pub enum Via {
     Tcp,
     Quic,
+    /// WebSocket on `/sub`.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+    /// goim frames in TLS over TCP.
+    Tls,
 }
 
 pub const BOTH: [Via; 2] = [Via::Tcp, Via::Quic];
+
+/// The transports over TCP besides plain TCP: WebSocket, WebSocket over TLS, TLS.
+pub const FRONT_DOORS: [Via; 3] = [Via::Ws, Via::Wss, Via::Tls];
 
 pub fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -119,7 +128,25 @@ impl TestServer {
                     .await
                     .unwrap()
             }
+            Via::Ws => PushClient::connect_ws(self.ws.expect("ws bound"))
+                .await
+                .unwrap(),
+            Via::Wss => {
+                PushClient::connect_wss(self.wss.expect("wss bound"), "localhost", &self.ca())
+                    .await
+                    .unwrap()
+            }
+            Via::Tls => {
+                PushClient::connect_tls(self.tls.expect("tls bound"), "localhost", &self.ca())
+                    .await
+                    .unwrap()
+            }
         }
+    }
+
+    /// The CA certificate clients verify the server with.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// A client authenticated with `claims`; it is registered when this returns.
@@ -177,6 +204,7 @@ pub async fn connect_to(
         Via::Quic => PushClient::connect_quic(server.client_quic, "localhost", ca)
             .await
             .unwrap(),
+        other => panic!("child servers are reached over TCP or QUIC here, not {other:?}"),
     };
     c.auth(token).await.unwrap();
     c
