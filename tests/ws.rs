@@ -288,8 +288,8 @@ async fn a_text_message_is_refused_with_a_close_frame() {
     let code = loop {
         match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
             Some(Ok(Message::Close(Some(f)))) => break Some(f.code),
-            Some(Ok(_)) => continue,
             None | Some(Ok(Message::Close(None))) | Some(Err(_)) => break None,
+            Some(Ok(_)) => continue,
         }
     };
     assert_eq!(code, Some(CloseCode::Unsupported));
