@@ -144,6 +144,15 @@ impl TestServer {
         }
     }
 
+    /// The accept loops over TCP (tcp, and ws, wss, tls when bound): each holds
+    /// a connection permit for its next connection.
+    pub fn tcp_accept_loops(&self) -> usize {
+        1 + [self.ws, self.wss, self.tls]
+            .iter()
+            .filter(|a| a.is_some())
+            .count()
+    }
+
     /// The CA certificate clients verify the server with.
     pub fn ca(&self) -> std::path::PathBuf {
         self.dir.path().join("ca.pem")
