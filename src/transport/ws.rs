@@ -114,7 +114,7 @@ impl WsOptions {
             r
         };
         if req.uri().path() != PATH {
-            tracing::info!(
+            tracing::debug!(
                 path = req.uri().path(),
                 "WebSocket upgrade refused: not /sub"
             );
@@ -123,7 +123,7 @@ impl WsOptions {
         let origin = req.headers().get("origin").map(|v| v.as_bytes());
         if !self.origin_allowed(origin) {
             let origin = origin.map(String::from_utf8_lossy);
-            tracing::info!(?origin, "WebSocket upgrade refused: origin not allowed");
+            tracing::debug!(?origin, "WebSocket upgrade refused: origin not allowed");
             return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
         }
         Ok(resp)
