@@ -20,16 +20,48 @@ use crate::protocol::{self, PushMeta, Source};
 /// The transport a client connected over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Transport {
+    /// goim v2 frames over plain TCP.
     Tcp,
+    /// goim v2 frames over TLS over TCP (`client.tls_bind`).
+    Tls,
+    /// WebSocket (`client.ws_bind`): one frame, or one Raw frame, per message.
+    Ws,
+    /// WebSocket over TLS (`client.wss_bind`).
+    Wss,
+    /// One QUIC stream.
     Quic,
+}
+
+impl Transport {
+    /// Every transport, in [`Transport::index`] order.
+    pub const ALL: [Transport; 5] = [
+        Transport::Tcp,
+        Transport::Tls,
+        Transport::Ws,
+        Transport::Wss,
+        Transport::Quic,
+    ];
+
+    /// A dense index, for per-transport counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The label in logs (the `conn` span's `transport` field).
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+            Transport::Quic => "quic",
+        }
+    }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Tcp => "tcp",
-            Transport::Quic => "quic",
-        })
+        f.write_str(self.label())
     }
 }
 

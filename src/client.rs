@@ -1,5 +1,11 @@
-//! A goim v2 client over TCP or QUIC: what the examples, the integration tests and
-//! load tools use to play a device.
+//! A goim v2 client over TCP, TLS, WebSocket (ws/wss) or QUIC: what the examples,
+//! the integration tests and load tools use to play a device.
+//!
+//! Over WebSocket ([`PushClient::connect_ws`]) each frame the client sends is one
+//! binary message, and each message the server sends must hold exactly one frame
+//! or one Raw frame (op 9) of complete frames: anything else is an error
+//! ([`PushClientError::Io`], `InvalidData`). Raw frames are split, so the caller
+//! sees the frames inside one by one; [`WsStats`] counts what arrived how.
 //!
 //! [`PushClient`] is one connection. [`ResumeState`] is what a resuming client
 //! keeps between connections (its key and last position per source), and
@@ -14,6 +20,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -51,6 +58,12 @@ pub enum PushClientError {
     /// The resume answer in AuthReply is not the expected JSON.
     #[error("bad resume reply: {0}")]
     BadResumeReply(String),
+    /// The server answered the WebSocket upgrade with this HTTP status.
+    #[error("WebSocket upgrade refused: HTTP {0}")]
+    WsRefused(u16),
+    /// The WebSocket handshake failed otherwise.
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
 }
 
 /// The read half of a client connection.
@@ -91,6 +104,7 @@ pub struct PushClient {
     buf: BytesMut,
     seq: u32,
     quic: Option<QuicParts>,
+    ws: Option<Arc<WsStats>>,
 }
 
 impl std::fmt::Debug for PushClient {
@@ -161,7 +175,103 @@ impl PushClient {
             buf: BytesMut::with_capacity(8192),
             seq: 0,
             quic,
+            ws: None,
         }
+    }
+
+    /// Connects over TLS over TCP (`client.tls_bind`), trusting the CA in `ca_path`.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_path: &Path,
+    ) -> Result<PushClient, PushClientError> {
+        let config = tls::tcp_client_config(ca_path, &[])?;
+        let stream = tls_connect(addr, server_name, config).await?;
+        let (r, w) = tokio::io::split(stream);
+        Ok(Self::from_parts(Box::new(r), Box::new(w), None))
+    }
+
+    /// Connects over WebSocket to `ws://addr/sub`.
+    pub async fn connect_ws(addr: SocketAddr) -> Result<PushClient, PushClientError> {
+        Self::connect_ws_with(addr, crate::transport::ws::PATH, None).await
+    }
+
+    /// Connects over WebSocket to `path`, sending `origin` as the `Origin` header
+    /// when given (as a browser does).
+    pub async fn connect_ws_with(
+        addr: SocketAddr,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<PushClient, PushClientError> {
+        let socket = tokio::net::TcpStream::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        let url = format!("ws://{addr}{path}");
+        Self::ws_over(socket, &url, origin).await
+    }
+
+    /// Connects over WebSocket over TLS to `wss://addr/sub`, trusting the CA in
+    /// `ca_path`.
+    pub async fn connect_wss(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_path: &Path,
+    ) -> Result<PushClient, PushClientError> {
+        let config = tls::tcp_client_config(ca_path, &[tls::WSS_ALPN])?;
+        let stream = tls_connect(addr, server_name, config).await?;
+        let url = format!(
+            "wss://{server_name}:{}{}",
+            addr.port(),
+            crate::transport::ws::PATH
+        );
+        Self::ws_over(stream, &url, None).await
+    }
+
+    /// The WebSocket handshake for `url` over a connected stream.
+    pub async fn ws_over<S>(
+        stream: S,
+        url: &str,
+        origin: Option<&str>,
+    ) -> Result<PushClient, PushClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let mut req = url
+            .into_client_request()
+            .map_err(|e| PushClientError::WebSocket(e.to_string()))?;
+        if let Some(o) = origin {
+            let v = o
+                .parse()
+                .map_err(|_| PushClientError::WebSocket(format!("bad origin {o:?}")))?;
+            req.headers_mut().insert("origin", v);
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, stream)
+            .await
+            .map_err(|e| match e {
+                WsError::Http(resp) => PushClientError::WsRefused(resp.status().as_u16()),
+                WsError::Io(e) => PushClientError::Io(e),
+                e => PushClientError::WebSocket(e.to_string()),
+            })?;
+        let stats = Arc::new(WsStats::default());
+        let (sink, stream) = futures_util::StreamExt::split(ws);
+        let reader = ws_client::MessageReader {
+            stream,
+            chunk: Bytes::new(),
+            stats: stats.clone(),
+        };
+        let writer = ws_client::MessageWriter {
+            sink,
+            pending: BytesMut::new(),
+        };
+        let mut c = Self::from_parts(Box::new(reader), Box::new(writer), None);
+        c.ws = Some(stats);
+        Ok(c)
+    }
+
+    /// What arrived in which WebSocket messages, on a WebSocket connection.
+    pub fn ws_stats(&self) -> Option<&WsStats> {
+        self.ws.as_deref()
     }
 
     /// Connects over QUIC from `endpoint` and sends Auth with `auth_body` (seq 1) as
@@ -324,6 +434,223 @@ impl PushClient {
     }
 }
 
+/// A TLS connection to `addr`, verifying `server_name`.
+async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, PushClientError> {
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
+        PushClientError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    })?;
+    let socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    Ok(tokio_rustls::TlsConnector::from(config)
+        .connect(name, socket)
+        .await?)
+}
+
+/// Counts of what a WebSocket client received: every message held one frame, or
+/// one Raw frame of complete frames (anything else failed the read).
+#[derive(Debug, Default)]
+pub struct WsStats {
+    /// Messages holding one frame other than Raw.
+    pub single: AtomicU64,
+    /// Messages holding one Raw frame.
+    pub raw: AtomicU64,
+    /// Frames inside those Raw frames.
+    pub raw_frames: AtomicU64,
+    /// The most frames one Raw frame held.
+    pub max_raw_frames: AtomicU64,
+}
+
+impl WsStats {
+    /// (single-frame messages, Raw messages, frames inside Raw, most in one Raw).
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        (
+            self.single.load(Ordering::Relaxed),
+            self.raw.load(Ordering::Relaxed),
+            self.raw_frames.load(Ordering::Relaxed),
+            self.max_raw_frames.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The WebSocket halves of a client connection.
+mod ws_client {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::task::{ready, Context, Poll};
+
+    use bytes::{Buf, Bytes, BytesMut};
+    use futures_util::stream::{SplitSink, SplitStream};
+    use futures_util::{Sink, StreamExt};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+    use tokio_tungstenite::WebSocketStream;
+
+    use super::WsStats;
+    use crate::protocol::{op, EXT_HEADER_LEN, HEADER_LEN};
+
+    fn bad(why: String) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, why)
+    }
+
+    /// The length of the frame at the front of `b`, checked to be whole.
+    fn frame_len(b: &[u8]) -> Result<usize, String> {
+        if b.len() < HEADER_LEN {
+            return Err(format!("{} bytes: less than a frame header", b.len()));
+        }
+        let pack_len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let header_len = u16::from_be_bytes([b[4], b[5]]) as usize;
+        if header_len != HEADER_LEN && header_len != EXT_HEADER_LEN {
+            return Err(format!("headerLen {header_len}"));
+        }
+        if pack_len < header_len || pack_len > b.len() {
+            return Err(format!("packLen {pack_len} with {} bytes", b.len()));
+        }
+        Ok(pack_len)
+    }
+
+    /// Checks a message holds exactly one frame, or one Raw frame of complete
+    /// frames; returns the bytes of the frames it carries (a Raw frame's body).
+    pub(super) fn unpack(msg: Bytes, stats: &WsStats) -> Result<Bytes, String> {
+        let len = frame_len(&msg)?;
+        if len != msg.len() {
+            return Err(format!(
+                "a message of {} bytes holds a frame of {len} and more",
+                msg.len()
+            ));
+        }
+        let frame_op = u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]);
+        if frame_op != op::RAW {
+            stats.single.fetch_add(1, Ordering::Relaxed);
+            return Ok(msg);
+        }
+        let body = msg.slice(HEADER_LEN..);
+        let mut rest = &body[..];
+        let mut n = 0u64;
+        while !rest.is_empty() {
+            let l = frame_len(rest).map_err(|e| format!("inside a Raw frame: {e}"))?;
+            rest = &rest[l..];
+            n += 1;
+        }
+        stats.raw.fetch_add(1, Ordering::Relaxed);
+        stats.raw_frames.fetch_add(n, Ordering::Relaxed);
+        stats.max_raw_frames.fetch_max(n, Ordering::Relaxed);
+        Ok(body)
+    }
+
+    pub(super) struct MessageReader<S> {
+        pub(super) stream: SplitStream<WebSocketStream<S>>,
+        pub(super) chunk: Bytes,
+        pub(super) stats: Arc<WsStats>,
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MessageReader<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            loop {
+                if !this.chunk.is_empty() {
+                    let n = this.chunk.len().min(buf.remaining());
+                    buf.put_slice(&this.chunk[..n]);
+                    this.chunk.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                match ready!(this.stream.poll_next_unpin(cx)) {
+                    Some(Ok(Message::Binary(b))) => {
+                        this.chunk = unpack(b, &this.stats).map_err(bad)?;
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        return Poll::Ready(Err(bad(format!("a text message: {t}"))))
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                    None
+                    | Some(Ok(Message::Close(_)))
+                    | Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
+                        return Poll::Ready(Ok(()))
+                    }
+                    Some(Err(WsError::Io(e))) => return Poll::Ready(Err(e)),
+                    Some(Err(e)) => return Poll::Ready(Err(io::Error::other(e))),
+                }
+            }
+        }
+    }
+
+    /// Everything written between two flushes goes as one binary message: a
+    /// frame [`super::PushClient::send`] writes is one message.
+    pub(super) struct MessageWriter<S> {
+        pub(super) sink: SplitSink<WebSocketStream<S>, Message>,
+        pub(super) pending: BytesMut,
+    }
+
+    fn ws_io(e: WsError) -> io::Error {
+        match e {
+            WsError::Io(e) => e,
+            e => io::Error::other(e),
+        }
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MessageWriter<S> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().pending.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            let mut sink = Pin::new(&mut this.sink);
+            if !this.pending.is_empty() {
+                ready!(sink.as_mut().poll_ready(cx)).map_err(ws_io)?;
+                let msg = Message::Binary(this.pending.split().freeze());
+                sink.as_mut().start_send(msg).map_err(ws_io)?;
+            }
+            sink.poll_flush(cx).map_err(ws_io)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            ready!(self.as_mut().poll_flush(cx))?;
+            Pin::new(&mut self.get_mut().sink)
+                .poll_close(cx)
+                .map_err(ws_io)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::protocol::Frame;
+
+        #[test]
+        fn a_message_must_hold_one_frame_or_one_raw_of_whole_frames() {
+            let stats = WsStats::default();
+            let f = Frame::new(1000, 1, &b"hi"[..]).to_bytes();
+            assert_eq!(unpack(f.clone(), &stats).unwrap(), f);
+            let two: Bytes = [f.clone(), f.clone()].concat().into();
+            assert!(
+                unpack(two.clone(), &stats).is_err(),
+                "two frames in one message"
+            );
+            let raw = Frame::new(op::RAW, 0, two.clone()).to_bytes();
+            assert_eq!(unpack(raw, &stats).unwrap(), two);
+            let torn = Frame::new(op::RAW, 0, two.slice(..two.len() - 1)).to_bytes();
+            assert!(unpack(torn, &stats).is_err(), "a partial frame inside Raw");
+            assert!(unpack(f.slice(..10), &stats).is_err());
+            assert_eq!(stats.counts(), (1, 1, 2, 2));
+        }
+    }
+}
+
 /// The Auth body asking for resume: `token`'s open-mode JSON object with a `resume`
 /// field, or `{"token": <jwt>, "resume": ...}` for a JWT.
 pub fn resume_auth_body(token: &[u8], req: &ResumeRequest) -> Result<Vec<u8>, serde_json::Error> {
@@ -432,6 +759,20 @@ pub enum Dial {
         server_name: String,
         config: quinn::ClientConfig,
     },
+    /// TLS over TCP (`client.tls_bind`), trusting the CA in `ca`.
+    Tls {
+        addr: SocketAddr,
+        server_name: String,
+        ca: std::path::PathBuf,
+    },
+    /// WebSocket, `ws://addr/sub`.
+    Ws(SocketAddr),
+    /// WebSocket over TLS, `wss://addr/sub`, trusting the CA in `ca`.
+    Wss {
+        addr: SocketAddr,
+        server_name: String,
+        ca: std::path::PathBuf,
+    },
     /// Through the caller's [`Connector`].
     Custom(Arc<dyn Connector>),
 }
@@ -440,6 +781,9 @@ impl std::fmt::Debug for Dial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dial::Tcp(a) => write!(f, "tcp://{a}"),
+            Dial::Tls { addr, .. } => write!(f, "tls://{addr}"),
+            Dial::Ws(a) => write!(f, "ws://{a}/sub"),
+            Dial::Wss { addr, .. } => write!(f, "wss://{addr}/sub"),
             Dial::Quic { addr, .. } | Dial::QuicOn { addr, .. } => write!(f, "quic://{addr}"),
             Dial::Custom(_) => f.write_str("custom"),
         }
@@ -451,6 +795,17 @@ impl Dial {
     pub async fn connect(&self) -> Result<PushClient, PushClientError> {
         match self {
             Dial::Tcp(a) => PushClient::connect_tcp(*a).await,
+            Dial::Tls {
+                addr,
+                server_name,
+                ca,
+            } => PushClient::connect_tls(*addr, server_name, ca).await,
+            Dial::Ws(a) => PushClient::connect_ws(*a).await,
+            Dial::Wss {
+                addr,
+                server_name,
+                ca,
+            } => PushClient::connect_wss(*addr, server_name, ca).await,
             Dial::Quic {
                 addr,
                 server_name,
@@ -569,7 +924,7 @@ impl ResumingClient {
 
     async fn try_connect(&mut self) -> Result<ResumeReply, PushClientError> {
         let (c, reply) = match &self.dial {
-            Dial::Tcp(_) | Dial::Custom(_) => {
+            Dial::Tcp(_) | Dial::Tls { .. } | Dial::Ws(_) | Dial::Wss { .. } | Dial::Custom(_) => {
                 let mut c = self.dial.connect().await?;
                 let reply = c.auth_resume(&self.token, &mut self.state).await?;
                 (c, reply)
@@ -664,15 +1019,5 @@ impl ResumingClient {
 
 /// Whether a server-sent op is a push (as opposed to a reply to the client).
 fn is_push(op: u32) -> bool {
-    !matches!(
-        op,
-        op::HANDSHAKE_REPLY
-            | op::HEARTBEAT_REPLY
-            | op::SEND_MSG_REPLY
-            | op::DISCONNECT_REPLY
-            | op::AUTH_REPLY
-            | op::CHANGE_ROOM_REPLY
-            | op::SUB_REPLY
-            | op::UNSUB_REPLY
-    )
+    !op::is_reply(op)
 }

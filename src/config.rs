@@ -52,6 +52,19 @@ pub struct ClientConfig {
     pub tcp_bind: Vec<SocketAddr>,
     /// UDP addresses for QUIC clients (ALPN `quicpush/1`).
     pub quic_bind: Vec<SocketAddr>,
+    /// TCP addresses for goim v2 clients inside TLS (the server certificate from
+    /// `tls.dir`, no client certificate). Empty: none.
+    pub tls_bind: Vec<SocketAddr>,
+    /// TCP addresses for WebSocket clients (goim's port 3102): HTTP path `/sub`,
+    /// one goim frame (or one Raw frame of several) per binary message.
+    pub ws_bind: Vec<SocketAddr>,
+    /// TCP addresses for WebSocket clients over TLS (goim uses 3103), with the
+    /// server certificate from `tls.dir`. Empty: none.
+    pub wss_bind: Vec<SocketAddr>,
+    /// Origins (`scheme://host[:port]`) a WebSocket upgrade may come from; an
+    /// upgrade with another `Origin` header gets 403, one without (a non-browser
+    /// client) is let in. Empty: any origin.
+    pub ws_allowed_origins: Vec<String>,
     /// Largest frame body accepted from or sent to a client.
     pub max_body: usize,
     /// Time allowed between accept and the Auth frame.
@@ -99,6 +112,10 @@ impl Default for ClientConfig {
         ClientConfig {
             tcp_bind: vec![SocketAddr::from(([0, 0, 0, 0], 3101))],
             quic_bind: vec![SocketAddr::from(([0, 0, 0, 0], 3101))],
+            tls_bind: Vec::new(),
+            ws_bind: vec![SocketAddr::from(([0, 0, 0, 0], 3102))],
+            wss_bind: Vec::new(),
+            ws_allowed_origins: Vec::new(),
             max_body: DEFAULT_MAX_BODY,
             handshake_timeout: Duration::from_secs(8),
             heartbeat_timeout: Duration::from_secs(300),
@@ -182,7 +199,7 @@ impl Default for QuicConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
-    /// UDP addresses for backends (ALPN `quicpush-rpc/2`, mutual TLS); one accept task each.
+    /// UDP addresses for backends (ALPN `quicpush-rpc/3`, mutual TLS); one accept task each.
     pub bind: Vec<SocketAddr>,
     /// Largest request accepted; a larger one gets an error reply.
     pub max_request_bytes: usize,
@@ -340,6 +357,47 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Checks that `s` looks like a browser's `Origin` header: `http://` or
+/// `https://`, a host, an optional port, nothing after.
+fn check_origin(s: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = s.split_once("://").ok_or("no \"://\"")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err("the scheme is not http or https");
+    }
+    if rest
+        .chars()
+        .any(|ch| matches!(ch, '/' | '?' | '#' | '@' | '*') || ch.is_whitespace())
+    {
+        return Err("only a host and a port may follow the scheme (no path, no trailing /)");
+    }
+    let port = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or("an IPv6 host without its ]")?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("not an IPv6 address inside [ ]");
+        }
+        match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("junk after the IPv6 host")?),
+        }
+    } else {
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        };
+        if host.is_empty() || host.contains([':', '[', ']']) {
+            return Err("no valid host");
+        }
+        port
+    };
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => return Err("the port is not a number in 1..=65535"),
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Reads, parses and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -373,6 +431,7 @@ impl Config {
         let mut c = Config::default();
         c.client.tcp_bind = vec![any];
         c.client.quic_bind = vec![any];
+        c.client.ws_bind = vec![any];
         c.rpc.bind = vec![any];
         c.tls.dir = dir.to_owned();
         c.auth.secret_file = dir.join("token.secret");
@@ -382,11 +441,24 @@ impl Config {
     /// Checks every value's range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.client;
-        if c.tcp_bind.is_empty() && c.quic_bind.is_empty() {
+        if c.tcp_bind.is_empty()
+            && c.quic_bind.is_empty()
+            && c.tls_bind.is_empty()
+            && c.ws_bind.is_empty()
+            && c.wss_bind.is_empty()
+        {
             return Err(invalid(
                 "client.tcp_bind",
-                "no client listener: set client.tcp_bind or client.quic_bind",
+                "no client listener: set client.tcp_bind, quic_bind, tls_bind, ws_bind or wss_bind",
             ));
+        }
+        for origin in &c.ws_allowed_origins {
+            check_origin(origin).map_err(|reason| {
+                invalid(
+                    "client.ws_allowed_origins",
+                    format!("{origin:?} is not an origin (scheme://host[:port]): {reason}"),
+                )
+            })?;
         }
         if c.max_body == 0 || c.max_body > MAX_BODY_LIMIT {
             return Err(invalid(
@@ -616,8 +688,32 @@ mod tests {
     fn each_rejection() {
         let cases: &[(&str, &str)] = &[
             (
-                "[client]\ntcp_bind = []\nquic_bind = []\n",
+                "[client]\ntcp_bind = []\nquic_bind = []\nws_bind = []\n",
                 "client.tcp_bind",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"example.com\"]\n",
+                "client.ws_allowed_origins",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"https://example.com/\"]\n",
+                "client.ws_allowed_origins",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"ftp://example.com\"]\n",
+                "client.ws_allowed_origins",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"https://example.com:0\"]\n",
+                "client.ws_allowed_origins",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"https://\"]\n",
+                "client.ws_allowed_origins",
+            ),
+            (
+                "[client]\nws_allowed_origins = [\"https://*.example.com\"]\n",
+                "client.ws_allowed_origins",
             ),
             ("[client]\nmax_body = 0\n", "client.max_body"),
             ("[client]\nmax_body = 1048577\n", "client.max_body"),
@@ -700,6 +796,36 @@ mod tests {
         for (text, field) in cases {
             assert_eq!(field_of(text), *field, "for {text:?}");
         }
+    }
+
+    #[test]
+    fn websocket_and_tls_listeners_default_to_goims_ws_port_only() {
+        let c = Config::default();
+        assert_eq!(
+            c.client.ws_bind,
+            vec![SocketAddr::from(([0, 0, 0, 0], 3102))]
+        );
+        assert!(c.client.wss_bind.is_empty() && c.client.tls_bind.is_empty());
+        assert!(c.client.ws_allowed_origins.is_empty());
+        // any one listener is enough
+        let c = Config::parse("[client]\ntcp_bind = []\nquic_bind = []\n").unwrap();
+        assert_eq!(c.client.ws_bind.len(), 1);
+        let c = Config::parse(
+            "[client]\ntcp_bind = []\nquic_bind = []\nws_bind = []\nwss_bind = [\"127.0.0.1:3103\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.client.wss_bind[0].port(), 3103);
+        let loopback = Config::loopback(Path::new("/tmp"));
+        assert!(loopback.client.ws_bind.iter().all(|a| a.ip().is_loopback()));
+    }
+
+    #[test]
+    fn allowed_origins_take_scheme_host_and_port() {
+        let c = Config::parse(
+            "[client]\nws_allowed_origins = [\"https://app.example.com\", \"http://localhost:8080\", \"http://[::1]:3000\", \"https://[2001:db8::1]\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.client.ws_allowed_origins.len(), 4);
     }
 
     #[test]

@@ -100,8 +100,8 @@
 //!   owned by the [`Server`] and counted per RPC call, per session event and per
 //!   writer wake-up, never per recipient of a push; `metrics.enabled = false` turns
 //!   them off.
-//! - [`client`]: a goim client over TCP or QUIC, for examples, tests and load tools;
-//!   it keeps its last offsets and resumes.
+//! - [`client`]: a goim client over TCP, TLS, WebSocket or QUIC, for examples, tests
+//!   and load tools; it keeps its last offsets and resumes.
 //! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):
 //!   `quicpush bench`, the load generator and the raw floor it compares against.
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.

@@ -313,7 +313,10 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing("warn");
             let client = connect(&remote).await?;
             let o = client.online().await?;
-            println!("total={} tcp={} quic={}", o.total, o.tcp, o.quic);
+            println!(
+                "total={} tcp={} tls={} ws={} wss={} quic={}",
+                o.total, o.tcp, o.tls, o.ws, o.wss, o.quic
+            );
             for p in &o.paced {
                 println!(
                     "paced broadcast op={} speed={}/s delivered={} remaining={} elapsed={}ms",

@@ -62,6 +62,22 @@ pub mod op {
     pub const UNSUB_REPLY: u32 = 17;
     /// The first op a backend may choose for its own messages (a convention, not a rule).
     pub const BUSINESS_MIN: u32 = 1000;
+
+    /// Whether a server-sent op is the server's reply to the client (AuthReply,
+    /// HeartbeatReply, ...), as opposed to a push a backend sent.
+    pub const fn is_reply(op: u32) -> bool {
+        matches!(
+            op,
+            HANDSHAKE_REPLY
+                | HEARTBEAT_REPLY
+                | SEND_MSG_REPLY
+                | DISCONNECT_REPLY
+                | AUTH_REPLY
+                | CHANGE_ROOM_REPLY
+                | SUB_REPLY
+                | UNSUB_REPLY
+        )
+    }
 }
 
 /// A decoded frame.

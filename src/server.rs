@@ -75,6 +75,11 @@ pub fn bind_tcp(addr: SocketAddr, send_buffer: u32) -> std::io::Result<TcpListen
 pub struct Server {
     config: Config,
     tcp: Vec<TcpListener>,
+    tls: Vec<TcpListener>,
+    ws: Vec<TcpListener>,
+    wss: Vec<TcpListener>,
+    /// TLS for `tls` (no ALPN) and `wss` (http/1.1), when either is bound.
+    tcp_tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsAcceptor)>,
     quic: Vec<quinn::Endpoint>,
     rpc: Vec<quinn::Endpoint>,
     registry: Arc<Registry>,
@@ -86,6 +91,9 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("tcp", &self.tcp_addrs())
+            .field("tls", &self.tls_addrs())
+            .field("ws", &self.ws_addrs())
+            .field("wss", &self.wss_addrs())
             .field("quic", &self.quic_addrs())
             .field("rpc", &self.rpc_addrs())
             .finish()
@@ -148,6 +156,40 @@ impl Server {
                     .map_err(bind_err("client TCP", addr))?,
             );
         }
+        let bind_all = |addrs: &[SocketAddr], what: &'static str| {
+            addrs
+                .iter()
+                .map(|&addr| {
+                    bind_tcp(addr, config.client.tcp_send_buffer).map_err(bind_err(what, addr))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let tls = bind_all(&config.client.tls_bind, "client TLS")?;
+        let ws = bind_all(&config.client.ws_bind, "client WebSocket")?;
+        let wss = bind_all(&config.client.wss_bind, "client WebSocket over TLS")?;
+        let tcp_tls = if tls.is_empty() && wss.is_empty() {
+            None
+        } else {
+            Some((
+                tokio_rustls::TlsAcceptor::from(tls::client_tcp_server_config(&dir, &[])?),
+                tokio_rustls::TlsAcceptor::from(tls::client_tcp_server_config(
+                    &dir,
+                    &[tls::WSS_ALPN],
+                )?),
+            ))
+        };
+        if config.client.ws_allowed_origins.is_empty() {
+            let public: Vec<_> = config
+                .client
+                .ws_bind
+                .iter()
+                .chain(&config.client.wss_bind)
+                .filter(|a| !a.ip().is_loopback())
+                .collect();
+            if !public.is_empty() {
+                warn!(addrs = ?public, "WebSocket listeners off loopback accept any Origin: set client.ws_allowed_origins to the pages that may connect");
+            }
+        }
         let mut quic = Vec::new();
         for &addr in &config.client.quic_bind {
             quic.push(
@@ -164,6 +206,9 @@ impl Server {
                 .tcp_bind
                 .iter()
                 .chain(&config.client.quic_bind)
+                .chain(&config.client.tls_bind)
+                .chain(&config.client.ws_bind)
+                .chain(&config.client.wss_bind)
                 .filter(|a| !a.ip().is_loopback())
                 .collect();
             if !public.is_empty() {
@@ -182,6 +227,10 @@ impl Server {
         Ok(Server {
             config,
             tcp,
+            tls,
+            ws,
+            wss,
+            tcp_tls,
             quic,
             rpc,
             registry,
@@ -192,6 +241,27 @@ impl Server {
 
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
         self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The addresses of the goim-over-TLS listeners (`client.tls_bind`).
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.tls
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The addresses of the WebSocket listeners (`client.ws_bind`).
+    pub fn ws_addrs(&self) -> Vec<SocketAddr> {
+        self.ws.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The addresses of the WebSocket-over-TLS listeners (`client.wss_bind`).
+    pub fn wss_addrs(&self) -> Vec<SocketAddr> {
+        self.wss
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
@@ -226,6 +296,10 @@ impl Server {
         let Server {
             config,
             tcp,
+            tls,
+            ws,
+            wss,
+            tcp_tls,
             quic,
             rpc,
             registry,
@@ -278,6 +352,47 @@ impl Server {
                 ctx.clone(),
                 limits.clone(),
                 sessions.clone(),
+            ));
+        }
+        let ws_opts = transport::ws::WsOptions::new(&c.ws_allowed_origins, c.max_body);
+        if let Some((tls_acceptor, wss_acceptor)) = &tcp_tls {
+            for l in tls {
+                if let Ok(addr) = l.local_addr() {
+                    info!(%addr, "client TLS listening");
+                }
+                sessions.spawn(transport::tls::serve(
+                    l,
+                    ctx.clone(),
+                    limits.clone(),
+                    sessions.clone(),
+                    tls_acceptor.clone(),
+                ));
+            }
+            for l in wss {
+                if let Ok(addr) = l.local_addr() {
+                    info!(%addr, path = transport::ws::PATH, "client WebSocket over TLS listening");
+                }
+                sessions.spawn(transport::ws::serve(
+                    l,
+                    ctx.clone(),
+                    limits.clone(),
+                    sessions.clone(),
+                    ws_opts.clone(),
+                    Some(wss_acceptor.clone()),
+                ));
+            }
+        }
+        for l in ws {
+            if let Ok(addr) = l.local_addr() {
+                info!(%addr, path = transport::ws::PATH, "client WebSocket listening");
+            }
+            sessions.spawn(transport::ws::serve(
+                l,
+                ctx.clone(),
+                limits.clone(),
+                sessions.clone(),
+                ws_opts.clone(),
+                None,
             ));
         }
         let unvalidated = Arc::new(transport::quic::Unvalidated::new(

@@ -70,17 +70,33 @@ const READ_CHUNK: usize = 512;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// The write half of a client connection.
-pub trait SessionWrite: AsyncWrite + Unpin + Send + 'static {
+pub trait SessionWrite: Unpin + Send + 'static {
     /// Whether the session reads and discards input for a moment after the server
     /// closed it (see `LINGER`).
     const LINGER: bool = false;
+
+    /// Sends `out`, whole frames back to back (everything the writer took from
+    /// the queue at one wake-up), and flushes. A byte stream writes it as it is
+    /// ([`write_stream`]); a message transport (WebSocket) splits it at frame
+    /// boundaries.
+    fn write_batch(&mut self, out: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send;
 
     /// Ends the stream gracefully once everything written was sent.
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
 }
 
+/// [`SessionWrite::write_batch`] for a byte stream: one `write_all` and a flush.
+pub async fn write_stream<W: AsyncWrite + Unpin>(w: &mut W, out: &[u8]) -> std::io::Result<()> {
+    w.write_all(out).await?;
+    w.flush().await
+}
+
 impl SessionWrite for tokio::net::tcp::OwnedWriteHalf {
     const LINGER: bool = true;
+
+    fn write_batch(&mut self, out: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send {
+        write_stream(self, out)
+    }
 
     async fn finish(&mut self) {
         let _ = self.shutdown().await;
@@ -88,6 +104,10 @@ impl SessionWrite for tokio::net::tcp::OwnedWriteHalf {
 }
 
 impl SessionWrite for quinn::SendStream {
+    fn write_batch(&mut self, out: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send {
+        write_stream(self, out)
+    }
+
     async fn finish(&mut self) {
         if quinn::SendStream::finish(self).is_ok() {
             // Resolves once the peer has every byte, so closing the connection after
@@ -99,6 +119,10 @@ impl SessionWrite for quinn::SendStream {
 
 /// An in-memory connection (`tokio::io::duplex` split in two): for tests and fuzzing.
 impl SessionWrite for tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    fn write_batch(&mut self, out: &[u8]) -> impl Future<Output = std::io::Result<()>> + Send {
+        write_stream(self, out)
+    }
+
     async fn finish(&mut self) {
         let _ = self.shutdown().await;
     }
@@ -701,11 +725,7 @@ async fn write_out<W: SessionWrite>(
     if out.is_empty() {
         return Ok(());
     }
-    let write = async {
-        writer.write_all(out).await?;
-        writer.flush().await
-    };
-    match tokio::time::timeout(write_timeout, write).await {
+    match tokio::time::timeout(write_timeout, writer.write_batch(out)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(WriteError::Io(e)),
         Err(_) => return Err(WriteError::Timeout(write_timeout)),

@@ -367,6 +367,45 @@ pub fn client_server_config(dir: &Path, q: &QuicConfig) -> Result<quinn::ServerC
     Ok(sc)
 }
 
+/// ALPN of WebSocket-over-TLS connections (`client.wss_bind`): HTTP/1.1, where
+/// the upgrade happens.
+pub const WSS_ALPN: &[u8] = b"http/1.1";
+
+/// The server side of the client listeners over TLS over TCP: goim frames
+/// (`client.tls_bind`, `alpn` empty: none asked for, none refused) and WebSocket
+/// (`client.wss_bind`, `alpn` = [`WSS_ALPN`]). The server certificate from `dir`,
+/// no client certificate, TLS 1.3, no session resumption.
+pub fn client_tcp_server_config(
+    dir: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = load_certs(&dir.join(certs::SERVER_CERT))?;
+    let key = load_key(&dir.join(certs::SERVER_KEY))?;
+    let mut cfg = server_builder()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|source| TlsError::Rustls {
+            what: "server certificate and key do not match",
+            source,
+        })?;
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    no_resumption(&mut cfg);
+    Ok(Arc::new(cfg))
+}
+
+/// The client side of [`client_tcp_server_config`], trusting `ca_path`: for the
+/// Rust client over TLS or WebSocket over TLS.
+pub fn tcp_client_config(
+    ca_path: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut cfg = client_builder()?
+        .with_root_certificates(roots(ca_path)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
 /// The rustls side of [`rpc_server_config`]: mutual TLS, no resumption.
 pub fn rpc_server_tls(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let ca_path = dir.join(certs::CA_CERT);
@@ -395,7 +434,7 @@ pub fn rpc_server_tls(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
 }
 
 /// The server side of backend RPC: a client certificate signed by `ca.pem` is
-/// required; ALPN `quicpush-rpc/2`; no session tickets, no 0-RTT.
+/// required; ALPN `quicpush-rpc/3`; no session tickets, no 0-RTT.
 pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfig, TlsError> {
     let mut sc = to_quic_server(rpc_server_tls(dir)?)?;
     sc.transport_config(Arc::new(rpc_transport(r)));

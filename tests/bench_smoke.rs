@@ -1,4 +1,5 @@
-//! A small run of every bench scenario on both transports: checks that nothing is
+//! A small run of every bench scenario on both transports (room and broadcast
+//! over WebSocket too): checks that nothing is
 //! lost, duplicated or misrouted, never how fast.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,6 +66,17 @@ async fn room_broadcast_keys_and_latency_lose_nothing() {
         single.batch = 1;
         check_deliveries(single).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_and_broadcast_over_websocket_lose_nothing() {
+    for scenario in [Scenario::Room, Scenario::Broadcast] {
+        check_deliveries(options(scenario, BenchTransport::Ws)).await;
+    }
+    // the raw floor has no WebSocket listener to compare with
+    let mut raw = options(Scenario::Room, BenchTransport::Ws);
+    raw.raw = true;
+    assert!(bench::run(&raw).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

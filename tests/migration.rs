@@ -292,11 +292,11 @@ async fn a_network_switch_under_loss_that_kills_the_connection_loses_nothing() {
             let s = &s;
             async move {
                 let mut c = match via {
-                    Via::Tcp => s.raw_client(Via::Tcp).await,
                     Via::Quic => {
                         let (c, _h) = try_sim_client(s, ip("127.0.0.1"), sim).await;
                         c.unwrap()
                     }
+                    other => s.raw_client(other).await,
                 };
                 c.auth_resume(token.as_bytes(), &mut state2).await.unwrap();
                 (c, state2)

@@ -82,7 +82,7 @@ async fn sigterm_disconnects_clients_and_exits_zero() {
     std::fs::write(
         &config,
         format!(
-            "[client]\ntcp_bind = [\"127.0.0.1:0\"]\nquic_bind = [\"127.0.0.1:0\"]\n\
+            "[client]\ntcp_bind = [\"127.0.0.1:0\"]\nquic_bind = [\"127.0.0.1:0\"]\nws_bind = []\n\
              [rpc]\nbind = [\"127.0.0.1:0\"]\n[tls]\ndir = {:?}\n[auth]\nsecret_file = {:?}\n",
             dir.path(),
             dir.path().join("token.secret")

@@ -166,6 +166,8 @@ pub enum Login {
 pub struct Dial {
     pub addr: SocketAddr,
     pub quic: Option<(Vec<quinn::Endpoint>, quinn::ClientConfig)>,
+    /// Over TCP: upgrade to WebSocket on `/sub` first.
+    pub ws: bool,
     pub login: Login,
 }
 
@@ -174,7 +176,16 @@ impl Dial {
         Dial {
             addr,
             quic: None,
+            ws: false,
             login,
+        }
+    }
+
+    /// WebSocket to `ws://addr/sub`, from the same sockets as [`Dial::tcp`].
+    pub fn ws(addr: SocketAddr, login: Login) -> Dial {
+        Dial {
+            ws: true,
+            ..Dial::tcp(addr, login)
         }
     }
 
@@ -194,6 +205,7 @@ impl Dial {
         Ok(Dial {
             addr,
             quic: Some((eps, config)),
+            ws: false,
             login,
         })
     }
@@ -259,8 +271,15 @@ impl Dial {
                     .await
                     .map_err(|e| BenchError::Io(format!("connect {}: {e}", self.addr)))?;
                 let _ = stream.set_nodelay(true);
-                let (r, w) = stream.into_split();
-                PushClient::from_parts(Box::new(r), Box::new(w), None)
+                if self.ws {
+                    let url = format!("ws://{}{}", self.addr, crate::transport::ws::PATH);
+                    PushClient::ws_over(stream, &url, None)
+                        .await
+                        .map_err(|e| BenchError::Io(format!("client {i} upgrade: {e}")))?
+                } else {
+                    let (r, w) = stream.into_split();
+                    PushClient::from_parts(Box::new(r), Box::new(w), None)
+                }
             }
             Some((eps, config)) => {
                 let ep = &eps[i % eps.len()];

@@ -146,6 +146,9 @@ impl HandoverMode {
             (BenchTransport::Quic, None | Some(Migrate)) => Ok(Migrate),
             (BenchTransport::Quic, Some(Reconnect)) => Ok(Reconnect),
             (BenchTransport::Quic, Some(ZeroRtt)) => Ok(ZeroRtt),
+            (BenchTransport::Ws, _) => Err(BenchError::Options(
+                "the handover scenario runs over TCP or QUIC".into(),
+            )),
         }
     }
 
@@ -711,6 +714,12 @@ impl Setup {
     /// Connects and authenticates client `i` (with resume).
     async fn connect(&self, i: usize) -> Result<(ResumingClient, Switcher), BenchError> {
         let (dial, switcher): (Dial, Switcher) = match self.transport {
+            // refused by HandoverMode::resolve before any client connects
+            BenchTransport::Ws => {
+                return Err(BenchError::Options(
+                    "the handover scenario runs over TCP or QUIC".into(),
+                ))
+            }
             BenchTransport::Tcp => (
                 Dial::Custom(Arc::new(TcpConnector {
                     server: self.tcp,
@@ -1523,6 +1532,7 @@ mod tests {
         assert!(HandoverMode::resolve(Tcp, Some(Migrate)).is_err());
         assert_eq!(HandoverMode::resolve(Quic, Some(ZeroRtt)).unwrap(), ZeroRtt);
         assert!(HandoverMode::resolve(Tcp, Some(ZeroRtt)).is_err());
+        assert!(HandoverMode::resolve(Ws, None).is_err());
     }
 
     #[test]

@@ -118,6 +118,8 @@ impl BenchHistory {
 pub enum BenchTransport {
     Tcp,
     Quic,
+    /// WebSocket on `/sub` (`client.ws_bind`); the raw floor does not speak it.
+    Ws,
 }
 
 /// Which server to measure.
@@ -355,6 +357,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.scenario == Scenario::Handover {
         return handover::run(opts).await;
     }
+    if opts.transport == BenchTransport::Ws && opts.raw {
+        return Err(BenchError::Options(
+            "--raw: the raw floor speaks TCP and QUIC, not WebSocket".into(),
+        ));
+    }
     if opts.body_size < fleet::MIN_BODY {
         return Err(BenchError::Options(format!(
             "--body-size must be at least {} (index, timestamp, key)",
@@ -495,6 +502,12 @@ async fn measure(
     let n = opts.clients;
     let dial = match opts.transport {
         BenchTransport::Tcp => Dial::tcp(server.client_tcp, login),
+        BenchTransport::Ws => Dial::ws(
+            server.client_ws.ok_or_else(|| {
+                BenchError::Options(format!("{label}: no WebSocket listener (client.ws_bind)"))
+            })?,
+            login,
+        ),
         BenchTransport::Quic => Dial::quic(
             server.client_quic,
             login,

@@ -31,6 +31,8 @@ pub struct ServerProcess {
     pub pid: u32,
     pub client_tcp: SocketAddr,
     pub client_quic: SocketAddr,
+    /// The WebSocket listener, when the server logged one (quicpush only).
+    pub client_ws: Option<SocketAddr>,
     /// Backend RPC (quicpush) or the control port (raw floor).
     pub control: SocketAddr,
     log: Arc<Mutex<LogLines>>,
@@ -83,6 +85,8 @@ impl ServerProcess {
             }
         });
         let mut found: Vec<Option<SocketAddr>> = vec![None; want.len()];
+        // Logged before the client QUIC listener, so seen by the time it is.
+        let mut client_ws = None;
         while found.iter().any(Option::is_none) {
             let line = match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(l) => l,
@@ -99,6 +103,9 @@ impl ServerProcess {
                     found[i] = listening_addr(&line, w);
                 }
             }
+            if client_ws.is_none() {
+                client_ws = listening_addr(&line, "client WebSocket listening");
+            }
         }
         let addrs: Vec<SocketAddr> = found.into_iter().flatten().collect();
         Ok(ServerProcess {
@@ -106,6 +113,7 @@ impl ServerProcess {
             child: Some(child),
             client_tcp: addrs[0],
             client_quic: addrs[1],
+            client_ws,
             control: addrs[2],
             log,
         })
@@ -211,6 +219,7 @@ impl ServerProcess {
             pid,
             client_tcp: client,
             client_quic: client,
+            client_ws: Some(client),
             control,
             log: Arc::default(),
         }

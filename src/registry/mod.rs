@@ -209,8 +209,8 @@ pub struct Registry {
     mask: usize,
     hasher: ahash::RandomState,
     next_id: AtomicU64,
-    online_tcp: AtomicUsize,
-    online_quic: AtomicUsize,
+    /// Channels online per transport, by [`Transport::index`].
+    online: [AtomicUsize; Transport::ALL.len()],
     room_counts: RoomCounts,
     history: Option<Arc<History>>,
 }
@@ -245,8 +245,7 @@ impl Registry {
             mask: n - 1,
             hasher: ahash::RandomState::new(),
             next_id: AtomicU64::new(1),
-            online_tcp: AtomicUsize::new(0),
-            online_quic: AtomicUsize::new(0),
+            online: [const { AtomicUsize::new(0) }; Transport::ALL.len()],
             room_counts: RoomCounts::new(n, max_rooms),
             history,
         }
@@ -296,10 +295,7 @@ impl Registry {
     }
 
     fn counter(&self, t: Transport) -> &AtomicUsize {
-        match t {
-            Transport::Tcp => &self.online_tcp,
-            Transport::Quic => &self.online_quic,
-        }
+        &self.online[t.index()]
     }
 
     /// Adds a channel. A channel already online with the same key is removed and
@@ -695,13 +691,19 @@ impl Registry {
     }
 
     pub fn online(&self) -> Online {
-        let tcp = self.online_tcp.load(Ordering::Relaxed) as u64;
-        let quic = self.online_quic.load(Ordering::Relaxed) as u64;
-        Online {
-            total: tcp + quic,
-            tcp,
-            quic,
+        let n = |t: Transport| self.online[t.index()].load(Ordering::Relaxed) as u64;
+        let o = Online {
+            total: 0,
+            tcp: n(Transport::Tcp),
+            quic: n(Transport::Quic),
+            tls: n(Transport::Tls),
+            ws: n(Transport::Ws),
+            wss: n(Transport::Wss),
             paced: Vec::new(),
+        };
+        Online {
+            total: o.tcp + o.quic + o.tls + o.ws + o.wss,
+            ..o
         }
     }
 
@@ -892,7 +894,7 @@ mod tests {
                 total: 2,
                 tcp: 1,
                 quic: 1,
-                paced: Vec::new(),
+                ..Online::default()
             }
         );
     }

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// ALPN of backend RPC connections, the version of the wire format in this module.
-pub const ALPN: &[u8] = b"quicpush-rpc/2";
+pub const ALPN: &[u8] = b"quicpush-rpc/3";
 
 /// The result of pushing one message to one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,6 +56,12 @@ pub struct Online {
     pub total: u64,
     pub tcp: u64,
     pub quic: u64,
+    /// goim frames over TLS over TCP.
+    pub tls: u64,
+    /// WebSocket, plain.
+    pub ws: u64,
+    /// WebSocket over TLS.
+    pub wss: u64,
     /// Paced broadcasts running on this node, oldest first.
     pub paced: Vec<PacedProgress>,
 }
@@ -258,7 +264,7 @@ mod tests {
 
     /// The version the golden table below is the encoding of. A test fails unless
     /// it is [`ALPN`].
-    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/2";
+    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/3";
 
     /// Every wire version there has been, with the fingerprint of its golden
     /// table. Bumping the version appends a line; an old line never changes.
@@ -266,6 +272,8 @@ mod tests {
         (b"quicpush-rpc/1", 0x5754dcb3b6fb3f78),
         // Online lists paced broadcasts; RpcError::PacedTooLong
         (b"quicpush-rpc/2", 0x9bf900913ab95e37),
+        // Online counts TLS, WebSocket and WebSocket-over-TLS connections
+        (b"quicpush-rpc/3", 0xbd813f0143938a8c),
     ];
 
     fn b(s: &str) -> Bytes {
@@ -387,6 +395,9 @@ mod tests {
                     total: 3,
                     tcp: 1,
                     quic: 2,
+                    tls: 4,
+                    ws: 5,
+                    wss: 6,
                     paced: vec![PacedProgress {
                         op: 1000,
                         speed: 50,
@@ -395,7 +406,7 @@ mod tests {
                         elapsed_ms: 1500,
                     }],
                 })),
-                "000603010201fbe8033207fb2c01fbdc05",
+                "000603010204050601fbe8033207fb2c01fbdc05",
             ),
             (Ok(Reply::Kicked(true)), "000701"),
             (Err(RpcError::EmptyKeys), "0100"),

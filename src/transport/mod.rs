@@ -2,9 +2,10 @@
 //! and a writer and hands them to [`crate::session::run`].
 //!
 //! Every connection gets one tracing span (`conn`, with transport, remote address
-//! and, after Auth, the key) and a permit from the shared connection limit: a TCP
-//! connection before it is accepted, a QUIC connection once its address is
-//! validated (see [`quic`]).
+//! and, after Auth, the key) and a permit from the shared connection limit: a
+//! connection over TCP (plain, [`tls`], [`ws`] and wss) before it is accepted, a
+//! QUIC connection once its address is validated (see [`quic`]). Transport labels:
+//! `tcp`, `tls`, `ws`, `wss`, `quic`.
 //!
 //! Refusals are logged at warn, at most once a second per reason, with the number
 //! of refusals left out since the last line (`refused`): a flood of refused
@@ -12,6 +13,8 @@
 
 pub mod quic;
 pub mod tcp;
+pub mod tls;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -1,9 +1,11 @@
-//! goim v2 clients over TCP: the byte stream of frames.
+//! goim v2 clients over TCP: the byte stream of frames. The accept loop here is
+//! shared by every listener on TCP (plain, TLS, WebSocket and WebSocket over TLS).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{error, field, info_span, Instrument};
 
@@ -18,6 +20,36 @@ pub async fn serve(
     limits: ConnLimits,
     tracker: TaskTracker,
 ) {
+    accept_loop(
+        listener,
+        ctx,
+        limits,
+        tracker,
+        Transport::Tcp,
+        |ctx, socket| async move {
+            let (reader, writer) = socket.into_split();
+            let result = session::run(ctx, reader, writer, Transport::Tcp, None).await;
+            super::log_end(&result);
+        },
+    )
+    .await
+}
+
+/// Accepts connections until shutdown, each holding a permit of the connection
+/// limit (taken before accept) and of its address's per-IP limit (taken right
+/// after, before any byte is read), and runs `handle` for each in the tracker,
+/// inside the connection's `conn` span.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    ctx: Arc<SessionContext>,
+    limits: ConnLimits,
+    tracker: TaskTracker,
+    transport: Transport,
+    handle: F,
+) where
+    F: Fn(Arc<SessionContext>, TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let shutdown = ctx.shutdown.clone();
     loop {
         // The permit is taken before accept: over the limit, connections wait in
@@ -34,7 +66,7 @@ pub async fn serve(
                 Ok(s) => s,
                 Err(e) => {
                     // e.g. out of file descriptors: back off instead of spinning
-                    error!(error = %e, "TCP accept failed");
+                    error!(error = %e, transport = transport.label(), "TCP accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -48,16 +80,44 @@ pub async fn serve(
         };
         let permits = ConnPermits::new(permit, ip_permit);
         let _ = socket.set_nodelay(true);
-        let span = info_span!("conn", transport = "tcp", remote = %remote, key = field::Empty);
-        let ctx = ctx.clone();
+        let span = info_span!(
+            "conn",
+            transport = transport.label(),
+            remote = %remote,
+            key = field::Empty
+        );
+        let run = handle(ctx.clone(), socket);
         tracker.spawn(
             async move {
-                let (reader, writer) = socket.into_split();
-                let result = session::run(ctx, reader, writer, Transport::Tcp, None).await;
-                super::log_end(&result);
+                run.await;
                 drop(permits);
             }
             .instrument(span),
         );
+    }
+}
+
+/// Runs `step` (a TLS handshake, a WebSocket upgrade) within
+/// `client.handshake_timeout`; `None` (logged) when it failed, timed out, or the
+/// server began shutting down first.
+pub(crate) async fn within_handshake<T, E: std::fmt::Display>(
+    ctx: &SessionContext,
+    what: &'static str,
+    step: impl Future<Output = Result<T, E>>,
+) -> Option<T> {
+    let timeout = ctx.limits.handshake_timeout;
+    tokio::select! {
+        r = tokio::time::timeout(timeout, step) => match r {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "{what} failed");
+                None
+            }
+            Err(_) => {
+                tracing::info!(?timeout, "{what} not done within client.handshake_timeout");
+                None
+            }
+        },
+        _ = ctx.shutdown.cancelled() => None,
     }
 }

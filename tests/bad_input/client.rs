@@ -46,6 +46,7 @@ pub(crate) async fn connect(c: &Ctx, via: Via) -> (PushClient, u16) {
             let port = quic.as_ref().unwrap().1.local_addr().unwrap().port();
             (PushClient::from_parts(r, w, quic), port)
         }
+        other => panic!("bad input is played over TCP and QUIC here, not {other:?}"),
     }
 }
 

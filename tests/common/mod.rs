@@ -25,6 +25,11 @@ pub struct TestServer {
     pub tcp: SocketAddr,
     pub quic: SocketAddr,
     pub rpc: SocketAddr,
+    /// The WebSocket, WebSocket-over-TLS and TLS listeners, unless a test's
+    /// config turned them off.
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub dir: tempfile::TempDir,
     pub registry: Arc<Registry>,
     /// The server's client connection limits and their per-IP counts.
@@ -38,9 +43,18 @@ pub struct TestServer {
 pub enum Via {
     Tcp,
     Quic,
+    /// WebSocket on `/sub`.
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+    /// goim frames in TLS over TCP.
+    Tls,
 }
 
 pub const BOTH: [Via; 2] = [Via::Tcp, Via::Quic];
+
+/// The transports over TCP besides plain TCP: WebSocket, WebSocket over TLS, TLS.
+pub const FRONT_DOORS: [Via; 3] = [Via::Ws, Via::Wss, Via::Tls];
 
 pub fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -56,6 +70,9 @@ impl TestServer {
         let mut config = Config::default();
         config.client.tcp_bind = vec![local()];
         config.client.quic_bind = vec![local()];
+        config.client.ws_bind = vec![local()];
+        config.client.wss_bind = vec![local()];
+        config.client.tls_bind = vec![local()];
         config.rpc.bind = vec![local()];
         config.tls.dir = dir.path().to_owned();
         config.auth.secret_file = dir.path().join("token.secret");
@@ -66,6 +83,9 @@ impl TestServer {
         let tcp = server.tcp_addrs()[0];
         let quic = server.quic_addrs()[0];
         let rpc = server.rpc_addrs()[0];
+        let ws = server.ws_addrs().first().copied();
+        let wss = server.wss_addrs().first().copied();
+        let tls = server.tls_addrs().first().copied();
         let registry = server.registry();
         let limits = server.conn_limits();
         let stop = CancellationToken::new();
@@ -75,6 +95,9 @@ impl TestServer {
             tcp,
             quic,
             rpc,
+            ws,
+            wss,
+            tls,
             dir,
             registry,
             limits,
@@ -105,7 +128,34 @@ impl TestServer {
                     .await
                     .unwrap()
             }
+            Via::Ws => PushClient::connect_ws(self.ws.expect("ws bound"))
+                .await
+                .unwrap(),
+            Via::Wss => {
+                PushClient::connect_wss(self.wss.expect("wss bound"), "localhost", &self.ca())
+                    .await
+                    .unwrap()
+            }
+            Via::Tls => {
+                PushClient::connect_tls(self.tls.expect("tls bound"), "localhost", &self.ca())
+                    .await
+                    .unwrap()
+            }
         }
+    }
+
+    /// The accept loops over TCP (tcp, and ws, wss, tls when bound): each holds
+    /// a connection permit for its next connection.
+    pub fn tcp_accept_loops(&self) -> usize {
+        1 + [self.ws, self.wss, self.tls]
+            .iter()
+            .filter(|a| a.is_some())
+            .count()
+    }
+
+    /// The CA certificate clients verify the server with.
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// A client authenticated with `claims`; it is registered when this returns.
@@ -163,6 +213,7 @@ pub async fn connect_to(
         Via::Quic => PushClient::connect_quic(server.client_quic, "localhost", ca)
             .await
             .unwrap(),
+        other => panic!("child servers are reached over TCP or QUIC here, not {other:?}"),
     };
     c.auth(token).await.unwrap();
     c

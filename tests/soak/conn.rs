@@ -173,6 +173,7 @@ impl Dial {
                     .map_err(|e| format!("QUIC stream: {e}"))?;
                 PushClient::from_parts(Box::new(recv), Box::new(send), Some((conn, ep.clone())))
             }
+            other => return Err(format!("the soak runs over TCP and QUIC, not {other:?}")),
         })
     }
 }
