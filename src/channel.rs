@@ -26,10 +26,26 @@ pub enum Transport {
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.write_str(self.name())
+    }
+}
+
+impl Transport {
+    /// Every transport, in [`Transport::index`] order: metrics keep one series
+    /// per entry. A new variant goes here too (a test checks the order).
+    pub const ALL: [Transport; 2] = [Transport::Tcp, Transport::Quic];
+
+    /// The transport's name in logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
             Transport::Tcp => "tcp",
             Transport::Quic => "quic",
-        })
+        }
+    }
+
+    /// The transport's position in [`Transport::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -614,6 +630,13 @@ mod tests {
 
     fn frame(body: &'static [u8]) -> Bytes {
         Frame::new(1000, 0, body).to_bytes()
+    }
+
+    #[test]
+    fn every_transport_is_listed_at_its_index() {
+        for (i, t) in Transport::ALL.iter().enumerate() {
+            assert_eq!(t.index(), i, "{t}");
+        }
     }
 
     /// Awaits `fut` for at most a few seconds: a regression fails the test instead

@@ -53,8 +53,9 @@ pub async fn serve(
         tracker.spawn(
             async move {
                 let (reader, writer) = socket.into_split();
+                let metrics = ctx.metrics.clone();
                 let result = session::run(ctx, reader, writer, Transport::Tcp, None).await;
-                super::log_end(&result);
+                super::log_end(&metrics, &result);
                 drop(permits);
             }
             .instrument(span),
