@@ -609,6 +609,65 @@ impl Default for Metrics {
     }
 }
 
+/// The samples of a Prometheus text scrape: series (name and labels, as written)
+/// → value. Comments and lines that are not a sample are skipped.
+pub fn parse_text(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let v = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                v => v.parse().ok()?,
+            };
+            Some((series.to_owned(), v))
+        })
+        .collect()
+}
+
+/// The labels of a series as written (`name{a="x",b="y"}`), without the name.
+pub fn labels_of(series: &str) -> Vec<(&str, &str)> {
+    let Some((_, rest)) = series.split_once('{') else {
+        return Vec::new();
+    };
+    rest.trim_end_matches('}')
+        .split(',')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k, v.trim_matches('"')))
+        })
+        .collect()
+}
+
+/// The `q` quantile (0..=1) estimated from a histogram's cumulative buckets
+/// (upper bound, count), by linear interpolation inside the bucket it falls in,
+/// as Prometheus's `histogram_quantile` does. `None` without observations.
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev.0);
+            }
+            let in_bucket = count - prev.1;
+            let frac = if in_bucket > 0.0 {
+                (rank - prev.1) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(prev.0 + (le - prev.0) * frac);
+        }
+        prev = (le, count);
+    }
+    Some(prev.0)
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -711,6 +770,45 @@ mod tests {
         m.writer(Transport::Tcp).written(1, 1);
         m.call(1, Duration::ZERO, false, &PushCounts::default());
         assert!(m.encode(&Snapshot::default()).is_none());
+    }
+
+    #[test]
+    fn scrapes_parse_back_and_quantiles_interpolate() {
+        let m = Metrics::new();
+        for us in [20, 40, 40, 800] {
+            m.call(1, Duration::from_micros(us), false, &PushCounts::default());
+        }
+        let text = m.encode(&Snapshot::default()).unwrap();
+        let samples = parse_text(&text);
+        assert_eq!(
+            samples["quicpush_rpc_duration_seconds_count{method=\"PushMsg\"}"],
+            4.0
+        );
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("quicpush_rpc_duration_seconds_bucket{method=\"PushMsg\"")
+            })
+            .map(|(k, &v)| {
+                let le = labels_of(k)
+                    .into_iter()
+                    .find(|(n, _)| *n == "le")
+                    .unwrap()
+                    .1;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                };
+                (le, v)
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let p50 = quantile(&buckets, 0.5).unwrap();
+        assert!((2.5e-5..=5e-5).contains(&p50), "{p50}");
+        let p99 = quantile(&buckets, 0.99).unwrap();
+        assert!((5e-4..=1e-3).contains(&p99), "{p99}");
+        assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
     }
 
     #[test]

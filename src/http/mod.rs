@@ -21,6 +21,7 @@
 //! the requests in flight are answered before the server goes on.
 
 pub mod api;
+pub mod client;
 
 use std::future::Future;
 use std::io;

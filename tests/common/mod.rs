@@ -25,6 +25,11 @@ pub struct TestServer {
     pub tcp: SocketAddr,
     pub quic: SocketAddr,
     pub rpc: SocketAddr,
+    /// The HTTP API's address, unless `http.bind` was emptied.
+    pub http: Option<SocketAddr>,
+    /// The HTTP API's bearer token (in `<dir>/api.token`).
+    pub api_token: String,
+    pub metrics: Arc<quicpush::metrics::Metrics>,
     pub dir: tempfile::TempDir,
     pub registry: Arc<Registry>,
     /// The server's client connection limits and their per-IP counts.
@@ -59,6 +64,8 @@ impl TestServer {
         config.rpc.bind = vec![local()];
         config.tls.dir = dir.path().to_owned();
         config.auth.secret_file = dir.path().join("token.secret");
+        config.http.bind = vec![local()];
+        config.http.api_token_file = dir.path().join("api.token");
         tweak(&mut config);
         config.validate().unwrap();
         let server = Server::bind(config).await.unwrap();
@@ -66,6 +73,11 @@ impl TestServer {
         let tcp = server.tcp_addrs()[0];
         let quic = server.quic_addrs()[0];
         let rpc = server.rpc_addrs()[0];
+        let http = server.http_addrs().first().copied();
+        let api_token = std::fs::read_to_string(dir.path().join("api.token"))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default();
+        let metrics = server.metrics();
         let registry = server.registry();
         let limits = server.conn_limits();
         let stop = CancellationToken::new();
@@ -75,6 +87,9 @@ impl TestServer {
             tcp,
             quic,
             rpc,
+            http,
+            api_token,
+            metrics,
             dir,
             registry,
             limits,
