@@ -65,6 +65,17 @@ enum Command {
     Online(Remote),
     /// Check that the server answers.
     Ping(Remote),
+    /// Fetch the server's /metrics and print its figures: connections, pushes,
+    /// deliveries, drops, disconnects, resume, history and backend call latency.
+    Stats {
+        /// The server's HTTP listener (http.bind).
+        #[arg(long, default_value = "http://127.0.0.1:3111")]
+        server: String,
+        /// The HTTP API's bearer token (http.api_token_file); not sent if the
+        /// file does not exist (a loopback server with http.require_token = false).
+        #[arg(long, default_value = "certs/api.token")]
+        token_file: PathBuf,
+    },
     /// Disconnect the client with a key.
     Kick {
         #[arg(long)]
@@ -166,6 +177,21 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The socket address of `http://host:port` (or `host:port`).
+async fn http_addr(server: &str) -> Result<SocketAddr> {
+    if server.starts_with("https://") {
+        bail!("{server}: the HTTP listener speaks plain HTTP only");
+    }
+    let hostport = server
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    tokio::net::lookup_host(hostport)
+        .await
+        .with_context(|| format!("cannot resolve {server} (want http://host:port)"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))
 }
 
 #[derive(Args)]
@@ -321,6 +347,26 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             client.close().await;
+            Ok(())
+        }
+        Command::Stats { server, token_file } => {
+            init_tracing("warn");
+            let addr = http_addr(&server).await?;
+            let token = if token_file.exists() {
+                Some(certs::load_api_token(&token_file)?)
+            } else {
+                None
+            };
+            let r = quicpush::http::client::request(addr, "GET", "/metrics", token.as_deref(), b"")
+                .await?;
+            match r.status {
+                200 => print!("{}", quicpush::metrics::summary(&r.text())),
+                401 if token.is_none() => bail!(
+                    "{server} wants a bearer token and {} does not exist: pass --token-file",
+                    token_file.display()
+                ),
+                status => bail!("{server}/metrics answered {status}: {}", r.text().trim()),
+            }
             Ok(())
         }
         Command::Ping(remote) => {

@@ -668,6 +668,141 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(prev.0)
 }
 
+/// `quicpush stats`: the figures of a scrape for a person, as a short table.
+pub fn summary(text: &str) -> String {
+    use std::fmt::Write;
+    let samples = parse_text(text);
+    let get = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|(k, _)| {
+                k.split('{').next() == Some(name) && {
+                    let l = labels_of(k);
+                    labels.iter().all(|want| l.contains(want))
+                }
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<22}{:>12}{:>12}{:>14}{:>14}", "connections", "online", "accepted", "frames sent", "bytes sent");
+    for t in Transport::ALL {
+        let l = [("transport", t.name())];
+        let _ = writeln!(
+            out,
+            "  {:<20}{:>12}{:>12}{:>14}{:>14}",
+            t.name(),
+            get("quicpush_connections_online", &l),
+            get("quicpush_connections_accepted_total", &l),
+            get("quicpush_deliveries_total", &l),
+            get("quicpush_bytes_sent_total", &l),
+        );
+    }
+    let list = |name: &str, reasons: &mut dyn Iterator<Item = &'static str>| -> String {
+        let v: Vec<String> = reasons
+            .filter_map(|r| {
+                let n = get(name, &[("reason", r)]);
+                (n > 0.0).then(|| format!("{r} {n}"))
+            })
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(
+        out,
+        "handshake failures: {}",
+        list(
+            "quicpush_handshake_failures_total",
+            &mut HandshakeFailure::ALL.iter().map(|h| h.name())
+        )
+    );
+    let _ = writeln!(
+        out,
+        "disconnects: {}",
+        list(
+            "quicpush_disconnects_total",
+            &mut Disconnect::ALL.iter().map(|d| d.name())
+        )
+    );
+    let _ = write!(out, "\n{:<22}", "pushes (channels)");
+    for o in OUTCOMES {
+        let _ = write!(out, "{o:>12}");
+    }
+    out.push('\n');
+    for &m in &PUSH_METHODS {
+        let counts: Vec<f64> = OUTCOMES
+            .iter()
+            .map(|&o| get("quicpush_pushes_total", &[("method", METHODS[m]), ("outcome", o)]))
+            .collect();
+        if counts.iter().all(|&c| c == 0.0) {
+            continue;
+        }
+        let _ = write!(out, "  {:<20}", METHODS[m]);
+        for c in counts {
+            let _ = write!(out, "{c:>12}");
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "queue full drops: {}",
+        get("quicpush_queue_full_drops_total", &[])
+    );
+    let _ = writeln!(
+        out,
+        "resume: recovered {}, not recovered {}",
+        get("quicpush_resume_total", &[("result", "recovered")]),
+        get("quicpush_resume_total", &[("result", "not_recovered")])
+    );
+    let _ = writeln!(
+        out,
+        "history: {} streams, {} bytes; rooms {}; paced broadcasts running {}",
+        get("quicpush_history_streams", &[]),
+        get("quicpush_history_bytes", &[]),
+        get("quicpush_rooms", &[]),
+        get("quicpush_paced_broadcasts_running", &[])
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<22}{:>12}{:>12}{:>12}{:>12}",
+        "backend calls", "calls", "errors", "p50", "p99"
+    );
+    for m in METHODS {
+        let calls = get("quicpush_rpc_duration_seconds_count", &[("method", m)]);
+        if calls == 0.0 {
+            continue;
+        }
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|(k, _)| k.starts_with("quicpush_rpc_duration_seconds_bucket{"))
+            .filter_map(|(k, &v)| {
+                let l = labels_of(k);
+                if !l.contains(&("method", m)) {
+                    return None;
+                }
+                let le = l.iter().find(|(n, _)| *n == "le")?.1;
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                Some((le, v))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let q = |p| quantile(&buckets, p).map_or("-".to_owned(), |s| format!("{:.0} µs", s * 1e6));
+        let _ = writeln!(
+            out,
+            "  {:<20}{:>12}{:>12}{:>12}{:>12}",
+            m,
+            calls,
+            get("quicpush_rpc_errors_total", &[("method", m)]),
+            q(0.5),
+            q(0.99)
+        );
+    }
+    out
+}
+
 fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -809,6 +944,35 @@ mod tests {
         let p99 = quantile(&buckets, 0.99).unwrap();
         assert!((5e-4..=1e-3).contains(&p99), "{p99}");
         assert_eq!(quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+    }
+
+    #[test]
+    fn the_summary_shows_the_figures() {
+        let m = Metrics::new();
+        m.accepted(Transport::Quic);
+        let mut c = PushCounts::default();
+        c.add(PushOutcome::Delivered);
+        m.call(1, Duration::from_micros(40), false, &c);
+        m.session_ended(&Ok(SessionEnd::ServerClosed(CloseReason::SlowConsumer)));
+        let text = m
+            .encode(&Snapshot {
+                online: Online {
+                    total: 1,
+                    tcp: 0,
+                    quic: 1,
+                    paced: vec![],
+                },
+                ..Default::default()
+            })
+            .unwrap();
+        let s = summary(&text);
+        assert!(s.contains("disconnects: slow_consumer 1"), "{s}");
+        assert!(s.contains("handshake failures: none"), "{s}");
+        let quic = s.lines().find(|l| l.trim_start().starts_with("quic")).unwrap();
+        assert_eq!(quic.split_whitespace().collect::<Vec<_>>(), ["quic", "1", "1", "0", "0"]);
+        let calls = s.lines().rfind(|l| l.trim_start().starts_with("PushMsg ")).unwrap();
+        assert!(calls.contains("µs"), "{s}");
+        assert!(!s.contains("BroadcastRoom"), "rows with nothing are left out: {s}");
     }
 
     #[test]
