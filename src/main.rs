@@ -156,6 +156,11 @@ struct BenchArgs {
     /// ids), off, or all sources (rooms and broadcasts too).
     #[arg(long, value_enum, default_value = "default")]
     history: bench::BenchHistory,
+    /// `metrics.enabled` of the server the bench starts; `compare` runs the
+    /// scenario against a server with metrics off, then one with them on, and
+    /// reports both rates and their ratio.
+    #[arg(long, value_enum, default_value = "on")]
+    metrics: bench::BenchMetrics,
     /// `client.tcp_send_buffer` of the server the bench starts, bytes (0: kernel default).
     #[arg(long, default_value_t = 0)]
     tcp_send_buffer: u32,
@@ -184,9 +189,7 @@ async fn http_addr(server: &str) -> Result<SocketAddr> {
     if server.starts_with("https://") {
         bail!("{server}: the HTTP listener speaks plain HTTP only");
     }
-    let hostport = server
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
+    let hostport = server.trim_start_matches("http://").trim_end_matches('/');
     tokio::net::lookup_host(hostport)
         .await
         .with_context(|| format!("cannot resolve {server} (want http://host:port)"))?
@@ -514,6 +517,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         stalled: a.stalled,
         tcp_send_buffer: a.tcp_send_buffer,
         history: a.history,
+        metrics: a.metrics,
         handover: bench::handover::HandoverOptions {
             mode: a.handover_mode,
             loss: a.loss,

@@ -685,7 +685,11 @@ pub fn summary(text: &str) -> String {
             .sum()
     };
     let mut out = String::new();
-    let _ = writeln!(out, "{:<22}{:>12}{:>12}{:>14}{:>14}", "connections", "online", "accepted", "frames sent", "bytes sent");
+    let _ = writeln!(
+        out,
+        "{:<22}{:>12}{:>12}{:>14}{:>14}",
+        "connections", "online", "accepted", "frames sent", "bytes sent"
+    );
     for t in Transport::ALL {
         let l = [("transport", t.name())];
         let _ = writeln!(
@@ -735,7 +739,12 @@ pub fn summary(text: &str) -> String {
     for &m in &PUSH_METHODS {
         let counts: Vec<f64> = OUTCOMES
             .iter()
-            .map(|&o| get("quicpush_pushes_total", &[("method", METHODS[m]), ("outcome", o)]))
+            .map(|&o| {
+                get(
+                    "quicpush_pushes_total",
+                    &[("method", METHODS[m]), ("outcome", o)],
+                )
+            })
             .collect();
         if counts.iter().all(|&c| c == 0.0) {
             continue;
@@ -784,7 +793,11 @@ pub fn summary(text: &str) -> String {
                     return None;
                 }
                 let le = l.iter().find(|(n, _)| *n == "le")?.1;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
                 Some((le, v))
             })
             .collect();
@@ -968,11 +981,23 @@ mod tests {
         let s = summary(&text);
         assert!(s.contains("disconnects: slow_consumer 1"), "{s}");
         assert!(s.contains("handshake failures: none"), "{s}");
-        let quic = s.lines().find(|l| l.trim_start().starts_with("quic")).unwrap();
-        assert_eq!(quic.split_whitespace().collect::<Vec<_>>(), ["quic", "1", "1", "0", "0"]);
-        let calls = s.lines().rfind(|l| l.trim_start().starts_with("PushMsg ")).unwrap();
+        let quic = s
+            .lines()
+            .find(|l| l.trim_start().starts_with("quic"))
+            .unwrap();
+        assert_eq!(
+            quic.split_whitespace().collect::<Vec<_>>(),
+            ["quic", "1", "1", "0", "0"]
+        );
+        let calls = s
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("PushMsg "))
+            .unwrap();
         assert!(calls.contains("µs"), "{s}");
-        assert!(!s.contains("BroadcastRoom"), "rows with nothing are left out: {s}");
+        assert!(
+            !s.contains("BroadcastRoom"),
+            "rows with nothing are left out: {s}"
+        );
     }
 
     #[test]
