@@ -255,6 +255,9 @@ async fn goims_benchmark_requests_byte_for_byte() {
     s.stop().await;
 }
 
+/// Method, path, body, HTTP status, code, what the message contains.
+type Case<'a> = (&'a str, &'a str, &'a [u8], u16, i64, &'a str);
+
 #[tokio::test]
 async fn bad_requests_each_get_their_status_code_and_message() {
     let s = TestServer::start_with(|c| {
@@ -267,7 +270,7 @@ async fn bad_requests_each_get_their_status_code_and_message() {
     let over_client_max = vec![b'x'; 4097];
     let long_query = format!("/goim/push/keys?operation=1&keys={}", "k".repeat(1100));
     // (method, path, body, HTTP status, code, message contains)
-    let cases: Vec<(&str, &str, &[u8], u16, i64, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/goim/push/keys?keys=a",

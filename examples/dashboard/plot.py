@@ -189,6 +189,12 @@ api_token_file = "{tmp}/api.token"
             subprocess.run([exe, "bench", *r, *common], check=True, stdout=subprocess.DEVNULL)
             time.sleep(2)
         time.sleep(2)
+        stats = subprocess.run(
+            [exe, "stats", "--server", f"http://127.0.0.1:{http}", "--token-file",
+             os.path.join(tmp, "api.token")],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        print("quicpush stats:\n" + stats)
     finally:
         stop.set()
         th.join()

@@ -23,7 +23,6 @@
 pub mod api;
 pub mod client;
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -313,30 +312,28 @@ impl axum::serve::Listener for Limited {
     type Io = LimitedStream;
     type Addr = SocketAddr;
 
-    fn accept(&mut self) -> impl Future<Output = (Self::Io, Self::Addr)> + Send {
-        async move {
-            loop {
-                let permit = match self.permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    // never closed; wait for the shutdown to drop this listener
-                    Err(_) => std::future::pending().await,
-                };
-                match self.listener.accept().await {
-                    Ok((stream, addr)) => {
-                        let _ = stream.set_nodelay(true);
-                        return (
-                            LimitedStream {
-                                stream,
-                                _permit: permit,
-                            },
-                            addr,
-                        );
-                    }
-                    Err(e) => {
-                        // e.g. out of file descriptors: back off instead of spinning
-                        error!(error = %e, "HTTP accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let permit = match self.permits.clone().acquire_owned().await {
+                Ok(p) => p,
+                // never closed; wait for the shutdown to drop this listener
+                Err(_) => std::future::pending().await,
+            };
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        LimitedStream {
+                            stream,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    // e.g. out of file descriptors: back off instead of spinning
+                    error!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
