@@ -306,3 +306,27 @@ async fn metrics_off_answer_404_and_count_nothing() {
     assert!(s.metrics.encode(&Default::default()).is_none());
     s.stop().await;
 }
+
+/// Every metric the Grafana dashboard queries is one the server exports.
+#[tokio::test]
+async fn the_dashboard_queries_only_exported_metrics() {
+    let s = TestServer::start().await;
+    let got = scrape(&s).await;
+    let names: std::collections::BTreeSet<&str> =
+        got.keys().map(|k| k.split('{').next().unwrap()).collect();
+    let dashboard = include_str!("../config/grafana-dashboard.json");
+    let mut checked = 0;
+    for (i, _) in dashboard.match_indices("quicpush_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            names.contains(name.as_str()),
+            "the dashboard queries {name}, which /metrics does not have"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked}");
+    s.stop().await;
+}
