@@ -213,9 +213,9 @@ api_token_file = "{tmp}/api.token"
         fontsize=9,
     )
 
-    def draw(ax, title, lines, unit=""):
+    def draw(ax, title, lines, unit="", zeros=False):
         for label, pts in sorted(lines.items()):
-            if pts and any(v for _, v in pts):
+            if pts and (zeros or any(v for _, v in pts)):
                 ax.plot([t for t, _ in pts], [v for _, v in pts], label=label, linewidth=1.2)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -232,12 +232,18 @@ api_token_file = "{tmp}/api.token"
     draw(axes[1][0], "Pushes by outcome /s", rates("quicpush_pushes_total", "outcome"), "channels/s")
     draw(axes[1][1], "Backend call latency", {"p50": latency(scrapes, 0.5), "p99": latency(scrapes, 0.99)}, "µs")
     draw(axes[1][2], "Backend calls /s by method", rates("quicpush_rpc_duration_seconds_count", "method"), "calls/s")
-    draw(axes[2][0], "Queue-full drops /s", rates("quicpush_queue_full_drops_total", None), "pushes/s")
+    draw(axes[2][0], "Queue-full drops /s", {"dropped": rates("quicpush_queue_full_drops_total", None).get(
+        "quicpush_queue_full_drops_total", [])}, "pushes/s", zeros=True)
     draw(axes[2][1], "Disconnects /s by reason", rates("quicpush_disconnects_total", "reason"), "/s")
-    hist = series(scrapes, "quicpush_history_streams", None)
-    hist.update({"rooms": series(scrapes, "quicpush_rooms", None).get("quicpush_rooms", [])})
-    draw(axes[2][2], "History streams, rooms", {("history streams" if k.startswith("quicpush_history") else k): v
-                                               for k, v in hist.items()})
+    ax = axes[2][2]
+    draw(ax, "History streams (left), rooms (right)",
+         {"history streams": series(scrapes, "quicpush_history_streams", None).get("quicpush_history_streams", [])})
+    rooms = series(scrapes, "quicpush_rooms", None).get("quicpush_rooms", [])
+    right = ax.twinx()
+    right.plot([t for t, _ in rooms], [v for _, v in rooms], color="tab:orange", linewidth=1.2, label="rooms")
+    right.set_ylim(0, max([v for _, v in rooms] + [1]) * 1.2)
+    right.tick_params(labelsize=7)
+    right.legend(fontsize=6, loc="lower right")
     for ax in axes[-1]:
         ax.set_xlabel("seconds", fontsize=7)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
