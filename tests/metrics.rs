@@ -330,3 +330,65 @@ async fn the_dashboard_queries_only_exported_metrics() {
     assert!(checked >= 15, "{checked}");
     s.stop().await;
 }
+
+/// A client that never reads: its queue refuses room pushes (counted per call as
+/// `queue_full`, the same number the replies report) until it is closed as a slow
+/// consumer.
+#[tokio::test]
+async fn a_slow_consumer_is_counted_with_its_refused_pushes() {
+    let s = TestServer::start_with(|c| {
+        c.client.queue_size = 8;
+        c.client.tcp_send_buffer = 4096;
+        c.client.slow_consumer_timeout = Duration::from_millis(200);
+        c.client.write_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let _stalled = s
+        .client_with(Via::Tcp, &in_room(&s, "stalled", "live://slow"))
+        .await;
+    s.wait_online(1).await;
+    let backend = s.backend().await;
+    let body = bytes::Bytes::from(vec![b's'; 2000]);
+    let mut refused = 0u64;
+    let mut calls = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while s.registry.online().total > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never closed");
+        let r = backend
+            .call(&Request::BroadcastRoom {
+                room: "live://slow".into(),
+                op: 1000,
+                body: body.clone(),
+            })
+            .await
+            .unwrap();
+        calls += 1;
+        if let Reply::Tally(t) = r {
+            refused += t.queue_full;
+        }
+        if refused > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(refused > 0);
+    let calls = calls as f64;
+    expect(
+        &s,
+        &[
+            ("quicpush_disconnects_total{reason=\"slow_consumer\"}", 1.0),
+            (
+                "quicpush_pushes_total{method=\"BroadcastRoom\",outcome=\"queue_full\"}",
+                refused as f64,
+            ),
+            ("quicpush_queue_full_drops_total", refused as f64),
+            (
+                "quicpush_rpc_duration_seconds_count{method=\"BroadcastRoom\"}",
+                calls,
+            ),
+            ("quicpush_connections_online{transport=\"tcp\"}", 0.0),
+        ],
+    )
+    .await;
+    backend.close().await;
+    s.stop().await;
+}
