@@ -619,3 +619,55 @@ async fn shutdown_answers_requests_in_flight() {
     assert!(text.contains("\"code\":0"), "{text}");
     stopping.await.unwrap();
 }
+
+/// A request slower than `http.timeout` (its body, here) is answered -500.
+#[tokio::test]
+async fn a_request_slower_than_the_timeout_gets_a_server_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start_with(|c| c.http.timeout = Duration::from_millis(200)).await;
+    let mut conn = tokio::net::TcpStream::connect(s.http.unwrap())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /goim/push/keys?operation=1&keys=k HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+        s.api_token
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"code\":-500"), "{text}");
+    assert!(
+        text.contains("took longer than http.timeout of 200ms"),
+        "{text}"
+    );
+    s.stop().await;
+}
+
+/// Over `http.max_connections`, a connection waits until one closes.
+#[tokio::test]
+async fn connections_over_the_limit_wait_for_one_to_close() {
+    let s = TestServer::start_with(|c| c.http.max_connections = 1).await;
+    let addr = s.http.unwrap();
+    let first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // let the server accept it
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = s.api_token.clone();
+    let second = tokio::spawn(async move {
+        client::request(addr, "GET", "/goim/online/total", Some(&token), b"").await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "served beside the first connection");
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.stop().await;
+}
