@@ -31,7 +31,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Generate a CA, server and backend certificates and a token secret.
+    /// Generate a CA, server and backend certificates, a token secret and the HTTP
+    /// API's bearer token.
     Certs {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -297,7 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Certs { dir, sans } => {
             certs::generate(&dir, &sans)?;
             println!(
-                "wrote ca, server and backend certificates and token.secret to {}",
+                "wrote ca, server and backend certificates, token.secret and api.token to {}",
                 dir.display()
             );
             Ok(())
