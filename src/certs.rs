@@ -5,7 +5,9 @@
 //! - `server.pem` / `server.key`: the server's certificate (SANs `localhost`, `127.0.0.1`,
 //!   `::1` and any extra names);
 //! - `backend.pem` / `backend.key`: the backends' client certificate;
-//! - `token.secret`: the HS256 secret for client tokens.
+//! - `token.secret`: the HS256 secret for client tokens;
+//! - `api.token`: the bearer token of the HTTP API (`http.api_token_file`), also
+//!   added on its own to a directory that has the rest but not it.
 //!
 //! Private keys and the secret are written with mode 0600. Existing files are never
 //! overwritten.
@@ -27,6 +29,9 @@ pub const SERVER_KEY: &str = "server.key";
 pub const BACKEND_CERT: &str = "backend.pem";
 pub const BACKEND_KEY: &str = "backend.key";
 pub const TOKEN_SECRET: &str = "token.secret";
+/// The HTTP API's bearer token; not in `ALL`: a directory made before the HTTP
+/// API gets it added.
+pub const API_TOKEN: &str = "api.token";
 
 const ALL: [&str; 7] = [
     CA_CERT,
@@ -56,6 +61,9 @@ pub enum CertError {
     /// The directory already holds some of the files; nothing was written.
     #[error("{path} already exists; refusing to overwrite existing certificates")]
     Exists { path: PathBuf },
+    /// The HTTP API's token file could not be read, or holds no token.
+    #[error("cannot read the HTTP API token {path}: {reason}")]
+    ApiToken { path: PathBuf, reason: String },
     /// The directory holds some but not all files the server needs.
     #[error("{dir} is incomplete: {missing} is missing (remove the partial files or run `quicpush certs`)")]
     Incomplete { dir: PathBuf, missing: &'static str },
@@ -81,7 +89,45 @@ pub fn ensure(dir: &Path, extra_sans: &[String]) -> Result<bool, CertError> {
             });
         }
     }
+    ensure_api_token(&dir.join(API_TOKEN))?;
     Ok(false)
+}
+
+/// Writes a random HTTP API token (32 bytes, hex, mode 0600) to `path` unless it
+/// exists. Returns whether it wrote one.
+pub fn ensure_api_token(path: &Path) -> Result<bool, CertError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| CertError::Write {
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    write_file(path, &format!("{}\n", random_hex()), true)?;
+    Ok(true)
+}
+
+/// Reads the HTTP API token: the file's first line, without surrounding blanks.
+pub fn load_api_token(path: &Path) -> Result<String, CertError> {
+    let err = |reason: String| CertError::ApiToken {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(err("the file holds no token".into()));
+    }
+    Ok(token.to_owned())
+}
+
+/// 32 random bytes in hex.
+fn random_hex() -> String {
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    secret.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Generates a CA, the server and backend certificates and the token secret in `dir`.
@@ -141,9 +187,7 @@ pub fn generate(dir: &Path, extra_sans: &[String]) -> Result<(), CertError> {
         .signed_by(&backend_key, &issuer)
         .map_err(gen("backend certificate"))?;
 
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let secret_hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_hex = random_hex();
 
     write(dir, CA_CERT, &ca_cert.pem(), false)?;
     write(dir, CA_KEY, &ca_key_pem, true)?;
@@ -152,6 +196,7 @@ pub fn generate(dir: &Path, extra_sans: &[String]) -> Result<(), CertError> {
     write(dir, BACKEND_CERT, &backend_cert.pem(), false)?;
     write(dir, BACKEND_KEY, &backend_key.serialize_pem(), true)?;
     write(dir, TOKEN_SECRET, &format!("{secret_hex}\n"), true)?;
+    ensure_api_token(&dir.join(API_TOKEN))?;
     Ok(())
 }
 
@@ -162,7 +207,11 @@ fn name(cn: &str) -> DistinguishedName {
 }
 
 fn write(dir: &Path, file: &str, contents: &str, private: bool) -> Result<(), CertError> {
-    let path = dir.join(file);
+    write_file(&dir.join(file), contents, private)
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    let path = path.to_owned();
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -200,6 +249,41 @@ mod tests {
         }
         let secret = crate::auth::load_secret(&dir.path().join(TOKEN_SECRET)).unwrap();
         assert_eq!(secret.len(), 64);
+        let token = load_api_token(&dir.path().join(API_TOKEN)).unwrap();
+        assert_eq!(token.len(), 64);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(API_TOKEN))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_directory_without_the_api_token_gets_one_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), &[]).unwrap();
+        let path = dir.path().join(API_TOKEN);
+        let first = load_api_token(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            !ensure(dir.path(), &[]).unwrap(),
+            "the certificates existed"
+        );
+        let second = load_api_token(&path).unwrap();
+        assert_ne!(first, second);
+        assert!(!ensure_api_token(&path).unwrap());
+        assert_eq!(load_api_token(&path).unwrap(), second);
+        std::fs::write(&path, "  \n").unwrap();
+        let err = load_api_token(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("no token") && err.contains("api.token"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -47,8 +47,8 @@ impl Transport {
         self as usize
     }
 
-    /// The label in logs (the `conn` span's `transport` field).
-    pub fn label(self) -> &'static str {
+    /// The name in logs (the `conn` span's `transport` field) and metric labels.
+    pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
@@ -61,7 +61,7 @@ impl Transport {
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
+        f.write_str(self.name())
     }
 }
 
@@ -646,6 +646,13 @@ mod tests {
 
     fn frame(body: &'static [u8]) -> Bytes {
         Frame::new(1000, 0, body).to_bytes()
+    }
+
+    #[test]
+    fn every_transport_is_listed_at_its_index() {
+        for (i, t) in Transport::ALL.iter().enumerate() {
+            assert_eq!(t.index(), i, "{t}");
+        }
     }
 
     /// Awaits `fut` for at most a few seconds: a regression fails the test instead

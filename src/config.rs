@@ -42,6 +42,8 @@ pub struct Config {
     pub tls: TlsConfig,
     pub shutdown: ShutdownConfig,
     pub history: HistoryConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Client-facing listeners and per-connection behaviour.
@@ -333,6 +335,62 @@ impl Default for TlsConfig {
     }
 }
 
+/// goim-logic's HTTP push API and `GET /metrics`, on one listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// TCP addresses of the HTTP listener; empty disables it.
+    pub bind: Vec<SocketAddr>,
+    /// Every request needs `Authorization: Bearer <token>` with the token in
+    /// this file (generated with the certificates when missing).
+    pub api_token_file: PathBuf,
+    /// `false`: no token needed; only allowed when every `bind` address is loopback.
+    pub require_token: bool,
+    /// Largest request body (the message) read; a larger one is answered 413.
+    /// A body within it but over `client.max_body` gets code -400.
+    pub max_body_bytes: usize,
+    /// Longest query string (the keys or user ids of a push are in it); a
+    /// longer one is answered 414.
+    pub max_query_bytes: usize,
+    /// Longest a request may take, body read included; then it is answered -500.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most HTTP connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+/// Largest `http.max_query_bytes`: the HTTP parser's own buffer holds the
+/// request line and headers in about 400 KiB.
+pub const MAX_HTTP_QUERY_BYTES: usize = 256 * 1024;
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: vec![SocketAddr::from(([127, 0, 0, 1], 3111))],
+            api_token_file: PathBuf::from("certs/api.token"),
+            require_token: true,
+            max_body_bytes: 64 * 1024,
+            max_query_bytes: 64 * 1024,
+            timeout: Duration::from_secs(10),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// The server's counters (see the README's "Metrics").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `false`: nothing is counted and `GET /metrics` answers 404.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
 /// Graceful shutdown.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -435,6 +493,8 @@ impl Config {
         c.rpc.bind = vec![any];
         c.tls.dir = dir.to_owned();
         c.auth.secret_file = dir.join("token.secret");
+        c.http.bind = vec![any];
+        c.http.api_token_file = dir.join("api.token");
         c
     }
 
@@ -605,6 +665,41 @@ impl Config {
         }
         if h.ttl < Duration::from_secs(1) || h.ttl > Duration::from_secs(7 * 86400) {
             return Err(invalid("history.ttl", "must be between 1s and 7 days"));
+        }
+        self.http.validate()
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.require_token {
+            if let Some(a) = self.bind.iter().find(|a| !a.ip().is_loopback()) {
+                return Err(invalid(
+                    "http.require_token",
+                    format!("false is only allowed on loopback, and http.bind has {a}"),
+                ));
+            }
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > 64 << 20 {
+            return Err(invalid(
+                "http.max_body_bytes",
+                format!("{} is outside 1..={}", self.max_body_bytes, 64 << 20),
+            ));
+        }
+        if self.max_query_bytes < 256 || self.max_query_bytes > MAX_HTTP_QUERY_BYTES {
+            return Err(invalid(
+                "http.max_query_bytes",
+                format!(
+                    "{} is outside 256..={MAX_HTTP_QUERY_BYTES}",
+                    self.max_query_bytes
+                ),
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+            return Err(invalid("http.timeout", "must be within (0s, 1h]"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
         }
         Ok(())
     }
@@ -792,6 +887,21 @@ mod tests {
             ("[history]\nbytes = 1000\n", "history.bytes"),
             ("[history]\nttl = \"500ms\"\n", "history.ttl"),
             ("[history]\nttl = \"8days\"\n", "history.ttl"),
+            (
+                "[http]\nbind = [\"0.0.0.0:3111\"]\nrequire_token = false\n",
+                "http.require_token",
+            ),
+            (
+                "[http]\nbind = [\"127.0.0.1:3111\", \"[::]:3111\"]\nrequire_token = false\n",
+                "http.require_token",
+            ),
+            ("[http]\nmax_body_bytes = 0\n", "http.max_body_bytes"),
+            ("[http]\nmax_body_bytes = 67108865\n", "http.max_body_bytes"),
+            ("[http]\nmax_query_bytes = 10\n", "http.max_query_bytes"),
+            ("[http]\nmax_query_bytes = 262145\n", "http.max_query_bytes"),
+            ("[http]\ntimeout = \"0s\"\n", "http.timeout"),
+            ("[http]\ntimeout = \"2h\"\n", "http.timeout"),
+            ("[http]\nmax_connections = 0\n", "http.max_connections"),
         ];
         for (text, field) in cases {
             assert_eq!(field_of(text), *field, "for {text:?}");
@@ -853,6 +963,21 @@ mod tests {
         let c = Config::parse("[client]\nmax_connections = 10\n[quic]\nretry_threshold = 1024\n")
             .unwrap();
         assert_eq!(c.quic.retry_threshold, 1024);
+    }
+
+    #[test]
+    fn no_token_is_allowed_on_loopback_only_and_an_empty_bind_disables_http() {
+        let c = Config::parse(
+            "[http]\nbind = [\"127.0.0.1:3111\", \"[::1]:3111\"]\nrequire_token = false\n",
+        )
+        .unwrap();
+        assert!(!c.http.require_token);
+        let c = Config::parse("[http]\nbind = []\nrequire_token = false\n").unwrap();
+        assert!(c.http.bind.is_empty());
+        assert!(Config::default().http.require_token);
+        assert_eq!(Config::default().http.bind[0].port(), 3111);
+        let c = Config::parse("[metrics]\nenabled = false\n").unwrap();
+        assert!(!c.metrics.enabled);
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod history;
+pub mod http;
+pub mod metrics;
 pub mod netsim;
 pub mod protocol;
 pub mod registry;

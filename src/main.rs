@@ -31,7 +31,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Generate a CA, server and backend certificates and a token secret.
+    /// Generate a CA, server and backend certificates, a token secret and the HTTP
+    /// API's bearer token.
     Certs {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
@@ -65,6 +66,17 @@ enum Command {
     Online(Remote),
     /// Check that the server answers.
     Ping(Remote),
+    /// Fetch the server's /metrics and print its figures: connections, pushes,
+    /// deliveries, drops, disconnects, resume, history and backend call latency.
+    Stats {
+        /// The server's HTTP listener (http.bind).
+        #[arg(long, default_value = "http://127.0.0.1:3111")]
+        server: String,
+        /// The HTTP API's bearer token (http.api_token_file); not sent if the
+        /// file does not exist (a loopback server with http.require_token = false).
+        #[arg(long, default_value = "certs/api.token")]
+        token_file: PathBuf,
+    },
     /// Disconnect the client with a key.
     Kick {
         #[arg(long)]
@@ -145,6 +157,11 @@ struct BenchArgs {
     /// ids), off, or all sources (rooms and broadcasts too).
     #[arg(long, value_enum, default_value = "default")]
     history: bench::BenchHistory,
+    /// `metrics.enabled` of the server the bench starts; `compare` runs the
+    /// scenario against a server with metrics off, then one with them on, and
+    /// reports both rates and their ratio.
+    #[arg(long, value_enum, default_value = "on")]
+    metrics: bench::BenchMetrics,
     /// `client.tcp_send_buffer` of the server the bench starts, bytes (0: kernel default).
     #[arg(long, default_value_t = 0)]
     tcp_send_buffer: u32,
@@ -166,6 +183,19 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The socket address of `http://host:port` (or `host:port`).
+async fn http_addr(server: &str) -> Result<SocketAddr> {
+    if server.starts_with("https://") {
+        bail!("{server}: the HTTP listener speaks plain HTTP only");
+    }
+    let hostport = server.trim_start_matches("http://").trim_end_matches('/');
+    tokio::net::lookup_host(hostport)
+        .await
+        .with_context(|| format!("cannot resolve {server} (want http://host:port)"))?
+        .next()
+        .with_context(|| format!("{server} resolves to no address"))
 }
 
 #[derive(Args)]
@@ -268,7 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Certs { dir, sans } => {
             certs::generate(&dir, &sans)?;
             println!(
-                "wrote ca, server and backend certificates and token.secret to {}",
+                "wrote ca, server and backend certificates, token.secret and api.token to {}",
                 dir.display()
             );
             Ok(())
@@ -324,6 +354,26 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             client.close().await;
+            Ok(())
+        }
+        Command::Stats { server, token_file } => {
+            init_tracing("warn");
+            let addr = http_addr(&server).await?;
+            let token = if token_file.exists() {
+                Some(certs::load_api_token(&token_file)?)
+            } else {
+                None
+            };
+            let r = quicpush::http::client::request(addr, "GET", "/metrics", token.as_deref(), b"")
+                .await?;
+            match r.status {
+                200 => print!("{}", quicpush::metrics::summary(&r.text())),
+                401 if token.is_none() => bail!(
+                    "{server} wants a bearer token and {} does not exist: pass --token-file",
+                    token_file.display()
+                ),
+                status => bail!("{server}/metrics answered {status}: {}", r.text().trim()),
+            }
             Ok(())
         }
         Command::Ping(remote) => {
@@ -471,6 +521,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         stalled: a.stalled,
         tcp_send_buffer: a.tcp_send_buffer,
         history: a.history,
+        metrics: a.metrics,
         handover: bench::handover::HandoverOptions {
             mode: a.handover_mode,
             loss: a.loss,

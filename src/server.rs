@@ -11,6 +11,9 @@
 //! 3. waits for the sessions, at most `shutdown.grace`;
 //! 4. closes the QUIC endpoints with code 1 and waits for them to go idle, at most
 //!    `shutdown.grace` again.
+//!
+//! The HTTP listener stops accepting in step 1 and answers the requests in flight
+//! by step 3, waited for with the backend RPC streams.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +28,7 @@ use crate::certs::{self, CertError};
 use crate::channel::CloseReason;
 use crate::config::{AuthMode, Config};
 use crate::history::History;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::rpc::broadcast::Broadcaster;
 use crate::rpc::dispatch::{Dispatcher, RpcLimits};
@@ -82,9 +86,13 @@ pub struct Server {
     tcp_tls: Option<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsAcceptor)>,
     quic: Vec<quinn::Endpoint>,
     rpc: Vec<quinn::Endpoint>,
+    http: Vec<TcpListener>,
+    /// The HTTP API's bearer token, unless none is required.
+    api_token: Option<String>,
     registry: Arc<Registry>,
     auth: Authenticator,
     limits: transport::ConnLimits,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Server {
@@ -96,6 +104,7 @@ impl std::fmt::Debug for Server {
             .field("wss", &self.wss_addrs())
             .field("quic", &self.quic_addrs())
             .field("rpc", &self.rpc_addrs())
+            .field("http", &self.http_addrs())
             .finish()
     }
 }
@@ -200,6 +209,19 @@ impl Server {
         for &addr in &config.rpc.bind {
             rpc.push(quic_endpoint(rpc_tls.clone(), addr).map_err(bind_err("backend RPC", addr))?);
         }
+        let mut http = Vec::new();
+        for &addr in &config.http.bind {
+            http.push(bind_tcp(addr, 0).map_err(bind_err("HTTP API", addr))?);
+        }
+        let api_token = if !http.is_empty() && config.http.require_token {
+            let path = &config.http.api_token_file;
+            if config.tls.generate_if_missing && certs::ensure_api_token(path)? {
+                info!(path = %path.display(), "no HTTP API token found: generated one");
+            }
+            Some(certs::load_api_token(path)?)
+        } else {
+            None
+        };
         if config.auth.mode == AuthMode::Open {
             let public: Vec<_> = config
                 .client
@@ -224,6 +246,7 @@ impl Server {
             config.client.max_connections,
             config.client.max_connections_per_ip,
         );
+        let metrics = Arc::new(Metrics::from_enabled(config.metrics.enabled));
         Ok(Server {
             config,
             tcp,
@@ -233,9 +256,12 @@ impl Server {
             tcp_tls,
             quic,
             rpc,
+            http,
+            api_token,
             registry,
             auth,
             limits,
+            metrics,
         })
     }
 
@@ -281,6 +307,19 @@ impl Server {
             .collect()
     }
 
+    /// The HTTP API's addresses (goim-logic's routes and `/metrics`).
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The server's metrics, for inspection.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// The registry, for inspection.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
@@ -302,9 +341,12 @@ impl Server {
             tcp_tls,
             quic,
             rpc,
+            http,
+            api_token,
             registry,
             auth,
             limits,
+            metrics,
         } = self;
         let stop = Shutdown::new();
         let c = &config.client;
@@ -322,6 +364,7 @@ impl Server {
                 max_frames_per_sec: c.max_frames_per_sec,
             },
             shutdown: stop.clone(),
+            metrics: metrics.clone(),
         });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let broadcaster = Broadcaster::start(
@@ -337,6 +380,7 @@ impl Server {
                 max_body: c.max_body,
                 max_keys: config.rpc.max_keys,
             },
+            metrics: metrics.clone(),
         });
 
         let sessions = TaskTracker::new();
@@ -422,6 +466,28 @@ impl Server {
                 stop.clone(),
                 rpc_drain.clone(),
             ));
+        }
+        if !http.is_empty() {
+            let h = &config.http;
+            let state = Arc::new(crate::http::HttpState {
+                dispatcher: dispatcher.clone(),
+                conn_limits: limits.clone(),
+                token: api_token,
+                max_body: h.max_body_bytes,
+                max_query: h.max_query_bytes,
+                timeout: h.timeout,
+            });
+            for l in http {
+                if let Ok(addr) = l.local_addr() {
+                    info!(%addr, token = state.token.is_some(), "HTTP API listening");
+                }
+                backends.spawn(crate::http::serve(
+                    l,
+                    state.clone(),
+                    h.max_connections,
+                    stop.clone(),
+                ));
+            }
         }
         drop(dispatcher);
         if let Some(h) = registry.history().cloned() {

@@ -55,6 +55,7 @@ use tracing::debug;
 
 use crate::auth::{AuthError, Authenticator, MAX_ID_LEN};
 use crate::channel::{Channel, CloseReason, OutReceiver, QueueLimits, Transport};
+use crate::metrics::{Metrics, WriteCounters};
 use crate::protocol::{self, op, Frame, FrameError, PushMeta, Source};
 use crate::registry::{OpFilter, OpList, Registry, RoomsFull};
 use crate::resume::{Positions, ResumeReply};
@@ -186,6 +187,8 @@ pub struct SessionContext {
     pub auth: Authenticator,
     pub limits: SessionLimits,
     pub shutdown: Shutdown,
+    /// The server's metrics ([`Metrics::disabled`] counts nothing).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a session ended with an error. Each is logged with the connection's span.
@@ -227,6 +230,24 @@ pub enum SessionError {
     /// The writer failed or timed out, so the connection is unusable.
     #[error("write failed: {0}")]
     Write(#[from] WriteError),
+}
+
+impl SessionError {
+    /// Whether the client ended the connection on purpose: over QUIC a client
+    /// that closes its connection (CONNECTION_CLOSE with an application code)
+    /// shows up as a read error rather than an end of stream.
+    pub fn is_peer_close(&self) -> bool {
+        let SessionError::Read(e) = self else {
+            return false;
+        };
+        matches!(
+            e.get_ref()
+                .and_then(|i| i.downcast_ref::<quinn::ReadError>()),
+            Some(quinn::ReadError::ConnectionLost(
+                quinn::ConnectionError::ApplicationClosed(_)
+            ))
+        )
+    }
 }
 
 /// Why a session's writer stopped.
@@ -299,6 +320,15 @@ fn auth_reply_frame(resume: bool, key: &str, seq: u32, state: Option<ResumeReply
     Frame::new(op::AUTH_REPLY, seq, body).to_bytes()
 }
 
+/// Counts a resume-capable registration: recovered unless history lacked some
+/// of what the client asked for.
+fn count_resume(metrics: &Metrics, resume: bool, state: Option<&ResumeReply>) {
+    if resume {
+        let lost = state.is_some_and(|s| s.sources.values().any(|st| st.recovered == Some(false)));
+        metrics.resumed(!lost);
+    }
+}
+
 /// The top of every source AuthReply reported: where phase 2 resumes from.
 fn tops_of(reply: &ResumeReply) -> Positions {
     let mut p = Positions::default();
@@ -359,6 +389,7 @@ where
 {
     let limits = &ctx.limits;
     let mut buf = BytesMut::new();
+    ctx.metrics.accepted(transport);
 
     let first = tokio::select! {
         r = tokio::time::timeout(limits.handshake_timeout, read_frame(&mut reader, &mut buf, limits.max_body)) => {
@@ -414,6 +445,7 @@ where
             chan.clone(),
             stop.clone(),
             limits.write_timeout,
+            ctx.metrics.writer(transport),
         ))
     };
     let (writer_task, replaced) = match pending {
@@ -425,7 +457,10 @@ where
                 room.clone(),
                 accepts,
                 positions,
-                |state| Some(auth_reply(state)),
+                |state| {
+                    count_resume(&ctx.metrics, resume, state.as_ref());
+                    Some(auth_reply(state))
+                },
             )?;
             (spawn_writer(writer, rx), replaced)
         }
@@ -477,6 +512,7 @@ where
                     accepts,
                     tops.as_ref(),
                     |state| {
+                        count_resume(&ctx.metrics, true, state.as_ref());
                         gap = state.is_some_and(|s| {
                             s.sources.values().any(|st| st.recovered == Some(false))
                         });
@@ -692,6 +728,7 @@ async fn write_loop<W: SessionWrite>(
     chan: Arc<Channel>,
     stop: CancellationToken,
     write_timeout: Duration,
+    counters: WriteCounters,
 ) -> Result<(), WriteError> {
     // Starts empty and grows with use: most clients are idle most of the time.
     let mut out = BytesMut::new();
@@ -701,9 +738,11 @@ async fn write_loop<W: SessionWrite>(
         if batch.last && chan.close_reason().is_some() {
             Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
         }
+        let (frames, bytes) = (batch.frames, out.len());
         if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {
             break Err(e);
         }
+        counters.written(frames, bytes);
         rx.written();
         if batch.last {
             break Ok(());
@@ -757,6 +796,7 @@ mod tests {
                 max_frames_per_sec: 100,
             },
             shutdown: Shutdown::new(),
+            metrics: Arc::new(Metrics::disabled()),
         })
     }
 
@@ -800,6 +840,7 @@ mod tests {
             auth: Authenticator::Open,
             limits: ctx.limits.clone(),
             shutdown: Shutdown::new(),
+            metrics: Arc::new(Metrics::disabled()),
         })
     }
 

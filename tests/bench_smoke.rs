@@ -26,6 +26,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         stalled: 0,
         tcp_send_buffer: 0,
         history: quicpush::bench::BenchHistory::Default,
+        metrics: quicpush::bench::BenchMetrics::On,
         handover: Default::default(),
         target: Target::Spawn { exe: exe.clone() },
         exe,
@@ -205,4 +206,18 @@ async fn handover_refuses_what_it_cannot_do() {
             .unwrap_err();
         assert!(e.to_string().contains("needs QUIC"), "{e}");
     }
+}
+
+/// `--metrics compare`: the room fan-out against a server with metrics off, then
+/// one with them on; both lose nothing and the report has their ratio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_compare_runs_the_room_twice_and_gives_the_ratio() {
+    let mut opts = options(Scenario::Room, BenchTransport::Tcp);
+    opts.metrics = quicpush::bench::BenchMetrics::Compare;
+    let r = check_deliveries(opts).await;
+    let off = r.metrics_off.as_ref().expect("the metrics-off run");
+    assert_eq!((off.lost, off.duplicated, off.misrouted), (0, 0, 0));
+    assert_eq!(off.deliveries, off.expected);
+    assert!(r.metrics_on_to_off.is_some_and(|x| x > 0.0));
+    assert!(r.table().contains("ratio metrics on/off"), "{}", r.table());
 }

@@ -316,6 +316,28 @@ async fn the_handshake_timeout_covers_the_upgrade_and_the_tls_handshake() {
     let mut c = PushClient::connect_ws(s.ws.unwrap()).await.unwrap();
     assert_closed(&mut c).await;
     assert_eq!(s.limits.per_ip.count("127.0.0.1".parse().unwrap()), 0);
+    // counted: four connections that never got past TLS or the upgrade, one
+    // that never sent Auth
+    let scrape = || async {
+        let r = quicpush::http::client::request(
+            s.http.unwrap(),
+            "GET",
+            "/metrics",
+            Some(&s.api_token),
+            b"",
+        )
+        .await
+        .unwrap();
+        let m = quicpush::metrics::parse_text(&r.text());
+        let failures =
+            |reason: &str| m[&format!("quicpush_handshake_failures_total{{reason=\"{reason}\"}}")];
+        (failures("transport_handshake"), failures("timeout"))
+    };
+    let counted = common::process::poll_until(Duration::from_secs(5), || async {
+        scrape().await == (4.0, 1.0)
+    })
+    .await;
+    assert!(counted, "handshake failures counted: {:?}", scrape().await);
     s.stop().await;
 }
 

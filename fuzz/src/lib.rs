@@ -494,6 +494,8 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
             max_frames_per_sec: if setup.low_rate { 5 } else { 100_000 },
         },
         shutdown: shutdown.clone(),
+        // Counting on: every way a session ends goes through the classification.
+        metrics: Arc::new(quicpush::metrics::Metrics::new()),
     });
 
     let mut clients: Vec<Client> = (0..setup.sessions)

@@ -1359,6 +1359,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw_connects_per_sec: None,
         raw_rss_per_conn_bytes: None,
         ratio_to_raw: None,
+        metrics_off: None,
+        metrics_on_to_off: None,
         quicpush: m,
         raw: None,
         handover: Some(r),

@@ -112,6 +112,20 @@ impl BenchHistory {
     }
 }
 
+/// The metrics of the server the bench starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchMetrics {
+    /// `metrics.enabled = true`, the default.
+    #[default]
+    On,
+    /// `metrics.enabled = false`.
+    Off,
+    /// The scenario twice, each against its own server: metrics off, then on;
+    /// the report gives both rates and their ratio.
+    Compare,
+}
+
 /// Client transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -168,6 +182,8 @@ pub struct BenchOptions {
     /// The history of the server the bench starts (not the handover scenario's,
     /// which keeps every source).
     pub history: BenchHistory,
+    /// The metrics of the server the bench starts, or a comparison of both.
+    pub metrics: BenchMetrics,
     pub target: Target,
     /// Binary that serves `serve` and `bench-floor` (this one, normally).
     pub exe: PathBuf,
@@ -234,6 +250,12 @@ pub struct Report {
     pub raw_connects_per_sec: Option<f64>,
     pub raw_rss_per_conn_bytes: Option<f64>,
     pub ratio_to_raw: Option<f64>,
+    /// `--metrics compare`: the same scenario against a server with metrics off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_off: Option<Measurement>,
+    /// `--metrics compare`: deliveries/s with metrics on over with them off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_on_to_off: Option<f64>,
     pub quicpush: Measurement,
     pub raw: Option<Measurement>,
     /// The handover scenario's figures.
@@ -355,6 +377,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         return Err(BenchError::Options("--clients must be at least 1".into()));
     }
     if opts.scenario == Scenario::Handover {
+        if opts.metrics == BenchMetrics::Compare {
+            return Err(BenchError::Options(
+                "--metrics compare applies to every scenario but handover".into(),
+            ));
+        }
         return handover::run(opts).await;
     }
     if opts.transport == BenchTransport::Ws && opts.raw {
@@ -376,59 +403,34 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             "--stalled applies to the room and broadcast scenarios".into(),
         ));
     }
+    if opts.metrics == BenchMetrics::Compare && !matches!(opts.target, Target::Spawn { .. }) {
+        return Err(BenchError::Options(
+            "--metrics compare starts its own servers: it takes no --server-pid".into(),
+        ));
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let tmp =
         tempfile::tempdir().map_err(|e| BenchError::Io(format!("temporary directory: {e}")))?;
 
-    let (server, certs) = match &opts.target {
-        Target::Spawn { exe } => {
-            let mut config = process::bench_config(tmp.path());
-            config.client.tcp_send_buffer = opts.tcp_send_buffer;
-            opts.history.apply(&mut config.history);
-            (
-                ServerProcess::quicpush_with(exe, tmp.path(), &config)?,
-                tmp.path().to_owned(),
-            )
-        }
-        Target::External {
-            pid,
-            client_addr,
-            rpc_addr,
-            certs,
-        } => (
-            ServerProcess::external(*pid, *client_addr, *rpc_addr),
-            certs.clone(),
-        ),
+    let metrics_off = if opts.metrics == BenchMetrics::Compare {
+        Some(measure_quicpush(opts, tmp.path(), false, "quicpush, metrics off").await?)
+    } else {
+        None
     };
-    let secret = crate::auth::load_secret(&certs.join(crate::certs::TOKEN_SECRET))
-        .map_err(|e| BenchError::Spawn(e.to_string()))?;
-    let backend = Client::connect(
-        server.control,
-        "localhost",
-        &BackendIdentity::from_dir(&certs),
-    )
-    .await
-    .map_err(|e| BenchError::Rpc(e.to_string()))?;
-    let backend = Arc::new(backend);
-    let room = matches!(opts.scenario, Scenario::Room | Scenario::Latency).then(|| ROOM.to_owned());
-    let login = Login::Token {
-        secret: Arc::new(secret),
-        room,
-    };
-    let quicpush = measure(
+    let (quicpush, certs) = measure_quicpush_at(
         opts,
-        &server,
-        &certs,
-        login,
-        Pusher::Quicpush(backend.clone(), opts.stalled as u64),
-        Some(&backend),
-        "quicpush",
+        tmp.path(),
+        opts.metrics != BenchMetrics::Off,
+        if metrics_off.is_some() {
+            "quicpush, metrics on"
+        } else {
+            "quicpush"
+        },
     )
     .await?;
-    if let Ok(b) = Arc::try_unwrap(backend) {
-        b.close().await;
-    }
-    server.stop();
+    let metrics_on_to_off = metrics_off.as_ref().and_then(|off| {
+        (off.deliveries_per_sec > 0.0).then(|| quicpush.deliveries_per_sec / off.deliveries_per_sec)
+    });
 
     let raw = if opts.raw {
         let floor = ServerProcess::floor(&opts.exe, &certs, opts.tcp_send_buffer)?;
@@ -482,10 +484,83 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw_connects_per_sec: raw.as_ref().and_then(|r| r.connects_per_sec),
         raw_rss_per_conn_bytes: raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes),
         ratio_to_raw: ratio,
+        metrics_off,
+        metrics_on_to_off,
         quicpush,
         raw,
         handover: None,
     })
+}
+
+/// Runs the scenario against a quicpush server (started with metrics on or off,
+/// unless the target is an external one).
+async fn measure_quicpush(
+    opts: &BenchOptions,
+    dir: &Path,
+    metrics: bool,
+    name: &str,
+) -> Result<Measurement, BenchError> {
+    Ok(measure_quicpush_at(opts, dir, metrics, name).await?.0)
+}
+
+/// As [`measure_quicpush`], also returning the certificate directory used.
+async fn measure_quicpush_at(
+    opts: &BenchOptions,
+    dir: &Path,
+    metrics: bool,
+    name: &str,
+) -> Result<(Measurement, PathBuf), BenchError> {
+    let (server, certs) = match &opts.target {
+        Target::Spawn { exe } => {
+            let mut config = process::bench_config(dir);
+            config.client.tcp_send_buffer = opts.tcp_send_buffer;
+            config.metrics.enabled = metrics;
+            opts.history.apply(&mut config.history);
+            (
+                ServerProcess::quicpush_with(exe, dir, &config)?,
+                dir.to_owned(),
+            )
+        }
+        Target::External {
+            pid,
+            client_addr,
+            rpc_addr,
+            certs,
+        } => (
+            ServerProcess::external(*pid, *client_addr, *rpc_addr),
+            certs.clone(),
+        ),
+    };
+    let secret = crate::auth::load_secret(&certs.join(crate::certs::TOKEN_SECRET))
+        .map_err(|e| BenchError::Spawn(e.to_string()))?;
+    let backend = Client::connect(
+        server.control,
+        "localhost",
+        &BackendIdentity::from_dir(&certs),
+    )
+    .await
+    .map_err(|e| BenchError::Rpc(e.to_string()))?;
+    let backend = Arc::new(backend);
+    let room = matches!(opts.scenario, Scenario::Room | Scenario::Latency).then(|| ROOM.to_owned());
+    let login = Login::Token {
+        secret: Arc::new(secret),
+        room,
+    };
+    let quicpush = measure(
+        opts,
+        &server,
+        &certs,
+        login,
+        Pusher::Quicpush(backend.clone(), opts.stalled as u64),
+        Some(&backend),
+        name,
+    )
+    .await?;
+    if let Ok(b) = Arc::try_unwrap(backend) {
+        b.close().await;
+    }
+    server.stop();
+    Ok((quicpush, certs))
 }
 
 /// Runs the scenario against one server.
@@ -923,6 +998,18 @@ impl Report {
         }
         if let Some(ratio) = self.ratio_to_raw {
             s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
+        }
+        if let Some(off) = &self.metrics_off {
+            s.push_str(&format!(
+                "{:<26} {:>20.0}\n{:<26} {:>20.0}\n",
+                "deliveries/s metrics off",
+                off.deliveries_per_sec,
+                "deliveries/s metrics on",
+                self.quicpush.deliveries_per_sec
+            ));
+            if let Some(r) = self.metrics_on_to_off {
+                s.push_str(&format!("{:<26} {:>20.3}\n", "ratio metrics on/off", r));
+            }
         }
         s
     }

@@ -1,5 +1,6 @@
-//! Carries out one validated request against the registry. Transport-free, so a
-//! later HTTP front end calls the same function.
+//! Carries out one validated request against the registry. Transport-free: the
+//! QUIC RPC server and the HTTP API call the same [`Dispatcher::dispatch`], which
+//! counts each call once into the server's metrics.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use super::broadcast::Broadcaster;
 use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError};
 use crate::channel::PushOutcome;
+use crate::metrics::{self, Metrics, PushCounts};
 use crate::protocol::Frame;
 use crate::registry::Registry;
 
@@ -26,6 +28,7 @@ pub struct Dispatcher {
     pub registry: Arc<Registry>,
     pub broadcaster: Broadcaster,
     pub limits: RpcLimits,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The frame a push sends: encoded once, shared by every recipient. Its seq is
@@ -68,15 +71,30 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Validates and carries out a request.
+    /// Validates and carries out a request, and counts it.
     pub async fn dispatch(&self, req: Request) -> Result<Reply, RpcError> {
+        if !self.metrics.is_enabled() {
+            return self.run(req, &mut PushCounts::default()).await;
+        }
+        let method = metrics::method_index(&req);
+        let t0 = std::time::Instant::now();
+        let mut counts = PushCounts::default();
+        let result = self.run(req, &mut counts).await;
+        self.metrics
+            .call(method, t0.elapsed(), result.is_err(), &counts);
+        result
+    }
+
+    async fn run(&self, req: Request, counts: &mut PushCounts) -> Result<Reply, RpcError> {
         let r = &self.registry;
         match req {
             Request::Ping => Ok(Reply::Pong),
             Request::PushMsg { key, op, body } => {
                 self.check_keys(std::iter::once(key.as_str()))?;
                 self.check_body(&body)?;
-                Ok(Reply::Pushed(r.push_key(&key, op, &push_frame(op, body))))
+                let outcome = r.push_key(&key, op, &push_frame(op, body));
+                counts.add(outcome);
+                Ok(Reply::Pushed(outcome))
             }
             Request::MPushMsg { keys, op, body } => {
                 self.check_keys(keys.iter().map(String::as_str))?;
@@ -85,6 +103,7 @@ impl Dispatcher {
                 Ok(Reply::Multi(multi(
                     keys.iter().map(|k| r.push_key(k, op, &frame)),
                     keys.len(),
+                    counts,
                 )))
             }
             Request::MPushMsgs { msgs } => {
@@ -98,6 +117,7 @@ impl Dispatcher {
                         r.push_key(&key, op, &push_frame(op, body))
                     }),
                     n,
+                    counts,
                 )))
             }
             Request::PushUser { mids, op, body } => {
@@ -106,7 +126,9 @@ impl Dispatcher {
                 }
                 self.check_count(mids.len())?;
                 self.check_body(&body)?;
-                Ok(Reply::Tally(r.push_users(&mids, op, &push_frame(op, body))))
+                let tally = r.push_users(&mids, op, &push_frame(op, body));
+                counts.add_tally(&tally);
+                Ok(Reply::Tally(tally))
             }
             Request::Broadcast { op, body, speed } => {
                 self.check_body(&body)?;
@@ -121,7 +143,9 @@ impl Dispatcher {
                     return Err(RpcError::EmptyRoom);
                 }
                 self.check_body(&body)?;
-                Ok(Reply::Tally(r.push_room(&room, op, &push_frame(op, body))))
+                let tally = r.push_room(&room, op, &push_frame(op, body));
+                counts.add_tally(&tally);
+                Ok(Reply::Tally(tally))
             }
             Request::Rooms => Ok(Reply::Rooms(
                 r.rooms()
@@ -143,13 +167,18 @@ impl Dispatcher {
 }
 
 /// Collects per-key outcomes; a full queue never stops the rest of the push.
-fn multi(outcomes: impl Iterator<Item = PushOutcome>, n: usize) -> MultiOutcome {
+fn multi(
+    outcomes: impl Iterator<Item = PushOutcome>,
+    n: usize,
+    counts: &mut PushCounts,
+) -> MultiOutcome {
     let mut v = Vec::with_capacity(n);
     let mut index = -1;
     for (i, o) in outcomes.enumerate() {
         if o == PushOutcome::Delivered {
             index = i as i64;
         }
+        counts.add(o);
         v.push(o);
     }
     MultiOutcome { outcomes: v, index }

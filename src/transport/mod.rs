@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::channel::CloseReason;
+use crate::metrics::Metrics;
 use crate::session::{SessionEnd, SessionError, WriteError};
 
 /// Connection limits shared by every client transport: in total, and per source IP.
@@ -89,6 +90,12 @@ impl IpLimiter {
     /// Whether `ip` has `max` connections already.
     pub fn is_full(&self, ip: IpAddr) -> bool {
         self.count(ip) >= self.max
+    }
+
+    /// Distinct source addresses with at least one connection counted
+    /// (goim-logic's `ip_count`).
+    pub fn distinct(&self) -> usize {
+        self.counts.lock().len()
     }
 }
 
@@ -241,8 +248,10 @@ pub(crate) fn refused(reason: Refusal, remote: SocketAddr) {
     }
 }
 
-/// Logs how a session ended, in the connection's span.
-pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
+/// Logs how a session ended, in the connection's span, and counts it in the
+/// server's metrics (every transport calls this once per session).
+pub(crate) fn log_end(metrics: &Metrics, result: &Result<SessionEnd, SessionError>) {
+    metrics.session_ended(result);
     match result {
         Ok(SessionEnd::ClientClosed) => debug!("connection closed by client"),
         Ok(SessionEnd::Unconfirmed) => {
@@ -252,6 +261,7 @@ pub(crate) fn log_end(result: &Result<SessionEnd, SessionError>) {
             warn!(%reason, "connection closed by server")
         }
         Ok(SessionEnd::ServerClosed(reason)) => info!(%reason, "connection closed by server"),
+        Err(e) if e.is_peer_close() => debug!("connection closed by client"),
         // The client hanging up or its network failing is no server problem, whether
         // the reader or the writer notices it first.
         Err(e @ (SessionError::Read(_) | SessionError::Write(WriteError::Io(_)))) => {
@@ -302,6 +312,7 @@ mod tests {
         assert!(!l.is_full(a));
         let _p = l.try_acquire(a).unwrap();
         assert!(l.is_full(a));
+        assert_eq!(l.distinct(), 1);
     }
 
     #[test]

@@ -473,8 +473,9 @@ async fn connection(
         };
         let recv = FollowPath::new(recv, conn.clone(), counted.clone());
         let confirmed = confirmed.clone().map(|r| r.is_ok()).boxed();
+        let metrics = ctx.metrics.clone();
         let result = session::run(ctx, recv, send, Transport::Quic, Some(confirmed)).await;
-        super::log_end(&result);
+        super::log_end(&metrics, &result);
     };
     tokio::select! {
         () = served => {}

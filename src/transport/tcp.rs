@@ -11,6 +11,7 @@ use tracing::{error, field, info_span, Instrument};
 
 use super::{ConnLimits, ConnPermits};
 use crate::channel::Transport;
+use crate::metrics::HandshakeFailure;
 use crate::session::{self, SessionContext};
 
 /// Accepts TCP clients until shutdown.
@@ -28,8 +29,9 @@ pub async fn serve(
         Transport::Tcp,
         |ctx, socket| async move {
             let (reader, writer) = socket.into_split();
+            let metrics = ctx.metrics.clone();
             let result = session::run(ctx, reader, writer, Transport::Tcp, None).await;
-            super::log_end(&result);
+            super::log_end(&metrics, &result);
         },
     )
     .await
@@ -66,7 +68,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Ok(s) => s,
                 Err(e) => {
                     // e.g. out of file descriptors: back off instead of spinning
-                    error!(error = %e, transport = transport.label(), "TCP accept failed");
+                    error!(error = %e, transport = transport.name(), "TCP accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -82,7 +84,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         let _ = socket.set_nodelay(true);
         let span = info_span!(
             "conn",
-            transport = transport.label(),
+            transport = transport.name(),
             remote = %remote,
             key = field::Empty
         );
@@ -111,10 +113,12 @@ pub(crate) async fn within_handshake<T, E: std::fmt::Display>(
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "{what} failed");
+                ctx.metrics.handshake_failed(HandshakeFailure::Transport);
                 None
             }
             Err(_) => {
                 tracing::info!(?timeout, "{what} not done within client.handshake_timeout");
+                ctx.metrics.handshake_failed(HandshakeFailure::Transport);
                 None
             }
         },

@@ -56,8 +56,9 @@ pub async fn serve(
                     return;
                 };
                 let (reader, writer) = tokio::io::split(stream);
+                let metrics = ctx.metrics.clone();
                 let result = session::run(ctx, reader, writer, Transport::Tls, None).await;
-                super::log_end(&result);
+                super::log_end(&metrics, &result);
             }
         },
     )

@@ -194,8 +194,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (reader, writer) = split(ws);
+    let metrics = ctx.metrics.clone();
     let result = session::run(ctx, reader, writer, transport, None).await;
-    super::log_end(&result);
+    super::log_end(&metrics, &result);
 }
 
 /// Splits an upgraded connection into the session's reader and writer.

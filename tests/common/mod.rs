@@ -30,6 +30,11 @@ pub struct TestServer {
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
+    /// The HTTP API's address, unless `http.bind` was emptied.
+    pub http: Option<SocketAddr>,
+    /// The HTTP API's bearer token (in `<dir>/api.token`).
+    pub api_token: String,
+    pub metrics: Arc<quicpush::metrics::Metrics>,
     pub dir: tempfile::TempDir,
     pub registry: Arc<Registry>,
     /// The server's client connection limits and their per-IP counts.
@@ -76,6 +81,8 @@ impl TestServer {
         config.rpc.bind = vec![local()];
         config.tls.dir = dir.path().to_owned();
         config.auth.secret_file = dir.path().join("token.secret");
+        config.http.bind = vec![local()];
+        config.http.api_token_file = dir.path().join("api.token");
         tweak(&mut config);
         config.validate().unwrap();
         let server = Server::bind(config).await.unwrap();
@@ -86,6 +93,11 @@ impl TestServer {
         let ws = server.ws_addrs().first().copied();
         let wss = server.wss_addrs().first().copied();
         let tls = server.tls_addrs().first().copied();
+        let http = server.http_addrs().first().copied();
+        let api_token = std::fs::read_to_string(dir.path().join("api.token"))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default();
+        let metrics = server.metrics();
         let registry = server.registry();
         let limits = server.conn_limits();
         let stop = CancellationToken::new();
@@ -98,6 +110,9 @@ impl TestServer {
             ws,
             wss,
             tls,
+            http,
+            api_token,
+            metrics,
             dir,
             registry,
             limits,
