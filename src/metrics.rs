@@ -12,7 +12,7 @@
 //! With `metrics.enabled = false` every handle is absent and counting does
 //! nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -315,9 +315,62 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
+/// Stripes of a [`StripedCounter`]: at least the worker threads of a small
+/// machine, so each thread mostly has its own.
+const STRIPES: usize = 16;
+
+/// One stripe, on a cache line of its own (128 bytes: two lines on x86, one on
+/// Apple silicon), so threads adding to different stripes never share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// A counter for the writers' figures (`deliveries`, `bytes_sent`), which every
+/// session's writer adds to after each write: in a room fan-out that is once per
+/// recipient. A plain atomic would be one cache line that every core writes to;
+/// here each thread adds to its own stripe, and a scrape sums them.
+#[derive(Debug, Clone, Default)]
+pub struct StripedCounter(Arc<[Stripe; STRIPES]>);
+
+/// The stripe this thread adds to, assigned round-robin on its first add.
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    INDEX.with(|i| *i)
+}
+
+impl StripedCounter {
+    pub fn inc_by(&self, n: u64) {
+        if let Some(s) = self.0.get(stripe_index()) {
+            s.0.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The sum over every stripe.
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for StripedCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for StripedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
 /// The counters a session's writer adds to after each write.
 #[derive(Debug, Clone, Default)]
-pub struct WriteCounters(Option<(Counter, Counter)>);
+pub struct WriteCounters(Option<(StripedCounter, StripedCounter)>);
 
 impl WriteCounters {
     /// One write of `frames` frames in `bytes` bytes.
@@ -343,8 +396,8 @@ struct Inner {
     registry: Registry,
     online: Vec<Gauge>,
     accepted: Vec<Counter>,
-    deliveries: Vec<Counter>,
-    bytes_sent: Vec<Counter>,
+    deliveries: Vec<StripedCounter>,
+    bytes_sent: Vec<StripedCounter>,
     handshake_failures: Vec<Counter>,
     disconnects: Vec<Counter>,
     pushes: Vec<[Counter; 5]>,
@@ -1018,6 +1071,21 @@ mod tests {
             !s.contains("BroadcastRoom"),
             "rows with nothing are left out: {s}"
         );
+    }
+
+    #[test]
+    fn a_striped_counter_sums_what_every_thread_added() {
+        let c = StripedCounter::default();
+        let threads: Vec<_> = (0..20u64)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| c.inc_by(i)))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(c.get(), 1000 * (0..20).sum::<u64>());
     }
 
     #[test]
