@@ -484,7 +484,7 @@ mod ws_client {
     use std::sync::Arc;
     use std::task::{ready, Context, Poll};
 
-    use bytes::{Buf, Bytes, BytesMut};
+    use bytes::{Bytes, BytesMut};
     use futures_util::stream::{SplitSink, SplitStream};
     use futures_util::{Sink, StreamExt};
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -557,10 +557,7 @@ mod ws_client {
         ) -> Poll<io::Result<()>> {
             let this = self.get_mut();
             loop {
-                if !this.chunk.is_empty() {
-                    let n = this.chunk.len().min(buf.remaining());
-                    buf.put_slice(&this.chunk[..n]);
-                    this.chunk.advance(n);
+                if crate::transport::ws::copy_chunk(&mut this.chunk, buf) {
                     return Poll::Ready(Ok(()));
                 }
                 match ready!(this.stream.poll_next_unpin(cx)) {

@@ -326,17 +326,23 @@ impl StoresServerSessions for SessionStore {
     }
 }
 
-/// The rustls side of [`client_server_config`].
-pub fn client_server_tls(dir: &Path, q: &QuicConfig) -> Result<rustls::ServerConfig, TlsError> {
+/// Every client-facing listener's TLS: the server certificate and key from
+/// `dir`, no client certificate.
+fn client_facing(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
     let certs = load_certs(&dir.join(certs::SERVER_CERT))?;
     let key = load_key(&dir.join(certs::SERVER_KEY))?;
-    let mut cfg = server_builder()?
+    server_builder()?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|source| TlsError::Rustls {
             what: "server certificate and key do not match",
             source,
-        })?;
+        })
+}
+
+/// The rustls side of [`client_server_config`].
+pub fn client_server_tls(dir: &Path, q: &QuicConfig) -> Result<rustls::ServerConfig, TlsError> {
+    let mut cfg = client_facing(dir)?;
     cfg.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
     if q.zero_rtt {
         // One single-use ticket per connection: a client has one connection at a
@@ -379,15 +385,7 @@ pub fn client_tcp_server_config(
     dir: &Path,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = load_certs(&dir.join(certs::SERVER_CERT))?;
-    let key = load_key(&dir.join(certs::SERVER_KEY))?;
-    let mut cfg = server_builder()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|source| TlsError::Rustls {
-            what: "server certificate and key do not match",
-            source,
-        })?;
+    let mut cfg = client_facing(dir)?;
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     no_resumption(&mut cfg);
     Ok(Arc::new(cfg))

@@ -236,6 +236,19 @@ impl<S> WsReader<S> {
     }
 }
 
+/// Moves as much of a received message's remaining bytes into `buf` as fit;
+/// false when nothing was left (the next message is needed). Both ends' readers
+/// (this server's and [`crate::client`]'s) turn messages into a byte stream so.
+pub(crate) fn copy_chunk(chunk: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
+    if chunk.is_empty() {
+        return false;
+    }
+    let n = chunk.len().min(buf.remaining());
+    buf.put_slice(&chunk[..n]);
+    chunk.advance(n);
+    true
+}
+
 impl<S> AsyncRead for WsReader<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -247,10 +260,7 @@ where
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.chunk.is_empty() {
-                let n = this.chunk.len().min(buf.remaining());
-                buf.put_slice(&this.chunk[..n]);
-                this.chunk.advance(n);
+            if copy_chunk(&mut this.chunk, buf) {
                 return Poll::Ready(Ok(()));
             }
             let msg = ready!(this.stream.poll_next_unpin(cx));
