@@ -158,8 +158,8 @@ struct BenchArgs {
     #[arg(long, value_enum, default_value = "default")]
     history: bench::BenchHistory,
     /// `metrics.enabled` of the server the bench starts; `compare` runs the
-    /// scenario against a server with metrics off, then one with them on, and
-    /// reports both rates and their ratio.
+    /// scenario four times (metrics off, on, on, off), and reports every rate and
+    /// the ratio of the means.
     #[arg(long, value_enum, default_value = "on")]
     metrics: bench::BenchMetrics,
     /// `client.tcp_send_buffer` of the server the bench starts, bytes (0: kernel default).

@@ -315,8 +315,8 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
-/// Stripes of a [`StripedCounter`]: at least the worker threads of a small
-/// machine, so each thread mostly has its own.
+/// Stripes of a [`StripedCounter`] that one thread each owns: at least the worker
+/// threads of a small machine. Threads past them share one more stripe.
 const STRIPES: usize = 16;
 
 /// One stripe, on a cache line of its own (128 bytes: two lines on x86, one on
@@ -327,30 +327,57 @@ struct Stripe(AtomicU64);
 
 /// A counter for the writers' figures (`deliveries`, `bytes_sent`), which every
 /// session's writer adds to after each write: in a room fan-out that is once per
-/// recipient. A plain atomic would be one cache line that every core writes to;
-/// here each thread adds to its own stripe, and a scrape sums them.
+/// recipient. A plain atomic would be one cache line that every core writes to with
+/// a locked instruction; here each of the first [`STRIPES`] threads owns a stripe
+/// and adds to it with a plain load and store (no other thread writes it, so no
+/// read-modify-write is needed), later threads share the last stripe with an atomic
+/// add, and a scrape sums them.
 #[derive(Debug, Clone, Default)]
-pub struct StripedCounter(Arc<[Stripe; STRIPES]>);
+pub struct StripedCounter(Arc<[Stripe; STRIPES + 1]>);
 
-/// The stripe this thread adds to, assigned round-robin on its first add.
+/// The stripe this thread owns, or `STRIPES` (the shared one) for threads past the
+/// first [`STRIPES`]; assigned on the thread's first add, for every counter.
 fn stripe_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        static INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
     }
-    INDEX.with(|i| *i)
+    INDEX.with(|i| {
+        let v = i.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT.fetch_add(1, Ordering::Relaxed).min(STRIPES);
+        i.set(v);
+        v
+    })
 }
 
 impl StripedCounter {
+    #[inline]
     pub fn inc_by(&self, n: u64) {
-        if let Some(s) = self.0.get(stripe_index()) {
-            s.0.fetch_add(n, Ordering::Relaxed);
+        self.add_at(stripe_index(), n);
+    }
+
+    /// Adds `n` to stripe `i` (from [`stripe_index`] on this thread).
+    #[inline]
+    fn add_at(&self, i: usize, n: u64) {
+        if let Some(s) = self.0.get(i) {
+            if i < STRIPES {
+                // This thread is the stripe's only writer.
+                let v = s.0.load(Ordering::Relaxed);
+                s.0.store(v.wrapping_add(n), Ordering::Relaxed);
+            } else {
+                s.0.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
     /// The sum over every stripe.
     pub fn get(&self) -> u64 {
-        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+        self.0
+            .iter()
+            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Ordering::Relaxed)))
     }
 }
 
@@ -374,10 +401,12 @@ pub struct WriteCounters(Option<(StripedCounter, StripedCounter)>);
 
 impl WriteCounters {
     /// One write of `frames` frames in `bytes` bytes.
+    #[inline]
     pub fn written(&self, frames: usize, bytes: usize) {
         if let Some((f, b)) = &self.0 {
-            f.inc_by(frames as u64);
-            b.inc_by(bytes as u64);
+            let i = stripe_index();
+            f.add_at(i, frames as u64);
+            b.add_at(i, bytes as u64);
         }
     }
 }
@@ -1076,7 +1105,8 @@ mod tests {
     #[test]
     fn a_striped_counter_sums_what_every_thread_added() {
         let c = StripedCounter::default();
-        let threads: Vec<_> = (0..20u64)
+        // More threads than owned stripes: the last ones share one.
+        let threads: Vec<_> = (0..(STRIPES as u64 + 8))
             .map(|i| {
                 let c = c.clone();
                 std::thread::spawn(move || (0..1000).for_each(|_| c.inc_by(i)))
@@ -1085,7 +1115,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(c.get(), 1000 * (0..20).sum::<u64>());
+        assert_eq!(c.get(), 1000 * (0..(STRIPES as u64 + 8)).sum::<u64>());
     }
 
     #[test]

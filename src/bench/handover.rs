@@ -1360,6 +1360,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw_rss_per_conn_bytes: None,
         ratio_to_raw: None,
         metrics_off: None,
+        metrics_rates: None,
         metrics_on_to_off: None,
         quicpush: m,
         raw: None,

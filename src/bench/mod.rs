@@ -121,8 +121,8 @@ pub enum BenchMetrics {
     On,
     /// `metrics.enabled = false`.
     Off,
-    /// The scenario twice, each against its own server: metrics off, then on;
-    /// the report gives both rates and their ratio.
+    /// The scenario four times, each against its own server: metrics off, on,
+    /// on, off; the report gives every rate and the ratio of the means.
     Compare,
 }
 
@@ -253,7 +253,11 @@ pub struct Report {
     /// `--metrics compare`: the same scenario against a server with metrics off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_off: Option<Measurement>,
-    /// `--metrics compare`: deliveries/s with metrics on over with them off.
+    /// `--metrics compare`: deliveries/s of the four runs (off, on, on, off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_rates: Option<MetricsRates>,
+    /// `--metrics compare`: the mean deliveries/s with metrics on over the mean with
+    /// them off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_on_to_off: Option<f64>,
     pub quicpush: Measurement,
@@ -371,6 +375,38 @@ fn progress_bar(enabled: bool, len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// `--metrics compare`: deliveries/s of each run, in the order off, on, on, off
+/// (`off[0]`, `on[0]`, `on[1]`, `off[1]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsRates {
+    pub off: [f64; 2],
+    pub on: [f64; 2],
+    /// Server CPU µs per delivery of the same runs: on a machine whose cores are
+    /// shared (steal time), steadier than the rates.
+    pub off_cpu_us: [Option<f64>; 2],
+    pub on_cpu_us: [Option<f64>; 2],
+}
+
+impl MetricsRates {
+    /// Mean rate with metrics on over the mean with them off.
+    pub fn ratio(&self) -> Option<f64> {
+        let off = self.off[0] + self.off[1];
+        (off > 0.0).then(|| (self.on[0] + self.on[1]) / off)
+    }
+
+    /// Mean server CPU per delivery with metrics off over the mean with them on:
+    /// below 1 when counting costs CPU.
+    pub fn cpu_ratio(&self) -> Option<f64> {
+        let [Some(a), Some(b)] = self.off_cpu_us else {
+            return None;
+        };
+        let [Some(c), Some(d)] = self.on_cpu_us else {
+            return None;
+        };
+        (c + d > 0.0).then(|| (a + b) / (c + d))
+    }
+}
+
 /// Runs the benchmark and returns its report.
 pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.clients == 0 {
@@ -412,8 +448,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let tmp =
         tempfile::tempdir().map_err(|e| BenchError::Io(format!("temporary directory: {e}")))?;
 
-    let metrics_off = if opts.metrics == BenchMetrics::Compare {
-        Some(measure_quicpush(opts, tmp.path(), false, "quicpush, metrics off").await?)
+    // `--metrics compare` runs off, on, on, off (each against its own server), so a
+    // drift of the machine over the runs weighs on both sides alike.
+    let compare = opts.metrics == BenchMetrics::Compare;
+    let metrics_off = if compare {
+        Some(measure_quicpush(opts, tmp.path(), false, "quicpush, metrics off (1 of 2)").await?)
     } else {
         None
     };
@@ -421,16 +460,35 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         opts,
         tmp.path(),
         opts.metrics != BenchMetrics::Off,
-        if metrics_off.is_some() {
-            "quicpush, metrics on"
+        if compare {
+            "quicpush, metrics on (1 of 2)"
         } else {
             "quicpush"
         },
     )
     .await?;
-    let metrics_on_to_off = metrics_off.as_ref().and_then(|off| {
-        (off.deliveries_per_sec > 0.0).then(|| quicpush.deliveries_per_sec / off.deliveries_per_sec)
-    });
+    let metrics_rates = match &metrics_off {
+        Some(off1) => {
+            let on2 =
+                measure_quicpush(opts, tmp.path(), true, "quicpush, metrics on (2 of 2)").await?;
+            let off2 =
+                measure_quicpush(opts, tmp.path(), false, "quicpush, metrics off (2 of 2)").await?;
+            Some(MetricsRates {
+                off: [off1.deliveries_per_sec, off2.deliveries_per_sec],
+                on: [quicpush.deliveries_per_sec, on2.deliveries_per_sec],
+                off_cpu_us: [
+                    off1.server_cpu_us_per_delivery,
+                    off2.server_cpu_us_per_delivery,
+                ],
+                on_cpu_us: [
+                    quicpush.server_cpu_us_per_delivery,
+                    on2.server_cpu_us_per_delivery,
+                ],
+            })
+        }
+        None => None,
+    };
+    let metrics_on_to_off = metrics_rates.as_ref().and_then(MetricsRates::ratio);
 
     let raw = if opts.raw {
         let floor = ServerProcess::floor(&opts.exe, &certs, opts.tcp_send_buffer)?;
@@ -485,6 +543,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw_rss_per_conn_bytes: raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes),
         ratio_to_raw: ratio,
         metrics_off,
+        metrics_rates,
         metrics_on_to_off,
         quicpush,
         raw,
@@ -999,16 +1058,30 @@ impl Report {
         if let Some(ratio) = self.ratio_to_raw {
             s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
         }
-        if let Some(off) = &self.metrics_off {
+        if let Some(m) = &self.metrics_rates {
             s.push_str(&format!(
-                "{:<26} {:>20.0}\n{:<26} {:>20.0}\n",
+                "{:<26} {:>20}\n{:<26} {:>20}\n",
                 "deliveries/s metrics off",
-                off.deliveries_per_sec,
+                format!("{:.0}, {:.0}", m.off[0], m.off[1]),
                 "deliveries/s metrics on",
-                self.quicpush.deliveries_per_sec
+                format!("{:.0}, {:.0}", m.on[0], m.on[1]),
             ));
             if let Some(r) = self.metrics_on_to_off {
                 s.push_str(&format!("{:<26} {:>20.3}\n", "ratio metrics on/off", r));
+            }
+            let us = |v: [Option<f64>; 2]| {
+                v.map(|x| x.map_or("-".to_owned(), |x| format!("{x:.3}")))
+                    .join(", ")
+            };
+            s.push_str(&format!(
+                "{:<26} {:>20}\n{:<26} {:>20}\n",
+                "CPU µs/delivery off",
+                us(m.off_cpu_us),
+                "CPU µs/delivery on",
+                us(m.on_cpu_us),
+            ));
+            if let Some(r) = m.cpu_ratio() {
+                s.push_str(&format!("{:<26} {:>20.3}\n", "CPU ratio off/on", r));
             }
         }
         s
