@@ -19,6 +19,7 @@
 //! and the per-stream ordering locks that make append order the delivery order.
 
 pub mod memory;
+pub mod redis_store;
 
 use std::fmt;
 use std::sync::Arc;

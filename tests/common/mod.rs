@@ -18,6 +18,7 @@ use quicpush::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
 pub mod process;
+pub mod redis;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
