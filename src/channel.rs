@@ -98,6 +98,37 @@ impl fmt::Display for CloseReason {
     }
 }
 
+impl CloseReason {
+    /// The reason's name in the DisconnectReply body and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Replaced => "replaced",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Overflow => "overflow",
+        }
+    }
+
+    /// Whether the client should connect again (and resume): not when another
+    /// connection took its key or a backend kicked it.
+    pub fn reconnect(self) -> bool {
+        !matches!(self, CloseReason::Replaced | CloseReason::Kicked)
+    }
+
+    /// The body of the DisconnectReply a connection closed for this reason gets:
+    /// JSON `{"reason":"…","reconnect":bool}`. goim clients take no body from
+    /// DisconnectReply and ignore it; a quicpush client learns why, and that after
+    /// `shutdown` it should resume on another node of the tier.
+    pub fn disconnect_body(self) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"reason":"{}","reconnect":{}}}"#,
+            self.name(),
+            self.reconnect()
+        ))
+    }
+}
+
 pub use crate::rpc::proto::PushOutcome;
 
 /// A channel's bounded outbound queue: the bytes its writer will send next.

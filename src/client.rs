@@ -864,6 +864,25 @@ pub struct ResumingClient {
     pub zero_rtt_attempted: u64,
     /// Of those, the ones whose 0-RTT data the server accepted.
     pub zero_rtt_accepted: u64,
+    /// Why the server last closed the connection, from its DisconnectReply.
+    pub last_disconnect: Option<Disconnect>,
+}
+
+/// A DisconnectReply's body: why the server closed the connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Disconnect {
+    /// `replaced`, `kicked`, `shutdown`, `slow_consumer` or `overflow`.
+    pub reason: String,
+    /// Whether the server asks the client to connect again and resume (after
+    /// `shutdown`: on another node of the tier).
+    pub reconnect: bool,
+}
+
+impl Disconnect {
+    /// Parses a DisconnectReply body; `None` for an empty or foreign one.
+    pub fn parse(body: &[u8]) -> Option<Disconnect> {
+        serde_json::from_slice(body).ok()
+    }
 }
 
 impl std::fmt::Debug for ResumingClient {
@@ -893,6 +912,7 @@ impl ResumingClient {
             connects: 0,
             zero_rtt_attempted: 0,
             zero_rtt_accepted: 0,
+            last_disconnect: None,
         };
         let reply = c.reconnect().await;
         (c, reply)
@@ -999,7 +1019,10 @@ impl ResumingClient {
                     self.state.positions.set(Source::Room, pos);
                     return Event::Reply(f);
                 }
-                Ok(Some((f, _))) if f.op == op::DISCONNECT_REPLY => self.conn = None,
+                Ok(Some((f, _))) if f.op == op::DISCONNECT_REPLY => {
+                    self.last_disconnect = Disconnect::parse(&f.body);
+                    self.conn = None;
+                }
                 Ok(Some((f, _))) => return Event::Reply(f),
                 Ok(None) | Err(_) => self.conn = None,
             }

@@ -735,8 +735,8 @@ async fn write_loop<W: SessionWrite>(
     let result = loop {
         // Everything queued, in one buffer; `last` once the queue is shut.
         let batch = rx.next(&mut out).await;
-        if batch.last && chan.close_reason().is_some() {
-            Frame::new(op::DISCONNECT_REPLY, 0, Bytes::new()).encode(&mut out);
+        if let (true, Some(reason)) = (batch.last, chan.close_reason()) {
+            Frame::new(op::DISCONNECT_REPLY, 0, reason.disconnect_body()).encode(&mut out);
         }
         let (frames, bytes) = (batch.frames, out.len());
         if let Err(e) = write_out(&mut writer, &mut out, write_timeout).await {

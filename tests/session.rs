@@ -192,6 +192,8 @@ async fn a_second_connection_with_the_same_key_replaces_the_first() {
         let mut new = s.client(second, "dup").await;
         let f = next(&mut old).await;
         assert_eq!(f.op, op::DISCONNECT_REPLY);
+        let why = quicpush::client::Disconnect::parse(&f.body).expect("a JSON body");
+        assert_eq!((why.reason.as_str(), why.reconnect), ("replaced", false));
         assert_closed(&mut old).await;
         assert_eq!(s.registry.online().total, 1);
         backend

@@ -30,7 +30,11 @@ async fn in_process_shutdown_sends_disconnect_reply_after_queued_pushes() {
     for c in &mut clients {
         // everything queued before the shutdown still arrives, then DisconnectReply
         assert_eq!(&next(c).await.body[..], b"last words");
-        assert_eq!(next(c).await.op, op::DISCONNECT_REPLY);
+        let bye = next(c).await;
+        assert_eq!(bye.op, op::DISCONNECT_REPLY);
+        // It says why, and that the client should resume (on another node).
+        let why = quicpush::client::Disconnect::parse(&bye.body).expect("a JSON body");
+        assert_eq!((why.reason.as_str(), why.reconnect), ("shutdown", true));
         assert_closed(c).await;
     }
     assert_eq!(reg.online().total, 0);
