@@ -866,6 +866,9 @@ pub struct ResumingClient {
     pub zero_rtt_accepted: u64,
     /// Why the server last closed the connection, from its DisconnectReply.
     pub last_disconnect: Option<Disconnect>,
+    /// Other nodes of the tier to resume on, tried in turn after `dial` when the
+    /// server drains (DisconnectReply `shutdown`) or a connect attempt fails.
+    others: std::collections::VecDeque<Dial>,
 }
 
 /// A DisconnectReply's body: why the server closed the connection.
@@ -913,9 +916,50 @@ impl ResumingClient {
             zero_rtt_attempted: 0,
             zero_rtt_accepted: 0,
             last_disconnect: None,
+            others: Default::default(),
         };
         let reply = c.reconnect().await;
         (c, reply)
+    }
+
+    /// As [`ResumingClient::connect`], with other nodes of the tier to move to when
+    /// the current one drains or cannot be reached (each tried in turn, the first
+    /// one first).
+    pub async fn connect_any(
+        dials: Vec<Dial>,
+        token: impl Into<Bytes>,
+        backoff: Backoff,
+    ) -> Option<(Self, ResumeReply)> {
+        let mut dials: std::collections::VecDeque<Dial> = dials.into();
+        let dial = dials.pop_front()?;
+        let mut c = ResumingClient {
+            dial,
+            token: token.into(),
+            backoff,
+            state: ResumeState::default(),
+            conn: None,
+            endpoint: None,
+            connects: 0,
+            zero_rtt_attempted: 0,
+            zero_rtt_accepted: 0,
+            last_disconnect: None,
+            others: dials,
+        };
+        let reply = c.reconnect().await;
+        Some((c, reply))
+    }
+
+    /// The node dialled now.
+    pub fn dial(&self) -> &Dial {
+        &self.dial
+    }
+
+    /// Moves on to the next node, if there is another.
+    fn next_node(&mut self) {
+        if let Some(next) = self.others.pop_front() {
+            let was = std::mem::replace(&mut self.dial, next);
+            self.others.push_back(was);
+        }
     }
 
     async fn reconnect(&mut self) -> ResumeReply {
@@ -931,6 +975,7 @@ impl ResumingClient {
                 Ok(reply) => return reply,
                 Err(e) => {
                     tracing::debug!(error = %e, dial = ?self.dial, "reconnect failed");
+                    self.next_node();
                     let jitter = rand::random::<f64>() + 0.5;
                     tokio::time::sleep(wait.mul_f64(jitter)).await;
                     wait = (wait * 2).min(self.backoff.max);
@@ -1021,6 +1066,9 @@ impl ResumingClient {
                 }
                 Ok(Some((f, _))) if f.op == op::DISCONNECT_REPLY => {
                     self.last_disconnect = Disconnect::parse(&f.body);
+                    if matches!(&self.last_disconnect, Some(d) if d.reason == "shutdown") {
+                        self.next_node();
+                    }
                     self.conn = None;
                 }
                 Ok(Some((f, _))) => return Event::Reply(f),

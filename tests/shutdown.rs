@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use quicpush::client::PushClient;
+use quicpush::client::{Backoff, Dial, Event, PushClient, ResumingClient};
 use quicpush::protocol::op;
 
 #[tokio::test]
@@ -152,4 +152,40 @@ async fn sigterm_disconnects_clients_and_exits_zero() {
         rest.iter().any(|l| l.contains("shutdown complete")),
         "{rest:#?}"
     );
+}
+
+#[tokio::test]
+async fn a_draining_node_sends_its_resuming_clients_to_another_node() {
+    let a = TestServer::start().await;
+    let b = TestServer::start_beside(&a, |_| {}).await;
+    let dials = vec![Dial::Tcp(a.tcp), Dial::Tcp(b.tcp)];
+    let (mut c, _) = ResumingClient::connect_any(dials, a.token("mover"), Backoff::default())
+        .await
+        .expect("a node to dial");
+    assert!(matches!(c.dial(), Dial::Tcp(addr) if *addr == a.tcp));
+    let on_a = a.backend().await;
+    on_a.push_msg("mover", 1000, "from a").await.unwrap();
+    match tokio::time::timeout(WAIT, c.next()).await.unwrap() {
+        Event::Push(f, _) => assert_eq!(&f.body[..], b"from a"),
+        other => panic!("expected the push from a, got {other:?}"),
+    }
+    a.stop().await;
+    // The DisconnectReply says "shutdown": the client resumes on b.
+    match tokio::time::timeout(WAIT, c.next()).await.unwrap() {
+        Event::Resumed(_) => {}
+        other => panic!("expected a resume, got {other:?}"),
+    }
+    let why = c
+        .last_disconnect
+        .clone()
+        .expect("a DisconnectReply with a reason");
+    assert_eq!((why.reason.as_str(), why.reconnect), ("shutdown", true));
+    assert!(matches!(c.dial(), Dial::Tcp(addr) if *addr == b.tcp));
+    let on_b = b.backend().await;
+    common::process::wait_online(&on_b, 1, "the moved client").await;
+    on_b.push_msg("mover", 1000, "from b").await.unwrap();
+    match tokio::time::timeout(WAIT, c.next()).await.unwrap() {
+        Event::Push(f, _) => assert_eq!(&f.body[..], b"from b"),
+        other => panic!("expected the push from b, got {other:?}"),
+    }
 }

@@ -72,7 +72,23 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_in(tempfile::tempdir().unwrap(), tweak).await
+    }
+
+    /// Another node of `first`'s tier: a copy of its certificates, token secret
+    /// and API token, so the same tokens and backend identity work on both.
+    pub async fn start_beside(first: &TestServer, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(first.dir.path()).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+            }
+        }
+        Self::start_in(dir, tweak).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config::default();
         config.client.tcp_bind = vec![local()];
         config.client.quic_bind = vec![local()];
