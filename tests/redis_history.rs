@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use quicpush::history::redis_store::{Published, RedisHistory, RedisHistoryError, POSITION_LEN};
 use quicpush::history::{Position, StreamRef};
 
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 
 async fn connect(r: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(r.url())
@@ -201,4 +201,45 @@ async fn redis_gone_is_a_typed_error_naming_the_stream() {
         err.to_string().contains("quicpush:{h:K:gone}:meta"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn on_a_three_master_redis_cluster_every_script_stays_in_one_slot() {
+    let cluster = RedisCluster::start();
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let mut con = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let h = RedisHistory::new(50, Duration::from_secs(60));
+    // Streams spread over the three masters' slots.
+    for i in 0..30 {
+        let key = format!("user-{i}");
+        let s = StreamRef::Key(&key);
+        let mut epoch = 0;
+        for n in 1..=3u64 {
+            let p = h
+                .append(&mut con, s, &[n as u8], true)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(p.offset, n);
+            epoch = p.epoch;
+        }
+        let rec = h
+            .since(&mut con, s, Position { epoch, offset: 1 })
+            .await
+            .unwrap();
+        assert!(rec.recovered, "{key}");
+        assert_eq!(
+            rec.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+    }
+    let masters_used = cluster
+        .nodes
+        .iter()
+        .filter(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().expect("DBSIZE") > 0)
+        .count();
+    assert_eq!(masters_used, 3, "30 streams land on every master");
 }
