@@ -18,6 +18,7 @@ pub mod fleet;
 pub mod floor;
 pub mod handover;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
