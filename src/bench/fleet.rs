@@ -165,6 +165,8 @@ pub enum Login {
 #[derive(Clone)]
 pub struct Dial {
     pub addr: SocketAddr,
+    /// Other nodes of a tier: client `i` dials `[addr, others…][i % (1 + len)]`.
+    pub others: Vec<SocketAddr>,
     pub quic: Option<(Vec<quinn::Endpoint>, quinn::ClientConfig)>,
     /// Over TCP: upgrade to WebSocket on `/sub` first.
     pub ws: bool,
@@ -175,6 +177,7 @@ impl Dial {
     pub fn tcp(addr: SocketAddr, login: Login) -> Dial {
         Dial {
             addr,
+            others: Vec::new(),
             quic: None,
             ws: false,
             login,
@@ -204,10 +207,25 @@ impl Dial {
             .map_err(|e| BenchError::Io(format!("client endpoint: {e}")))?;
         Ok(Dial {
             addr,
+            others: Vec::new(),
             quic: Some((eps, config)),
             ws: false,
             login,
         })
+    }
+
+    /// The same dial, spreading clients over `others` too.
+    pub fn spread_over(mut self, others: Vec<SocketAddr>) -> Dial {
+        self.others = others;
+        self
+    }
+
+    /// The node client `i` connects to.
+    pub fn addr_for(&self, i: usize) -> SocketAddr {
+        match i % (1 + self.others.len()) {
+            0 => self.addr,
+            k => self.others[k - 1],
+        }
     }
 
     fn auth_body(&self, i: usize) -> Result<Bytes, BenchError> {
@@ -242,6 +260,7 @@ impl Dial {
         i: usize,
         recv_buffer: Option<u32>,
     ) -> Result<PushClient, BenchError> {
+        let addr = self.addr_for(i);
         let mut client = match &self.quic {
             None => {
                 let socket =
@@ -257,7 +276,7 @@ impl Dial {
                 #[allow(deprecated)]
                 let _ = socket.set_linger(Some(std::time::Duration::ZERO));
                 let block = i / CLIENTS_PER_SOURCE_IP;
-                if self.addr.ip().is_loopback() && block < 250 {
+                if addr.ip().is_loopback() && block < 250 {
                     // Spread over 127.0.0.1 ..= 127.0.0.250.
                     let _ = socket.set_reuseaddr(true);
                     let host = 1 + block as u8;
@@ -267,12 +286,12 @@ impl Dial {
                         .map_err(|e| BenchError::Io(format!("bind {src}: {e}")))?;
                 }
                 let stream = socket
-                    .connect(self.addr)
+                    .connect(addr)
                     .await
-                    .map_err(|e| BenchError::Io(format!("connect {}: {e}", self.addr)))?;
+                    .map_err(|e| BenchError::Io(format!("connect {addr}: {e}")))?;
                 let _ = stream.set_nodelay(true);
                 if self.ws {
-                    let url = format!("ws://{}{}", self.addr, crate::transport::ws::PATH);
+                    let url = format!("ws://{addr}{}", crate::transport::ws::PATH);
                     PushClient::ws_over(stream, &url, None)
                         .await
                         .map_err(|e| BenchError::Io(format!("client {i} upgrade: {e}")))?
@@ -284,7 +303,7 @@ impl Dial {
             Some((eps, config)) => {
                 let ep = &eps[i % eps.len()];
                 let conn = ep
-                    .connect_with(config.clone(), self.addr, "localhost")
+                    .connect_with(config.clone(), addr, "localhost")
                     .map_err(|e| BenchError::Io(e.to_string()))?
                     .await
                     .map_err(|e| BenchError::Io(format!("QUIC connect: {e}")))?;

@@ -39,7 +39,7 @@ use crate::rpc::proto::PushItem;
 use crate::rpc::Client;
 use crate::tls::BackendIdentity;
 use fleet::{Dial, Login, Readers, ANY_KEY};
-use process::{ProcStat, ServerProcess};
+use process::{ProcStats, ServerProcess};
 
 /// The op of every bench message.
 pub const BENCH_OP: u32 = 1000;
@@ -499,7 +499,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         let _ = control.set_nodelay(true);
         let m = measure(
             opts,
-            &floor,
+            std::slice::from_ref(&floor),
             &certs,
             Login::Index,
             Pusher::floor(control),
@@ -608,7 +608,7 @@ async fn measure_quicpush_at(
     };
     let quicpush = measure(
         opts,
-        &server,
+        std::slice::from_ref(&server),
         &certs,
         login,
         Pusher::Quicpush(backend.clone(), opts.stalled as u64),
@@ -623,33 +623,41 @@ async fn measure_quicpush_at(
     Ok((quicpush, certs))
 }
 
-/// Runs the scenario against one server.
+/// Runs the scenario against one server, or the nodes of a tier (clients spread
+/// over them in turn; CPU and memory summed over them all).
 async fn measure(
     opts: &BenchOptions,
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     certs: &Path,
     login: Login,
     pusher: Pusher,
     backend: Option<&Arc<Client>>,
     label: &str,
 ) -> Result<Measurement, BenchError> {
-    let stat = ProcStat::new(server.pid);
+    let server = servers
+        .first()
+        .ok_or_else(|| BenchError::Options(format!("{label}: no server to measure")))?;
+    let stat = ProcStats::new(servers.iter().map(|s| s.pid));
     let n = opts.clients;
-    let dial = match opts.transport {
-        BenchTransport::Tcp => Dial::tcp(server.client_tcp, login),
-        BenchTransport::Ws => Dial::ws(
-            server.client_ws.ok_or_else(|| {
-                BenchError::Options(format!("{label}: no WebSocket listener (client.ws_bind)"))
-            })?,
-            login,
-        ),
-        BenchTransport::Quic => Dial::quic(
-            server.client_quic,
-            login,
-            &certs.join(crate::certs::CA_CERT),
-            16,
-        )?,
+    let client_addr = |s: &ServerProcess| match opts.transport {
+        BenchTransport::Tcp => Ok(s.client_tcp),
+        BenchTransport::Ws => s.client_ws.ok_or_else(|| {
+            BenchError::Options(format!("{label}: no WebSocket listener (client.ws_bind)"))
+        }),
+        BenchTransport::Quic => Ok(s.client_quic),
     };
+    let first = client_addr(server)?;
+    let others = servers
+        .iter()
+        .skip(1)
+        .map(client_addr)
+        .collect::<Result<Vec<_>, _>>()?;
+    let dial = match opts.transport {
+        BenchTransport::Tcp => Dial::tcp(first, login),
+        BenchTransport::Ws => Dial::ws(first, login),
+        BenchTransport::Quic => Dial::quic(first, login, &certs.join(crate::certs::CA_CERT), 16)?,
+    }
+    .spread_over(others);
     let mut m = Measurement::default();
 
     if opts.scenario == Scenario::Connect {

@@ -284,6 +284,26 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// CPU time and memory of several processes together (the nodes of a tier).
+#[derive(Debug, Clone)]
+pub struct ProcStats(pub Vec<ProcStat>);
+
+impl ProcStats {
+    pub fn new(pids: impl IntoIterator<Item = u32>) -> ProcStats {
+        ProcStats(pids.into_iter().map(ProcStat::new).collect())
+    }
+
+    /// User + system CPU time of them all, microseconds.
+    pub fn cpu_us(&self) -> Result<u64, BenchError> {
+        self.0.iter().map(ProcStat::cpu_us).sum()
+    }
+
+    /// Resident set size of them all, bytes.
+    pub fn rss_bytes(&self) -> Result<u64, BenchError> {
+        self.0.iter().map(ProcStat::rss_bytes).sum()
+    }
+}
+
 /// Reads a process's CPU time and resident memory.
 #[derive(Debug, Clone)]
 pub struct ProcStat {
