@@ -113,9 +113,15 @@ struct BenchArgs {
     #[arg(long, default_value_t = 100)]
     batch: usize,
     /// Deliveries per second in the latency scenario (default 100000); backend
-    /// pushes per second in the handover scenario (default 200).
+    /// pushes per second in the handover scenario (default 200); in the keys
+    /// scenario, messages per second, paced (default: as fast as clients read).
     #[arg(long)]
     rate: Option<u64>,
+    /// Nodes of a tier to start, sharing a redis-server the bench starts (room
+    /// and keys scenarios); the report compares with one node and the same
+    /// clients, started in the same run.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// How long the latency and handover scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -513,6 +519,8 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
             bench::Scenario::Handover => 200,
             _ => 100_000,
         }),
+        keys_rate: a.rate.filter(|_| a.scenario == bench::Scenario::Keys),
+        nodes: a.nodes,
         duration: a.duration,
         body_size: a.body_size,
         raw: a.raw,

@@ -18,6 +18,8 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         messages: 50,
         batch: 10,
         rate: 4_000,
+        keys_rate: None,
+        nodes: 1,
         duration: Duration::from_secs(1),
         body_size: 32,
         raw: false,

@@ -164,6 +164,12 @@ pub struct BenchOptions {
     pub batch: usize,
     /// Deliveries per second (latency).
     pub rate: u64,
+    /// Keys: messages per second, paced (each stamped with the time it was due),
+    /// instead of as fast as the clients keep up; `None`: as fast as they do.
+    pub keys_rate: Option<u64>,
+    /// Nodes of a tier to start (sharing a redis-server the bench starts);
+    /// 1: a single node, no Redis.
+    pub nodes: usize,
     /// How long the latency scenario runs.
     pub duration: Duration,
     pub body_size: usize,
@@ -973,15 +979,38 @@ async fn send_keys(
     epoch: Instant,
 ) -> Result<u64, BenchError> {
     let n = opts.clients as u64;
-    let window = n * WINDOW;
     let mut next_index = vec![0u64; opts.clients];
     let mut dropped = 0u64;
     let mut inflight = FuturesUnordered::new();
     let mut sent = 0u64;
+    // Paced: one call of `batch` messages per period, stamped with its due time
+    // (no coordinated omission), waiting only for a free call slot.
+    let mut ticker = opts
+        .keys_rate
+        .map(|r| Pacer::new(Duration::from_secs_f64(opts.batch as f64 / r.max(1) as f64)));
+    let window = if ticker.is_some() {
+        u64::MAX
+    } else {
+        n * WINDOW
+    };
     while sent < opts.messages {
+        let mut due = None;
+        if let Some(t) = &mut ticker {
+            loop {
+                tokio::select! {
+                    at = t.due() => {
+                        due = Some(at);
+                        break;
+                    }
+                    Some(r) = inflight.next(), if !inflight.is_empty() => dropped += r?,
+                }
+            }
+        }
         dropped += make_room(&mut inflight, received, sent, window, opts.in_flight).await?;
         let end = (sent + opts.batch as u64).min(opts.messages);
-        let now = epoch.elapsed().as_nanos() as u64;
+        let now = due
+            .map_or_else(|| epoch.elapsed(), |d| d.duration_since(epoch))
+            .as_nanos() as u64;
         let items: Vec<(u32, Bytes)> = (sent..end)
             .map(|j| {
                 let key = (j % n) as usize;
