@@ -118,6 +118,7 @@ pub mod bench;
 pub mod certs;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod history;
