@@ -203,7 +203,7 @@ impl Default for QuicConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
-    /// UDP addresses for backends (ALPN `quicpush-rpc/3`, mutual TLS); one accept task each.
+    /// UDP addresses for backends (ALPN `quicpush-rpc/4`, mutual TLS); one accept task each.
     pub bind: Vec<SocketAddr>,
     /// Largest request accepted; a larger one gets an error reply.
     pub max_request_bytes: usize,

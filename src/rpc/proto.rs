@@ -293,7 +293,7 @@ mod tests {
         (b"quicpush-rpc/3", 0xbd813f0143938a8c),
         // Several nodes: PushOutcome::Forwarded / Unavailable, Tally counts them,
         // RpcError::Cluster
-        (b"quicpush-rpc/4", 0x0),
+        (b"quicpush-rpc/4", 0xaafca1c09f061dbd),
     ];
 
     fn b(s: &str) -> Bytes {
@@ -386,7 +386,7 @@ mod tests {
                     ],
                     index: 0,
                 })),
-                "00020700010203040500",
+                "0002070001020304050600",
             ),
             (
                 Ok(Reply::Tally(Tally {
