@@ -69,6 +69,9 @@ pub trait DirectoryHook: Send + Sync + std::fmt::Debug {
     fn remote_room_online(&self, room: &str) -> u64;
 }
 
+/// Every key with its connection id, every user id with its connection count.
+pub type DirectorySnapshot = (Vec<(Arc<str>, u64)>, HashMap<i64, u64>);
+
 /// Joining a new room would make more rooms than the registry's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("room limit reached: {0} rooms exist (registry.max_rooms)")]
@@ -302,7 +305,7 @@ impl Registry {
 
     /// Every registered key with its connection id, every user id with its
     /// connection count: what the directory rewrites on each refresh.
-    pub fn directory_snapshot(&self) -> (Vec<(Arc<str>, u64)>, HashMap<i64, u64>) {
+    pub fn directory_snapshot(&self) -> DirectorySnapshot {
         let mut keys = Vec::new();
         let mut users: HashMap<i64, u64> = HashMap::new();
         for bucket in self.buckets.iter() {
