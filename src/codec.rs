@@ -77,6 +77,12 @@ pub fn peek_prefix(src: &[u8]) -> Result<Option<(u64, u64)>, CodecError> {
     Ok(Some((id, len - 8)))
 }
 
+/// The bare payload of `value` (no length or call id): for messages that are
+/// framed by their carrier, such as the cluster bus.
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
 /// Decodes a whole payload; trailing bytes are an error.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     let (value, used) = bincode::serde::decode_from_slice(payload, config())

@@ -44,6 +44,8 @@ pub struct Config {
     pub history: HistoryConfig,
     pub http: HttpConfig,
     pub metrics: MetricsConfig,
+    /// Several nodes as one push tier over Redis; off unless `cluster.redis` is set.
+    pub cluster: ClusterConfig,
 }
 
 /// Client-facing listeners and per-connection behaviour.
@@ -201,7 +203,7 @@ impl Default for QuicConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
-    /// UDP addresses for backends (ALPN `quicpush-rpc/3`, mutual TLS); one accept task each.
+    /// UDP addresses for backends (ALPN `quicpush-rpc/4`, mutual TLS); one accept task each.
     pub bind: Vec<SocketAddr>,
     /// Largest request accepted; a larger one gets an error reply.
     pub max_request_bytes: usize,
@@ -388,6 +390,90 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig { enabled: true }
+    }
+}
+
+/// Several nodes as one push tier, sharing a Redis (see [`crate::cluster`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://` or `rediss://` URL of the shared Redis; unset: a single node,
+    /// nothing connects to Redis.
+    pub redis: Option<String>,
+    /// This node's id; unset: random hex drawn at start.
+    pub node_id: Option<String>,
+    /// How long this node's records and directory entries live unrefreshed: a node
+    /// that stops refreshing is dead for every other node within it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How often the records are refreshed; unset: a third of `ttl`.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Option<Duration>,
+    /// The client address `quicpush nodes` shows; unset: the first bound one.
+    pub advertise_client: Option<String>,
+    /// The backend RPC address `quicpush nodes` shows; unset: the first bound one.
+    pub advertise_rpc: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis: None,
+            node_id: None,
+            ttl: Duration::from_secs(10),
+            refresh: None,
+            advertise_client: None,
+            advertise_rpc: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The refresh period: `refresh`, or a third of `ttl`.
+    pub fn refresh_every(&self) -> Duration {
+        self.refresh.unwrap_or(self.ttl / 3)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis {
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
+            {
+                return Err(invalid(
+                    "cluster.redis",
+                    format!("{url:?} is not a redis:// or rediss:// URL"),
+                ));
+            }
+        }
+        if self.ttl < Duration::from_secs(1) {
+            return Err(invalid("cluster.ttl", "must be at least 1s"));
+        }
+        let refresh = self.refresh_every();
+        if refresh.is_zero() || refresh >= self.ttl {
+            return Err(invalid(
+                "cluster.refresh",
+                format!(
+                    "{refresh:?} must be above 0 and below cluster.ttl ({:?})",
+                    self.ttl
+                ),
+            ));
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(invalid(
+                    "cluster.node_id",
+                    "must be 1 to 64 letters, digits, '-' or '_'",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -666,6 +752,7 @@ impl Config {
         if h.ttl < Duration::from_secs(1) || h.ttl > Duration::from_secs(7 * 86400) {
             return Err(invalid("history.ttl", "must be between 1s and 7 days"));
         }
+        self.cluster.validate()?;
         self.http.validate()
     }
 }
@@ -714,6 +801,43 @@ mod tests {
             Err(ConfigError::Invalid { field, .. }) => field,
             other => panic!("expected an invalid value, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_refresh_is_a_third_of_ttl() {
+        let c = Config::parse("[cluster]\nredis = \"redis://127.0.0.1:6379\"\nttl = \"6s\"\n")
+            .expect("valid");
+        assert_eq!(c.cluster.refresh_every(), Duration::from_secs(2));
+        assert_eq!(Config::default().cluster.redis, None);
+    }
+
+    #[test]
+    fn cluster_rejects_a_url_that_is_not_redis() {
+        assert_eq!(
+            field_of("[cluster]\nredis = \"http://127.0.0.1:6379\"\n"),
+            "cluster.redis"
+        );
+    }
+
+    #[test]
+    fn cluster_rejects_refresh_not_below_ttl() {
+        assert_eq!(
+            field_of("[cluster]\nttl = \"5s\"\nrefresh = \"5s\"\n"),
+            "cluster.refresh"
+        );
+    }
+
+    #[test]
+    fn cluster_rejects_ttl_zero() {
+        assert_eq!(field_of("[cluster]\nttl = \"0s\"\n"), "cluster.ttl");
+    }
+
+    #[test]
+    fn cluster_rejects_a_bad_node_id() {
+        assert_eq!(
+            field_of("[cluster]\nnode_id = \"a:b\"\n"),
+            "cluster.node_id"
+        );
     }
 
     #[test]

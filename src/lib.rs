@@ -15,6 +15,15 @@
 //! Prometheus ──GET /metrics──▶ http ──▶ metrics (counters aggregated per call / per write)
 //! ```
 //!
+//! With `cluster.redis` set, several nodes are one push tier ([`cluster`]):
+//!
+//! ```text
+//! rpc::dispatch ─ local part ─▶ registry (as above)
+//!      └─ keys / users / room not here ─▶ MGET the directory ─▶ PUBLISH quicpush:node:<id>
+//!                                   other node: cluster::bus ─▶ its dispatcher, local only
+//! registry register / unregister / room change ─▶ DirectoryHook ─▶ bounded queue ─▶ directory writer ─▶ Redis
+//! ```
+//!
 //! Every front door is an adapter: client transports hand a reader and a writer to
 //! the one [`session`] loop; the HTTP API turns goim-logic's routes into the same
 //! [`rpc::Request`]s the QUIC RPC carries and calls the same dispatcher.
@@ -104,13 +113,22 @@
 //!   and load tools; it keeps its last offsets and resumes.
 //! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):
 //!   `quicpush bench`, the load generator and the raw floor it compares against.
+//! - [`cluster`]: several nodes as one tier on a shared Redis: node records with a
+//!   TTL (`cluster::nodes`, `quicpush nodes`), the directory of keys, users and
+//!   rooms per node (`cluster::directory`, written by one task from the
+//!   registry's hook, refreshed whole every tick), and the pub/sub bus
+//!   (`cluster::bus`, `cluster::envelope`) that hands forwarded pushes and kicks
+//!   to the owning node's dispatcher. Pushes that leave the node answer
+//!   `Forwarded` (not a delivery) or `Unavailable` (Redis down).
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
 //! # Where later work fits
 //!
-//! - Several nodes: the registry is the presence directory to mirror into Redis; the
-//!   history store gets a Redis implementation behind the same trait.
+//! - Several nodes: [`cluster`] speaks to one Redis server ([`cluster::Backend`]);
+//!   Redis Cluster is a variant to add (the keys already share hash tags per user
+//!   and per room). History stays per node: the history store gets a Redis
+//!   implementation behind the same trait.
 
 pub mod auth;
 #[cfg(feature = "bench")]
@@ -118,6 +136,7 @@ pub mod bench;
 pub mod certs;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod history;

@@ -60,6 +60,15 @@ enum Command {
     },
     /// Push a message and print the outcome.
     Push(PushArgs),
+    /// List the live nodes of a tier sharing one Redis.
+    Nodes {
+        /// The tier's Redis URL.
+        #[arg(long, conflicts_with = "config")]
+        redis: Option<String>,
+        /// A node's configuration file, for its `cluster.redis`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// List rooms with their online counts.
     Rooms(Remote),
     /// Show connections online, in total and per transport.
@@ -380,6 +389,38 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 status => bail!("{server}/metrics answered {status}: {}", r.text().trim()),
             }
+            Ok(())
+        }
+        Command::Nodes { redis, config } => {
+            init_tracing("warn");
+            let url = match (redis, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => Config::load(&path)?
+                    .cluster
+                    .redis
+                    .ok_or_else(|| anyhow::anyhow!("{} sets no cluster.redis", path.display()))?,
+                (None, None) => anyhow::bail!("give --redis URL or --config FILE"),
+            };
+            let nodes = quicpush::cluster::nodes::list(&url).await?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            println!(
+                "{:<18} {:<22} {:<22} {:>8} {:>10}",
+                "id", "client", "rpc", "online", "expires in"
+            );
+            for n in &nodes {
+                let left = std::time::Duration::from_millis(n.expires_ms.saturating_sub(now));
+                println!(
+                    "{:<18} {:<22} {:<22} {:>8} {:>9.1}s",
+                    n.id,
+                    n.client,
+                    n.rpc,
+                    n.online,
+                    left.as_secs_f64()
+                );
+            }
+            println!("{} live node(s)", nodes.len());
             Ok(())
         }
         Command::Ping(remote) => {

@@ -218,7 +218,15 @@ pub fn method_index(req: &Request) -> usize {
 const PUSH_METHODS: [usize; 5] = [1, 2, 3, 4, 6];
 
 /// Push outcomes, in [`outcome_index`] order: the `outcome` label.
-pub const OUTCOMES: [&str; 5] = ["delivered", "offline", "queue_full", "filtered", "stored"];
+pub const OUTCOMES: [&str; 7] = [
+    "delivered",
+    "offline",
+    "queue_full",
+    "filtered",
+    "stored",
+    "forwarded",
+    "unavailable",
+];
 
 pub fn outcome_index(o: PushOutcome) -> usize {
     match o {
@@ -227,13 +235,15 @@ pub fn outcome_index(o: PushOutcome) -> usize {
         PushOutcome::QueueFull => 2,
         PushOutcome::Filtered => 3,
         PushOutcome::Stored => 4,
+        PushOutcome::Forwarded => 5,
+        PushOutcome::Unavailable => 6,
     }
 }
 
 /// A call's push outcomes, tallied in the call (plain integers) and added to
 /// the counters once when it ends.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PushCounts(pub [u64; 5]);
+pub struct PushCounts(pub [u64; OUTCOMES.len()]);
 
 impl PushCounts {
     pub fn add(&mut self, o: PushOutcome) {
@@ -245,6 +255,8 @@ impl PushCounts {
         self.0[2] += t.queue_full;
         self.0[3] += t.filtered;
         self.0[4] += t.stored;
+        self.0[5] += t.forwarded_nodes;
+        self.0[6] += t.unavailable;
     }
 }
 
@@ -429,7 +441,7 @@ struct Inner {
     bytes_sent: Vec<StripedCounter>,
     handshake_failures: Vec<Counter>,
     disconnects: Vec<Counter>,
-    pushes: Vec<[Counter; 5]>,
+    pushes: Vec<[Counter; OUTCOMES.len()]>,
     rpc_duration: Vec<AtomicHistogram>,
     rpc_errors: Vec<Counter>,
     queue_full_drops: Counter,

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{Authenticator, SecretError};
 use crate::certs::{self, CertError};
 use crate::channel::CloseReason;
+use crate::cluster::Cluster;
 use crate::config::{AuthMode, Config};
 use crate::history::History;
 use crate::metrics::Metrics;
@@ -49,6 +50,10 @@ pub enum ServerError {
     /// The token secret could not be loaded.
     #[error("auth: {0}")]
     Secret(#[from] SecretError),
+    /// `cluster.redis` is not a usable Redis URL. (A Redis that is down is no
+    /// error: the node starts, logs, and retries.)
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A socket could not be bound.
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
@@ -93,6 +98,7 @@ pub struct Server {
     auth: Authenticator,
     limits: transport::ConnLimits,
     metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -247,6 +253,30 @@ impl Server {
             config.client.max_connections_per_ip,
         );
         let metrics = Arc::new(Metrics::from_enabled(config.metrics.enabled));
+        let first = |v: Vec<SocketAddr>| v.first().map(|a| a.to_string()).unwrap_or_default();
+        let cluster = match &config.cluster.redis {
+            Some(url) => {
+                let client_addr = tcp
+                    .iter()
+                    .chain(&ws)
+                    .chain(&tls)
+                    .chain(&wss)
+                    .filter_map(|l| l.local_addr().ok())
+                    .chain(quic.iter().filter_map(|e| e.local_addr().ok()))
+                    .collect();
+                let rpc_addr = rpc.iter().filter_map(|e| e.local_addr().ok()).collect();
+                let c = Cluster::new(
+                    &config.cluster,
+                    url,
+                    registry.clone(),
+                    first(client_addr),
+                    first(rpc_addr),
+                )?;
+                info!(node = %c.id, ttl = ?config.cluster.ttl, "joining the tier on Redis");
+                Some(c)
+            }
+            None => None,
+        };
         Ok(Server {
             config,
             tcp,
@@ -262,7 +292,13 @@ impl Server {
             auth,
             limits,
             metrics,
+            cluster,
         })
+    }
+
+    /// This node's part in the tier, when `cluster.redis` is set.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.clone()
     }
 
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
@@ -347,6 +383,7 @@ impl Server {
             auth,
             limits,
             metrics,
+            cluster,
         } = self;
         let stop = Shutdown::new();
         let c = &config.client;
@@ -381,7 +418,11 @@ impl Server {
                 max_keys: config.rpc.max_keys,
             },
             metrics: metrics.clone(),
+            cluster: cluster.clone(),
         });
+        if let Some(c) = &cluster {
+            c.spawn((*dispatcher).clone());
+        }
 
         let sessions = TaskTracker::new();
         let backends = TaskTracker::new();
@@ -501,6 +542,9 @@ impl Server {
             "shutting down: no new connections; draining clients"
         );
         stop.cancel();
+        if let Some(c) = &cluster {
+            c.leave().await;
+        }
         let closing = registry.close_all(CloseReason::Shutdown);
         // Paced broadcasts were cancelled with `stop`: their recipients are closing.
         if tokio::time::timeout(grace, broadcaster.paced_stopped())

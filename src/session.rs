@@ -635,7 +635,9 @@ async fn handle(
     let reply = |op, body: Bytes| Frame::new(op, frame.seq, body).to_bytes();
     let out = match frame.op {
         op::HEARTBEAT => {
-            let online = room.as_deref().map_or(0, |r| ctx.registry.room_online(r));
+            let online = room
+                .as_deref()
+                .map_or(0, |r| ctx.registry.tier_room_online(r));
             let count = u32::try_from(online).unwrap_or(u32::MAX);
             reply(
                 op::HEARTBEAT_REPLY,

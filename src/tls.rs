@@ -432,7 +432,7 @@ pub fn rpc_server_tls(dir: &Path) -> Result<rustls::ServerConfig, TlsError> {
 }
 
 /// The server side of backend RPC: a client certificate signed by `ca.pem` is
-/// required; ALPN `quicpush-rpc/3`; no session tickets, no 0-RTT.
+/// required; ALPN `quicpush-rpc/4`; no session tickets, no 0-RTT.
 pub fn rpc_server_config(dir: &Path, r: &RpcConfig) -> Result<quinn::ServerConfig, TlsError> {
     let mut sc = to_quic_server(rpc_server_tls(dir)?)?;
     sc.transport_config(Arc::new(rpc_transport(r)));

@@ -21,7 +21,7 @@ async fn connect(r: &RedisServer) -> redis::aio::MultiplexedConnection {
 
 #[tokio::test]
 async fn appends_get_consecutive_offsets_and_every_missed_push_is_recovered() {
-    let r = RedisServer::start().expect("redis-server");
+    let r = RedisServer::start();
     let mut con = connect(&r).await;
     let h = RedisHistory::new(100, Duration::from_secs(60));
     let s = StreamRef::Key("k1");
@@ -71,7 +71,7 @@ async fn appends_get_consecutive_offsets_and_every_missed_push_is_recovered() {
 
 #[tokio::test]
 async fn a_wrong_epoch_a_position_ahead_or_a_trimmed_gap_is_not_recovered() {
-    let r = RedisServer::start().expect("redis-server");
+    let r = RedisServer::start();
     let mut con = connect(&r).await;
     let h = RedisHistory::new(3, Duration::from_secs(60));
     let s = StreamRef::Room("live://1");
@@ -122,7 +122,7 @@ async fn a_wrong_epoch_a_position_ahead_or_a_trimmed_gap_is_not_recovered() {
 
 #[tokio::test]
 async fn a_missing_stream_is_not_created_unless_asked_and_expires_with_its_ttl() {
-    let r = RedisServer::start().expect("redis-server");
+    let r = RedisServer::start();
     let mut con = connect(&r).await;
     let h = RedisHistory::new(10, Duration::from_secs(1));
     let s = StreamRef::User(42);
@@ -139,7 +139,7 @@ async fn a_missing_stream_is_not_created_unless_asked_and_expires_with_its_ttl()
 
 #[tokio::test]
 async fn append_and_publish_is_one_order_for_history_and_subscribers() {
-    let r = RedisServer::start().expect("redis-server");
+    let r = RedisServer::start();
     let mut con = connect(&r).await;
     let client = redis::Client::open(r.url()).unwrap();
     let mut sub = client.get_async_pubsub().await.unwrap();
@@ -185,7 +185,7 @@ async fn append_and_publish_is_one_order_for_history_and_subscribers() {
 
 #[tokio::test]
 async fn redis_gone_is_a_typed_error_naming_the_stream() {
-    let r = RedisServer::start().expect("redis-server");
+    let r = RedisServer::start();
     let mut con = connect(&r).await;
     drop(r);
     let h = RedisHistory::new(10, Duration::from_secs(60));
@@ -205,7 +205,7 @@ async fn redis_gone_is_a_typed_error_naming_the_stream() {
 
 #[tokio::test]
 async fn on_a_three_master_redis_cluster_every_script_stays_in_one_slot() {
-    let cluster = RedisCluster::start().expect("a Redis Cluster");
+    let cluster = RedisCluster::start();
     let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
     let mut con = client
         .get_async_connection()
@@ -237,7 +237,7 @@ async fn on_a_three_master_redis_cluster_every_script_stays_in_one_slot() {
         );
     }
     let masters_used = cluster
-        .nodes
+        .nodes()
         .iter()
         .filter(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().expect("DBSIZE") > 0)
         .count();

@@ -136,9 +136,10 @@ async fn read_body(state: &HttpState, body: Body) -> Result<Bytes, ApiError> {
 /// server's own trouble.
 fn rpc_error(method: &str, e: RpcError) -> ApiError {
     match e {
-        RpcError::ShuttingDown | RpcError::Busy(_) | RpcError::Internal(_) => {
-            ApiError::server(format!("{method}: {e}"))
-        }
+        RpcError::ShuttingDown
+        | RpcError::Busy(_)
+        | RpcError::Internal(_)
+        | RpcError::Cluster { .. } => ApiError::server(format!("{method}: {e}")),
         RpcError::EmptyKeys
         | RpcError::EmptyMids
         | RpcError::EmptyRoom
@@ -178,6 +179,8 @@ struct TallyData {
     filtered: u64,
     stored: u64,
     appended: u64,
+    forwarded_nodes: u64,
+    unavailable: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     room: Option<String>,
 }
@@ -190,6 +193,8 @@ impl TallyData {
             filtered: t.filtered,
             stored: t.stored,
             appended: t.appended,
+            forwarded_nodes: t.forwarded_nodes,
+            unavailable: t.unavailable,
             room,
         }
     }

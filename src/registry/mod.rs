@@ -35,6 +35,8 @@ impl Tally {
             PushOutcome::QueueFull => self.queue_full += 1,
             PushOutcome::Filtered => self.filtered += 1,
             PushOutcome::Stored => self.stored += 1,
+            PushOutcome::Forwarded => self.forwarded_nodes += 1,
+            PushOutcome::Unavailable => self.unavailable += 1,
             PushOutcome::Offline => {}
         }
     }
@@ -47,8 +49,28 @@ impl AddAssign for Tally {
         self.filtered += o.filtered;
         self.stored += o.stored;
         self.appended += o.appended;
+        self.forwarded_nodes += o.forwarded_nodes;
+        self.unavailable += o.unavailable;
     }
 }
+
+/// What the registry tells a directory (the cluster's, in Redis) when its
+/// registrations change. Called on the hot path, sometimes under a bucket's lock:
+/// an implementation must not block or await (it queues, and may drop, since the
+/// directory's periodic refresh rewrites everything).
+pub trait DirectoryHook: Send + Sync + std::fmt::Debug {
+    /// A key was registered, replaced or unregistered.
+    fn key_changed(&self, key: &Arc<str>);
+    /// A user id's connection count changed.
+    fn user_changed(&self, mid: i64);
+    /// A room's member count changed.
+    fn room_changed(&self, room: &Arc<str>);
+    /// Members of `room` on the other nodes of the tier, as last read.
+    fn remote_room_online(&self, room: &str) -> u64;
+}
+
+/// Every key with its connection id, every user id with its connection count.
+pub type DirectorySnapshot = (Vec<(Arc<str>, u64)>, HashMap<i64, u64>);
 
 /// Joining a new room would make more rooms than the registry's limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +235,7 @@ pub struct Registry {
     online: [AtomicUsize; Transport::ALL.len()],
     room_counts: RoomCounts,
     history: Option<Arc<History>>,
+    hook: std::sync::OnceLock<Arc<dyn DirectoryHook>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -248,7 +271,61 @@ impl Registry {
             online: [const { AtomicUsize::new(0) }; Transport::ALL.len()],
             room_counts: RoomCounts::new(n, max_rooms),
             history,
+            hook: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets the directory told of every registration change (once; a second call
+    /// is ignored).
+    pub fn set_hook(&self, hook: Arc<dyn DirectoryHook>) {
+        let _ = self.hook.set(hook);
+    }
+
+    fn tell(&self, key: &Arc<str>, mid: Option<i64>, rooms: &[Option<&Arc<str>>]) {
+        if let Some(h) = self.hook.get() {
+            h.key_changed(key);
+            if let Some(mid) = mid {
+                h.user_changed(mid);
+            }
+            for r in rooms.iter().flatten() {
+                h.room_changed(r);
+            }
+        }
+    }
+
+    /// Members of `room` across the tier: this node's, plus the other nodes' as
+    /// the directory last read them (this node's only, without a cluster).
+    pub fn tier_room_online(&self, room: &str) -> u64 {
+        let local = self.room_online(room);
+        match self.hook.get() {
+            Some(h) => local + h.remote_room_online(room),
+            None => local,
+        }
+    }
+
+    /// Every registered key with its connection id, every user id with its
+    /// connection count: what the directory rewrites on each refresh.
+    pub fn directory_snapshot(&self) -> DirectorySnapshot {
+        let mut keys = Vec::new();
+        let mut users: HashMap<i64, u64> = HashMap::new();
+        for bucket in self.buckets.iter() {
+            let b = bucket.lock();
+            for (_, e) in b.entries.iter() {
+                keys.push((e.chan.key.clone(), e.chan.id));
+            }
+            for (&mid, ids) in &b.users {
+                *users.entry(mid).or_default() += ids.len() as u64;
+            }
+        }
+        (keys, users)
+    }
+
+    /// Connections of user `mid` on this node.
+    pub fn user_online(&self, mid: i64) -> u64 {
+        self.buckets
+            .iter()
+            .map(|b| b.lock().users.get(&mid).map_or(0, |v| v.len() as u64))
+            .sum()
     }
 
     /// The history pushes are appended to, if any.
@@ -339,11 +416,11 @@ impl Registry {
         if let Some(room) = &room {
             counts.join(room)?;
         }
-        let replaced = b
-            .by_key
-            .get(&chan.key)
-            .copied()
-            .map(|idx| b.remove(idx, counts));
+        let mut replaced_room = None;
+        let replaced = b.by_key.get(&chan.key).copied().map(|idx| {
+            replaced_room = b.entries[idx].room.clone();
+            b.remove(idx, counts)
+        });
         // Counters change under the bucket's lock, so a replacement never makes
         // them dip below zero.
         self.counter(chan.transport).fetch_add(1, Ordering::Relaxed);
@@ -377,9 +454,19 @@ impl Registry {
         if let Some(mid) = mid {
             b.users.entry(mid).or_default().push(idx);
         }
-        if let Some(room) = room {
+        let key = b.entries[idx].chan.key.clone();
+        if let Some(room) = &room {
             b.entries[idx].room = Some(room.clone());
-            b.rooms.entry(room).or_default().insert(idx);
+            b.rooms.entry(room.clone()).or_default().insert(idx);
+        }
+        drop(b);
+        self.tell(&key, mid, &[room.as_ref(), replaced_room.as_ref()]);
+        if let Some(old) = &replaced {
+            if old.mid != mid {
+                if let (Some(h), Some(m)) = (self.hook.get(), old.mid) {
+                    h.user_changed(m);
+                }
+            }
         }
         Ok(replaced)
     }
@@ -478,8 +565,11 @@ impl Registry {
         let mut b = self.bucket(&chan.key).lock();
         match b.entry_of(chan) {
             Some(idx) => {
+                let room = b.entries[idx].room.clone();
                 b.remove(idx, &self.room_counts);
                 self.counter(chan.transport).fetch_sub(1, Ordering::Relaxed);
+                drop(b);
+                self.tell(&chan.key, chan.mid, &[room.as_ref()]);
                 true
             }
             None => false,
@@ -511,7 +601,13 @@ impl Registry {
         let Some(idx) = b.entry_of(chan) else {
             return Ok(false);
         };
+        let old_room = b.entries[idx].room.clone();
         b.join_room(idx, room.clone(), &self.room_counts)?;
+        if let Some(h) = self.hook.get() {
+            for r in [&old_room, &room].into_iter().flatten() {
+                h.room_changed(r);
+            }
+        }
         let state = match (h, &room) {
             (Some(h), Some(r)) if chan.resume => {
                 let top = h.store().ensure(StreamRef::Room(r));

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::broadcast::Broadcaster;
-use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError};
+use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError, Tally};
 use crate::channel::PushOutcome;
+use crate::cluster::envelope::{Envelope, KickReason};
+use crate::cluster::{bus, directory, names, Cluster};
 use crate::metrics::{self, Metrics, PushCounts};
 use crate::protocol::Frame;
 use crate::registry::Registry;
@@ -29,6 +31,9 @@ pub struct Dispatcher {
     pub broadcaster: Broadcaster,
     pub limits: RpcLimits,
     pub metrics: Arc<Metrics>,
+    /// The tier this node is part of: every call then works tier-wide. `None`:
+    /// this node only (and for calls other nodes forward here).
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// The frame a push sends: encoded once, shared by every recipient. Its seq is
@@ -85,7 +90,21 @@ impl Dispatcher {
         result
     }
 
+    /// Carries out a request on this node only, uncounted: what another node of
+    /// the tier forwarded here.
+    pub async fn dispatch_local(&self, req: Request) -> Result<Reply, RpcError> {
+        self.run_node(req, &mut PushCounts::default()).await
+    }
+
     async fn run(&self, req: Request, counts: &mut PushCounts) -> Result<Reply, RpcError> {
+        match &self.cluster {
+            Some(c) => self.run_tier(c, req, counts).await,
+            None => self.run_node(req, counts).await,
+        }
+    }
+
+    /// A call on this node only.
+    async fn run_node(&self, req: Request, counts: &mut PushCounts) -> Result<Reply, RpcError> {
         let r = &self.registry;
         match req {
             Request::Ping => Ok(Reply::Pong),
@@ -162,6 +181,322 @@ impl Dispatcher {
                 self.check_keys(std::iter::once(key.as_str()))?;
                 Ok(Reply::Kicked(r.kick(&key)))
             }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// `outcomes` for the keys this node did not hold (Offline): looked up in one
+    /// `MGET`, forwarded with one PUBLISH per owning node (pipelined).
+    async fn forward_keys(
+        &self,
+        c: &Cluster,
+        keys: &[&str],
+        outcomes: &mut [PushOutcome],
+        envelope_for: impl Fn(&[usize]) -> Envelope,
+    ) {
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| outcomes[i] == PushOutcome::Offline)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = missing.iter().map(|&i| keys[i]).collect();
+        let owners = match directory::owners(c, &names).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "key lookup failed: remote keys unavailable");
+                for &i in &missing {
+                    outcomes[i] = PushOutcome::Unavailable;
+                }
+                return;
+            }
+        };
+        let mut per_node: Vec<(String, Vec<usize>)> = Vec::new();
+        for (&i, owner) in missing.iter().zip(owners) {
+            if let Some(node) = owner {
+                match per_node.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, v)) => v.push(i),
+                    None => per_node.push((node, vec![i])),
+                }
+            }
+        }
+        let batch = per_node
+            .iter()
+            .map(|(n, idx)| (n.clone(), envelope_for(idx)))
+            .collect();
+        match bus::publish(c, batch).await {
+            Ok(received) => {
+                for ((_, idx), n) in per_node.iter().zip(received) {
+                    if n > 0 {
+                        for &i in idx {
+                            outcomes[i] = PushOutcome::Forwarded;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarding failed: remote keys unavailable");
+                for (_, idx) in &per_node {
+                    for &i in idx {
+                        outcomes[i] = PushOutcome::Unavailable;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forwards to every other node holding an entry: one envelope per node.
+    async fn forward_entries<T: Clone>(
+        &self,
+        c: &Cluster,
+        entries: &[T],
+        name: impl Fn(&T, &str) -> String,
+        envelope_for: impl Fn(Vec<T>) -> Envelope,
+        tally: &mut Tally,
+    ) {
+        let per_node = match directory::counts_on_others(c, entries, name).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "directory lookup failed: remote part unavailable");
+                tally.unavailable += 1;
+                return;
+            }
+        };
+        let batch = per_node
+            .into_iter()
+            .map(|(n, v)| (n, envelope_for(v)))
+            .collect();
+        match bus::publish(c, batch).await {
+            Ok(received) => {
+                tally.forwarded_nodes += received.iter().filter(|&&n| n > 0).count() as u64
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "forwarding failed: remote part unavailable");
+                tally.unavailable += 1;
+            }
+        }
+    }
+
+    /// Every call, tier-wide: the local part as on one node, the rest forwarded.
+    async fn run_tier(
+        &self,
+        c: &Cluster,
+        req: Request,
+        counts: &mut PushCounts,
+    ) -> Result<Reply, RpcError> {
+        let mut scratch = PushCounts::default();
+        match req {
+            Request::PushMsg { key, op, body } => {
+                let Reply::Pushed(o) = self
+                    .run_node(
+                        Request::PushMsg {
+                            key: key.clone(),
+                            op,
+                            body: body.clone(),
+                        },
+                        &mut scratch,
+                    )
+                    .await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                let mut outcomes = [o];
+                self.forward_keys(c, &[key.as_str()], &mut outcomes, |_| Envelope::PushKeys {
+                    keys: vec![key.clone()],
+                    op,
+                    body: body.clone(),
+                })
+                .await;
+                counts.add(outcomes[0]);
+                Ok(Reply::Pushed(outcomes[0]))
+            }
+            Request::MPushMsg { keys, op, body } => {
+                let Reply::Multi(m) = self
+                    .run_node(
+                        Request::MPushMsg {
+                            keys: keys.clone(),
+                            op,
+                            body: body.clone(),
+                        },
+                        &mut scratch,
+                    )
+                    .await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                let mut outcomes = m.outcomes;
+                let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+                self.forward_keys(c, &names, &mut outcomes, |idx| Envelope::PushKeys {
+                    keys: idx.iter().map(|&i| keys[i].clone()).collect(),
+                    op,
+                    body: body.clone(),
+                })
+                .await;
+                let n = outcomes.len();
+                Ok(Reply::Multi(multi(outcomes.into_iter(), n, counts)))
+            }
+            Request::MPushMsgs { msgs } => {
+                let Reply::Multi(m) = self
+                    .run_node(Request::MPushMsgs { msgs: msgs.clone() }, &mut scratch)
+                    .await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                let mut outcomes = m.outcomes;
+                let names: Vec<&str> = msgs.iter().map(|m| m.key.as_str()).collect();
+                self.forward_keys(c, &names, &mut outcomes, |idx| Envelope::PushItems {
+                    msgs: idx.iter().map(|&i| msgs[i].clone()).collect(),
+                })
+                .await;
+                let n = outcomes.len();
+                Ok(Reply::Multi(multi(outcomes.into_iter(), n, counts)))
+            }
+            Request::PushUser { mids, op, body } => {
+                let Reply::Tally(mut t) = self
+                    .run_node(
+                        Request::PushUser {
+                            mids: mids.clone(),
+                            op,
+                            body: body.clone(),
+                        },
+                        &mut scratch,
+                    )
+                    .await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                self.forward_entries(
+                    c,
+                    &mids,
+                    |mid, node| names::user(*mid, node),
+                    |mids| Envelope::PushUsers {
+                        mids,
+                        op,
+                        body: body.clone(),
+                    },
+                    &mut t,
+                )
+                .await;
+                counts.add_tally(&t);
+                Ok(Reply::Tally(t))
+            }
+            Request::BroadcastRoom { room, op, body } => {
+                let Reply::Tally(mut t) = self
+                    .run_node(
+                        Request::BroadcastRoom {
+                            room: room.clone(),
+                            op,
+                            body: body.clone(),
+                        },
+                        &mut scratch,
+                    )
+                    .await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                self.forward_entries(
+                    c,
+                    std::slice::from_ref(&room),
+                    |room, node| names::room(room, node),
+                    |_| Envelope::Room {
+                        room: room.clone(),
+                        op,
+                        body: body.clone(),
+                    },
+                    &mut t,
+                )
+                .await;
+                counts.add_tally(&t);
+                Ok(Reply::Tally(t))
+            }
+            Request::Broadcast { op, body, speed } => {
+                let reply = self
+                    .run_node(
+                        Request::Broadcast {
+                            op,
+                            body: body.clone(),
+                            speed,
+                        },
+                        &mut scratch,
+                    )
+                    .await?;
+                if let Err(e) = bus::publish_all(c, Envelope::Broadcast { op, body, speed }).await {
+                    tracing::warn!(error = %e, "broadcast reached this node only: Redis unavailable");
+                }
+                Ok(reply)
+            }
+            Request::Rooms => {
+                let mut rooms: std::collections::HashMap<String, u64> =
+                    self.registry.rooms().into_iter().collect();
+                let (_, remote) =
+                    directory::others_online_and_rooms(c)
+                        .await
+                        .map_err(|e| RpcError::Cluster {
+                            reason: e.to_string(),
+                        })?;
+                for (room, n) in remote {
+                    *rooms.entry(room).or_default() += n;
+                }
+                let mut v: Vec<RoomCount> = rooms
+                    .into_iter()
+                    .map(|(room, online)| RoomCount { room, online })
+                    .collect();
+                v.sort_by(|a, b| a.room.cmp(&b.room));
+                Ok(Reply::Rooms(v))
+            }
+            Request::Online => {
+                let Reply::Online(mut o) = self.run_node(Request::Online, &mut scratch).await?
+                else {
+                    return Err(RpcError::Internal("unexpected local reply".into()));
+                };
+                let (records, _) =
+                    directory::others_online_and_rooms(c)
+                        .await
+                        .map_err(|e| RpcError::Cluster {
+                            reason: e.to_string(),
+                        })?;
+                for rec in records {
+                    let n = |k: &str| rec.get(k).copied().unwrap_or(0);
+                    o.total += n("online");
+                    o.tcp += n("tcp");
+                    o.quic += n("quic");
+                    o.tls += n("tls");
+                    o.ws += n("ws");
+                    o.wss += n("wss");
+                }
+                Ok(Reply::Online(o))
+            }
+            Request::Kick { key } => {
+                let reply = self
+                    .run_node(Request::Kick { key: key.clone() }, &mut scratch)
+                    .await?;
+                if reply == Reply::Kicked(true) {
+                    return Ok(reply);
+                }
+                let owner =
+                    directory::owners(c, &[key.as_str()])
+                        .await
+                        .map_err(|e| RpcError::Cluster {
+                            reason: e.to_string(),
+                        })?;
+                let Some(Some(node)) = owner.into_iter().next() else {
+                    return Ok(Reply::Kicked(false));
+                };
+                let e = Envelope::Kick {
+                    key,
+                    reason: KickReason::Kicked,
+                    conn: u64::MAX,
+                    new_node: String::new(),
+                };
+                let n = bus::publish(c, vec![(node, e)])
+                    .await
+                    .map_err(|e| RpcError::Cluster {
+                        reason: e.to_string(),
+                    })?;
+                Ok(Reply::Kicked(n.first().is_some_and(|&n| n > 0)))
+            }
+            other => self.run_node(other, counts).await,
         }
     }
 }

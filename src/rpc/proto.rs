@@ -18,7 +18,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// ALPN of backend RPC connections, the version of the wire format in this module.
-pub const ALPN: &[u8] = b"quicpush-rpc/3";
+pub const ALPN: &[u8] = b"quicpush-rpc/4";
 
 /// The result of pushing one message to one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,6 +35,13 @@ pub enum PushOutcome {
     /// gets it (the key is offline with live history, or its resume-capable
     /// connection is closing or was closed to catch up).
     Stored,
+    /// Not on this node: handed over Redis to the node that owns the key, and
+    /// PUBLISH reported a subscriber. Not a delivery: that node pushes it as it
+    /// would a local call, and its outcome is not reported back.
+    Forwarded,
+    /// Not on this node, and Redis could not be reached: neither delivered nor
+    /// forwarded.
+    Unavailable,
 }
 
 /// How many channels a push reached, by outcome.
@@ -47,6 +54,12 @@ pub struct Tally {
     pub stored: u64,
     /// History streams the push was appended to (one per user id, one for a room).
     pub appended: u64,
+    /// Other nodes of the tier the push was handed to over Redis (a PUBLISH with
+    /// a subscriber; not a delivery).
+    pub forwarded_nodes: u64,
+    /// Remote parts of the push that were not forwarded because Redis could not
+    /// be reached (keys, or 1 for a whole user or room lookup).
+    pub unavailable: u64,
 }
 
 /// Connections online, in total and per transport, and the paced broadcasts
@@ -227,6 +240,10 @@ pub enum RpcError {
         secs: u64,
         max_secs: u64,
     },
+    /// The cluster (Redis) failed a call as a whole (only where no local part of
+    /// it could answer).
+    #[error("cluster: {reason}")]
+    Cluster { reason: String },
 }
 
 /// What a call returns on the wire.
@@ -264,7 +281,7 @@ mod tests {
 
     /// The version the golden table below is the encoding of. A test fails unless
     /// it is [`ALPN`].
-    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/3";
+    const GOLDEN_ALPN: &[u8] = b"quicpush-rpc/4";
 
     /// Every wire version there has been, with the fingerprint of its golden
     /// table. Bumping the version appends a line; an old line never changes.
@@ -274,6 +291,9 @@ mod tests {
         (b"quicpush-rpc/2", 0x9bf900913ab95e37),
         // Online counts TLS, WebSocket and WebSocket-over-TLS connections
         (b"quicpush-rpc/3", 0xbd813f0143938a8c),
+        // Several nodes: PushOutcome::Forwarded / Unavailable, Tally counts them,
+        // RpcError::Cluster
+        (b"quicpush-rpc/4", 0xaafca1c09f061dbd),
     ];
 
     fn b(s: &str) -> Bytes {
@@ -361,10 +381,12 @@ mod tests {
                         PushOutcome::QueueFull,
                         PushOutcome::Filtered,
                         PushOutcome::Stored,
+                        PushOutcome::Forwarded,
+                        PushOutcome::Unavailable,
                     ],
                     index: 0,
                 })),
-                "000205000102030400",
+                "0002070001020304050600",
             ),
             (
                 Ok(Reply::Tally(Tally {
@@ -373,8 +395,10 @@ mod tests {
                     filtered: 3,
                     stored: 4,
                     appended: 300,
+                    forwarded_nodes: 5,
+                    unavailable: 6,
                 })),
-                "000301020304fb2c01",
+                "000301020304fb2c010506",
             ),
             (Ok(Reply::BroadcastAccepted { online: 12 }), "00040c"),
             (
@@ -440,6 +464,7 @@ mod tests {
                 }),
                 "010afbb80b01fbb80bfb5802",
             ),
+            (Err(RpcError::Cluster { reason: "r".into() }), "010b0172"),
         ]
     }
 
@@ -483,9 +508,10 @@ mod tests {
             Err(RpcError::Busy(_)) => 16,
             Err(RpcError::Internal(_)) => 17,
             Err(RpcError::PacedTooLong { .. }) => 18,
+            Err(RpcError::Cluster { .. }) => 19,
         }
     }
-    const RESPONSE_VARIANTS: usize = 19;
+    const RESPONSE_VARIANTS: usize = 20;
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()

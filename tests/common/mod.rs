@@ -40,6 +40,8 @@ pub struct TestServer {
     pub registry: Arc<Registry>,
     /// The server's client connection limits and their per-IP counts.
     pub limits: ConnLimits,
+    /// This node's part in a tier, when `cluster.redis` was set.
+    pub cluster: Option<std::sync::Arc<quicpush::cluster::Cluster>>,
     secret: Vec<u8>,
     stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
@@ -117,6 +119,7 @@ impl TestServer {
         let metrics = server.metrics();
         let registry = server.registry();
         let limits = server.conn_limits();
+        let cluster = server.cluster();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let handle = tokio::spawn(async move { server.run(s.cancelled_owned()).await });
@@ -133,6 +136,7 @@ impl TestServer {
             dir,
             registry,
             limits,
+            cluster,
             secret,
             stop,
             handle,

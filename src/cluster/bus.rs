@@ -1,0 +1,131 @@
+//! The bus between nodes: each node subscribes to `quicpush:node:<id>` and
+//! `quicpush:all` on a pub/sub connection of its own, re-subscribing in a loop
+//! with backoff whenever it is lost.
+//!
+//! Plain pub/sub rather than streams: a push is live traffic, and PUBLISH
+//! answers how many subscribers got the message, so the sender can say honestly
+//! that it was handed to the owning node ([`PushOutcome::Forwarded`]) or that
+//! nobody listened; a node that was away has nothing to catch up on (its
+//! clients reconnect and resume from history on whichever node they reach).
+//!
+//! [`PushOutcome::Forwarded`]: crate::rpc::proto::PushOutcome::Forwarded
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tracing::{debug, info, warn};
+
+use super::envelope::{self, Envelope, KickReason};
+use super::{names, Cluster, ClusterError};
+use crate::channel::CloseReason;
+use crate::rpc::dispatch::Dispatcher;
+use crate::rpc::proto::Request;
+
+/// Publishes each envelope to its node's channel (`None`: to every node), in one
+/// pipeline; how many subscribers each PUBLISH reached.
+pub async fn publish(
+    c: &Cluster,
+    batch: Vec<(String, Envelope)>,
+) -> Result<Vec<u64>, ClusterError> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut p = redis::pipe();
+    for (node, e) in batch {
+        p.cmd("PUBLISH")
+            .arg(names::node(&node))
+            .arg(envelope::encode(&c.id, e)?);
+    }
+    Ok(p.query_async(&mut c.backend.con()).await?)
+}
+
+/// Publishes to every node (`quicpush:all`); receivers skip their own messages.
+pub async fn publish_all(c: &Cluster, e: Envelope) -> Result<u64, ClusterError> {
+    let n: u64 = redis::cmd("PUBLISH")
+        .arg(names::ALL)
+        .arg(envelope::encode(&c.id, e)?)
+        .query_async(&mut c.backend.con())
+        .await?;
+    Ok(n)
+}
+
+/// Receives what other nodes ask of this one and carries it out through
+/// `local` (a dispatcher without the cluster), until the cluster halts.
+pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let run = async {
+            let mut ps = c.client.get_async_pubsub().await?;
+            ps.subscribe(names::node(&c.id)).await?;
+            ps.subscribe(names::ALL).await?;
+            info!(node = %c.id, "bus subscribed");
+            let mut stream = ps.on_message();
+            while let Some(msg) = stream.next().await {
+                handle(&c, &local, msg.get_payload_bytes()).await;
+            }
+            Ok::<(), ClusterError>(())
+        };
+        tokio::select! {
+            r = run => match r {
+                Ok(()) => {
+                    warn!(node = %c.id, "bus connection lost; re-subscribing");
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    debug!(node = %c.id, error = %e, ?backoff, "bus cannot subscribe; retrying");
+                }
+            },
+            _ = c.halted().cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = c.halted().cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
+    let w = match envelope::decode(bytes) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(node = %c.id, error = %e, "ignoring a bad bus message");
+            return;
+        }
+    };
+    if w.from == c.id {
+        return;
+    }
+    let req = match w.body {
+        Envelope::PushKeys { keys, op, body } => Request::MPushMsg { keys, op, body },
+        Envelope::PushItems { msgs } => Request::MPushMsgs { msgs },
+        Envelope::PushUsers { mids, op, body } => Request::PushUser { mids, op, body },
+        Envelope::Room { room, op, body } => Request::BroadcastRoom { room, op, body },
+        Envelope::Broadcast { op, body, speed } => Request::Broadcast { op, body, speed },
+        Envelope::Kick {
+            key,
+            reason,
+            conn,
+            new_node,
+        } => {
+            if let Some(ch) = c.registry.get(&key) {
+                // Only a connection at least as old as the one the kick is about:
+                // a client that came straight back here keeps its new one.
+                if ch.id <= conn {
+                    let why = match reason {
+                        KickReason::Replaced => CloseReason::Replaced,
+                        KickReason::Kicked => CloseReason::Kicked,
+                    };
+                    debug!(key = %key, from = %w.from, new_node = %new_node, ?why, "closing a connection on another node's request");
+                    ch.close(why);
+                }
+            }
+            return;
+        }
+    };
+    let method = req.method();
+    if let Err(e) = local.dispatch_local(req).await {
+        debug!(node = %c.id, from = %w.from, method, error = %e, "a forwarded call was refused");
+    }
+}

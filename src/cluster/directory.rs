@@ -1,0 +1,402 @@
+//! The tier's directory in Redis, every entry owned by one node and living `ttl`
+//! unless that node refreshes it:
+//!
+//! - `quicpush:key:<key>` = `<node>/<conn>`: which node (and which of its
+//!   connections) holds the key. Registration is `SET … EX ttl GET`, so it
+//!   learns the previous owner and asks it to close its connection (replaced).
+//!   Unregistering deletes the entry only if it is still this node's.
+//! - `quicpush:{u:<mid>}:<node>` = the user's connections on the node.
+//! - `quicpush:{r:<room>}:<node>` = the room's members on the node, and
+//!   `quicpush:node:<id>:rooms`, a hash room → count, for the tier's `Rooms`.
+//!
+//! Changes come from the registry's hook through a bounded queue to one writer
+//! task, which coalesces what queued up and writes it in one pipeline. A full
+//! queue drops the change: the refresh rewrites every entry each tick (with "set
+//! if missing or mine", so after a Redis restart the entries come back and a
+//! key another node took since is left alone).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::envelope::{Envelope, KickReason};
+use super::{names, Cluster, ClusterError, Dirty};
+use crate::registry::DirectoryHook;
+
+/// Entries rewritten per pipeline by the refresh.
+const CHUNK: usize = 500;
+/// Changes the writer takes from its queue per pipeline.
+const BATCH: usize = 1024;
+
+/// Sets KEYS[1] to ARGV[1] for ARGV[3] ms if it is missing or its value starts
+/// with ARGV[2] (this node's prefix).
+const SET_IF_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
+if (not v) or string.sub(v, 1, #ARGV[2]) == ARGV[2] then \
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1 end return 0";
+/// Deletes KEYS[1] if its value starts with ARGV[1].
+const DEL_IF_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then \
+return redis.call('DEL', KEYS[1]) end return 0";
+
+/// The registry's hook: queues changes for the writer, never waits.
+#[derive(Debug)]
+pub struct Hook(pub Weak<Cluster>);
+
+impl Hook {
+    fn send(&self, d: Dirty) {
+        if let Some(c) = self.0.upgrade() {
+            // Full: dropped; the next refresh rewrites it.
+            let _ = c.dirty.try_send(d);
+        }
+    }
+}
+
+impl DirectoryHook for Hook {
+    fn key_changed(&self, key: &Arc<str>) {
+        self.send(Dirty::Key(key.clone()));
+    }
+    fn user_changed(&self, mid: i64) {
+        self.send(Dirty::User(mid));
+    }
+    fn room_changed(&self, room: &Arc<str>) {
+        self.send(Dirty::Room(room.clone()));
+    }
+    fn remote_room_online(&self, room: &str) -> u64 {
+        self.0
+            .upgrade()
+            .and_then(|c| c.remote_rooms.read().get(room).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// A key entry's value: `<node>/<conn>`.
+pub fn owner_value(node: &str, conn: u64) -> String {
+    format!("{node}/{conn}")
+}
+
+/// Splits a key entry's value into node and connection id.
+pub fn parse_owner(v: &str) -> Option<(&str, u64)> {
+    let (node, conn) = v.rsplit_once('/')?;
+    Some((node, conn.parse().ok()?))
+}
+
+fn ttl_ms(c: &Cluster) -> u64 {
+    c.ttl.as_millis() as u64
+}
+
+/// Writes the registry's changes, coalesced, until the cluster halts.
+pub async fn writer(c: Arc<Cluster>, mut rx: mpsc::Receiver<Dirty>) {
+    loop {
+        let first = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => return },
+            _ = c.halted().cancelled() => return,
+        };
+        let mut set = HashSet::new();
+        set.insert(first);
+        while set.len() < BATCH {
+            match rx.try_recv() {
+                Ok(d) => {
+                    set.insert(d);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write(&c, set).await {
+            debug!(node = %c.id, error = %e, "directory update failed; the refresh rewrites it");
+        }
+    }
+}
+
+async fn write(c: &Cluster, dirty: HashSet<Dirty>) -> Result<(), ClusterError> {
+    let ttl = ttl_ms(c);
+    let prefix = format!("{}/", c.id);
+    let mut p = redis::pipe();
+    // Positions of SET … GET replies, with their key and connection.
+    let mut gets = Vec::new();
+    let mut n = 0;
+    let rooms_key = names::node_rooms(&c.id);
+    for d in dirty {
+        match d {
+            Dirty::Key(key) => {
+                match c.registry.get(&key) {
+                    Some(ch) => {
+                        p.cmd("SET")
+                            .arg(names::key(&key))
+                            .arg(owner_value(&c.id, ch.id))
+                            .arg("PX")
+                            .arg(ttl)
+                            .arg("GET");
+                        gets.push((n, key));
+                    }
+                    None => {
+                        p.cmd("EVAL")
+                            .arg(DEL_IF_MINE)
+                            .arg(1)
+                            .arg(names::key(&key))
+                            .arg(&prefix);
+                    }
+                }
+                n += 1;
+            }
+            Dirty::User(mid) => {
+                let count = c.registry.user_online(mid);
+                if count > 0 {
+                    p.cmd("SET")
+                        .arg(names::user(mid, &c.id))
+                        .arg(count)
+                        .arg("PX")
+                        .arg(ttl);
+                } else {
+                    p.cmd("DEL").arg(names::user(mid, &c.id));
+                }
+                n += 1;
+            }
+            Dirty::Room(room) => {
+                let count = c.registry.room_online(&room);
+                if count > 0 {
+                    p.cmd("SET")
+                        .arg(names::room(&room, &c.id))
+                        .arg(count)
+                        .arg("PX")
+                        .arg(ttl);
+                    p.cmd("HSET").arg(&rooms_key).arg(&*room).arg(count);
+                    p.cmd("PEXPIRE").arg(&rooms_key).arg(ttl);
+                    n += 3;
+                } else {
+                    p.cmd("DEL").arg(names::room(&room, &c.id));
+                    p.cmd("HDEL").arg(&rooms_key).arg(&*room);
+                    n += 2;
+                }
+            }
+        }
+    }
+    let replies: Vec<redis::Value> = p.query_async(&mut c.backend.con()).await?;
+    let mut kicks: HashMap<String, Vec<Envelope>> = HashMap::new();
+    for (i, key) in gets {
+        let Some(redis::Value::BulkString(prev)) = replies.get(i) else {
+            continue;
+        };
+        let prev = String::from_utf8_lossy(prev);
+        let Some((node, conn)) = parse_owner(&prev) else {
+            continue;
+        };
+        if node != c.id && c.is_live(node) {
+            debug!(key = %key, old_node = node, "key moved here from another node: asking it to close its connection");
+            kicks
+                .entry(node.to_owned())
+                .or_default()
+                .push(Envelope::Kick {
+                    key: key.to_string(),
+                    reason: KickReason::Replaced,
+                    conn,
+                    new_node: c.id.clone(),
+                });
+        }
+    }
+    if !kicks.is_empty() {
+        let batch: Vec<(String, Envelope)> = kicks
+            .into_iter()
+            .flat_map(|(n, es)| es.into_iter().map(move |e| (n.clone(), e)))
+            .collect();
+        super::bus::publish(c, batch).await?;
+    }
+    Ok(())
+}
+
+/// Rewrites every directory entry of this node (the refresh): keys with "set if
+/// missing or mine", users and rooms as they are now, the rooms hash anew.
+pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
+    let ttl = ttl_ms(c);
+    let prefix = format!("{}/", c.id);
+    let (keys, users) = c.registry.directory_snapshot();
+    let mut con = c.backend.con();
+    for chunk in keys.chunks(CHUNK) {
+        let mut p = redis::pipe();
+        for (key, conn) in chunk {
+            p.cmd("EVAL")
+                .arg(SET_IF_MINE)
+                .arg(1)
+                .arg(names::key(key))
+                .arg(owner_value(&c.id, *conn))
+                .arg(&prefix)
+                .arg(ttl)
+                .ignore();
+        }
+        p.query_async::<()>(&mut con).await?;
+    }
+    let users: Vec<_> = users.into_iter().collect();
+    for chunk in users.chunks(CHUNK) {
+        let mut p = redis::pipe();
+        for (mid, n) in chunk {
+            p.cmd("SET")
+                .arg(names::user(*mid, &c.id))
+                .arg(n)
+                .arg("PX")
+                .arg(ttl)
+                .ignore();
+        }
+        p.query_async::<()>(&mut con).await?;
+    }
+    let rooms = c.registry.rooms();
+    let rooms_key = names::node_rooms(&c.id);
+    let mut p = redis::pipe();
+    p.atomic().cmd("DEL").arg(&rooms_key).ignore();
+    for (room, n) in &rooms {
+        p.cmd("HSET").arg(&rooms_key).arg(room).arg(n).ignore();
+    }
+    p.cmd("PEXPIRE").arg(&rooms_key).arg(ttl).ignore();
+    p.query_async::<()>(&mut con).await?;
+    for chunk in rooms.chunks(CHUNK) {
+        let mut p = redis::pipe();
+        for (room, n) in chunk {
+            p.cmd("SET")
+                .arg(names::room(room, &c.id))
+                .arg(n)
+                .arg("PX")
+                .arg(ttl)
+                .ignore();
+        }
+        p.query_async::<()>(&mut con).await?;
+    }
+    Ok(())
+}
+
+/// Reads the other live nodes' counts of each room with members here, for the
+/// Heartbeat's tier-wide room count.
+pub async fn read_remote_rooms(c: &Cluster) -> Result<(), ClusterError> {
+    let others = c.others();
+    let rooms: Vec<String> = c.registry.rooms().into_iter().map(|(r, _)| r).collect();
+    let mut counts = HashMap::new();
+    if !others.is_empty() {
+        for chunk in rooms.chunks(CHUNK) {
+            let mut p = redis::pipe();
+            for room in chunk {
+                p.cmd("MGET");
+                for n in &others {
+                    p.arg(names::room(room, n));
+                }
+            }
+            let r: Vec<Vec<Option<u64>>> = p.query_async(&mut c.backend.con()).await?;
+            for (room, v) in chunk.iter().zip(r) {
+                counts.insert(room.clone(), v.into_iter().flatten().sum());
+            }
+        }
+    }
+    *c.remote_rooms.write() = counts;
+    Ok(())
+}
+
+/// The node each key is held on (with its connection), `None` where no live node
+/// holds it: one `MGET`.
+pub async fn owners(c: &Cluster, keys: &[&str]) -> Result<Vec<Option<String>>, ClusterError> {
+    let mut cmd = redis::cmd("MGET");
+    for k in keys {
+        cmd.arg(names::key(k));
+    }
+    let v: Vec<Option<String>> = cmd.query_async(&mut c.backend.con()).await?;
+    Ok(v.into_iter()
+        .map(|v| {
+            let v = v?;
+            let (node, _) = parse_owner(&v)?;
+            (node != c.id && c.is_live(node)).then(|| node.to_owned())
+        })
+        .collect())
+}
+
+/// For each live other node, the counts of `entries` there (user or room
+/// entries, named by `name(node)`): one `MGET` per entry, pipelined.
+pub async fn counts_on_others<T: Clone>(
+    c: &Cluster,
+    entries: &[T],
+    name: impl Fn(&T, &str) -> String,
+) -> Result<Vec<(String, Vec<T>)>, ClusterError> {
+    let others = c.others();
+    if others.is_empty() || entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut p = redis::pipe();
+    for e in entries {
+        p.cmd("MGET");
+        for n in &others {
+            p.arg(name(e, n));
+        }
+    }
+    let r: Vec<Vec<Option<u64>>> = p.query_async(&mut c.backend.con()).await?;
+    let mut per_node: Vec<(String, Vec<T>)> = others.into_iter().map(|n| (n, Vec::new())).collect();
+    for (e, counts) in entries.iter().zip(r) {
+        for (i, n) in counts.into_iter().enumerate() {
+            if n.unwrap_or(0) > 0 {
+                if let Some((_, v)) = per_node.get_mut(i) {
+                    v.push(e.clone());
+                }
+            }
+        }
+    }
+    per_node.retain(|(_, v)| !v.is_empty());
+    Ok(per_node)
+}
+
+/// The other live nodes' records' online counts and rooms.
+pub async fn others_online_and_rooms(
+    c: &Cluster,
+) -> Result<(Vec<HashMap<String, u64>>, HashMap<String, u64>), ClusterError> {
+    let others = c.others();
+    if others.is_empty() {
+        return Ok((Vec::new(), HashMap::new()));
+    }
+    let mut p = redis::pipe();
+    for n in &others {
+        p.cmd("HGETALL").arg(names::node(n));
+        p.cmd("HGETALL").arg(names::node_rooms(n));
+    }
+    let r: Vec<HashMap<String, String>> = p.query_async(&mut c.backend.con()).await?;
+    let mut records = Vec::new();
+    let mut rooms: HashMap<String, u64> = HashMap::new();
+    for pair in r.chunks(2) {
+        if let Some(rec) = pair.first() {
+            records.push(
+                rec.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.parse().ok()?)))
+                    .collect(),
+            );
+        }
+        if let Some(rs) = pair.get(1) {
+            for (room, n) in rs {
+                *rooms.entry(room.clone()).or_default() += n.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok((records, rooms))
+}
+
+/// Deletes this node's record and directory entries (leaving the tier).
+pub async fn remove_all(c: &Cluster) -> Result<(), ClusterError> {
+    let prefix = format!("{}/", c.id);
+    let (keys, users) = c.registry.directory_snapshot();
+    let mut con = c.backend.con();
+    let mut p = redis::pipe();
+    p.cmd("DEL").arg(names::node(&c.id)).ignore();
+    p.cmd("ZREM").arg(names::NODES).arg(&c.id).ignore();
+    p.cmd("DEL").arg(names::node_rooms(&c.id)).ignore();
+    for (room, _) in c.registry.rooms() {
+        p.cmd("DEL").arg(names::room(&room, &c.id)).ignore();
+    }
+    for mid in users.keys() {
+        p.cmd("DEL").arg(names::user(*mid, &c.id)).ignore();
+    }
+    for (key, _) in &keys {
+        p.cmd("EVAL")
+            .arg(DEL_IF_MINE)
+            .arg(1)
+            .arg(names::key(key))
+            .arg(&prefix)
+            .ignore();
+    }
+    if let Err(e) = p.query_async::<()>(&mut con).await {
+        warn!(node = %c.id, error = %e, "removing this node's directory entries failed");
+        return Err(e.into());
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! Several quicpush nodes as one push tier, sharing one Redis.
+//!
+//! ```text
+//! backend ─▶ node A: rpc::dispatch ─▶ local registry (as on one node)
+//!                        │ keys / users / room not here
+//!                        ├─ MGET the directory ─▶ owning nodes
+//!                        └─ PUBLISH quicpush:node:<B> ─▶ node B: bus ─▶ its dispatcher (local only)
+//! session register / unregister / room change ─▶ registry hook ─▶ bounded queue ─▶ directory writer
+//! every `refresh`: node record + whole directory rewritten (EX ttl), live nodes and room counts read
+//! ```
+//!
+//! - [`nodes`]: each node's record (`quicpush:node:<id>`, EX ttl) and the sorted
+//!   set of live nodes (`quicpush:nodes`, score = expiry in unix ms).
+//! - [`directory`]: key → node, user → nodes, room → nodes with counts, each
+//!   entry owned by one node and living `ttl` unless refreshed, so a dead node's
+//!   entries vanish by themselves. Written by one task from a bounded, coalescing
+//!   queue fed by the registry's [`DirectoryHook`](crate::registry::DirectoryHook).
+//! - [`bus`]: pub/sub between nodes; [`envelope`]: what travels on it.
+//!
+//! Redis is optional at run time: a node whose Redis is down keeps serving its
+//! own clients; the remote parts of a push answer
+//! [`PushOutcome::Unavailable`](crate::rpc::proto::PushOutcome::Unavailable), and
+//! once Redis answers again the next refresh writes the node's record and every
+//! directory entry back. A node starts even if Redis is down at start (it logs and
+//! retries): the tier is a best effort layer over nodes that work alone.
+//!
+//! Only a single Redis server is spoken to for now ([`Backend`] has one variant);
+//! the keys are laid out for Redis Cluster already (a user's or a room's per-node
+//! entries share a hash tag, so their lookup is one `MGET` in one slot).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod bus;
+pub mod directory;
+pub mod envelope;
+pub mod error;
+pub mod nodes;
+
+pub use error::ClusterError;
+
+use crate::config::ClusterConfig;
+use crate::registry::Registry;
+
+/// Directory updates queued before new ones are dropped (the refresh rewrites
+/// everything anyway).
+pub const DIRTY_QUEUE: usize = 4096;
+
+/// The Redis connection the tier talks through: one server for now; Redis
+/// Cluster is a variant to add.
+#[derive(Clone)]
+pub enum Backend {
+    /// One Redis server, through a reconnecting connection manager.
+    Single(redis::aio::ConnectionManager),
+}
+
+impl Backend {
+    /// A connection to send commands on.
+    pub fn con(&self) -> redis::aio::ConnectionManager {
+        match self {
+            Backend::Single(c) => c.clone(),
+        }
+    }
+}
+
+/// Redis key and channel names.
+pub mod names {
+    /// The sorted set of node ids, scored by their record's expiry (unix ms).
+    pub const NODES: &str = "quicpush:nodes";
+    /// The channel every node subscribes to.
+    pub const ALL: &str = "quicpush:all";
+
+    /// A node's record (hash), and the channel it listens on.
+    pub fn node(id: &str) -> String {
+        format!("quicpush:node:{id}")
+    }
+    /// A node's rooms with their local counts (hash).
+    pub fn node_rooms(id: &str) -> String {
+        format!("quicpush:node:{id}:rooms")
+    }
+    /// Which node (and connection) holds a key: `<node>/<conn>`.
+    pub fn key(key: &str) -> String {
+        format!("quicpush:key:{key}")
+    }
+    /// A user's connection count on one node.
+    pub fn user(mid: i64, node: &str) -> String {
+        format!("quicpush:{{u:{mid}}}:{node}")
+    }
+    /// A room's member count on one node.
+    pub fn room(room: &str, node: &str) -> String {
+        format!("quicpush:{{r:{room}}}:{node}")
+    }
+}
+
+/// Unix time in milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a registry change asks the directory writer to rewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dirty {
+    Key(Arc<str>),
+    User(i64),
+    Room(Arc<str>),
+}
+
+/// This node's part in the tier.
+pub struct Cluster {
+    /// This node's id.
+    pub id: String,
+    pub(crate) ttl: Duration,
+    pub(crate) refresh: Duration,
+    pub(crate) client: redis::Client,
+    pub(crate) backend: Backend,
+    pub(crate) registry: Arc<Registry>,
+    /// Live node ids (this one included), as the last refresh read them.
+    pub(crate) live: RwLock<Arc<Vec<String>>>,
+    /// Members on the other nodes of each room with members here.
+    pub(crate) remote_rooms: RwLock<HashMap<String, u64>>,
+    pub(crate) dirty: mpsc::Sender<Dirty>,
+    dirty_rx: parking_lot::Mutex<Option<mpsc::Receiver<Dirty>>>,
+    pub(crate) advertise_client: String,
+    pub(crate) advertise_rpc: String,
+    pub(crate) started_ms: u64,
+    /// Stops this node's cluster tasks (shutdown, or a test halting a node).
+    halt: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("id", &self.id).finish()
+    }
+}
+
+/// A random node id: 16 hex digits.
+pub fn random_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The Redis client for `url`, with short timeouts so an unreachable Redis fails
+/// a push part quickly, and a connection manager that reconnects.
+pub fn connect(url: &str) -> Result<(redis::Client, Backend), ClusterError> {
+    let client = redis::Client::open(url).map_err(|source| ClusterError::Url {
+        url: url.to_owned(),
+        source,
+    })?;
+    let cfg = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_secs(1)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    let con = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), cfg)?;
+    Ok((client, Backend::Single(con)))
+}
+
+impl Cluster {
+    /// This node's part in the tier `config` names, for `registry`; connects
+    /// lazily (a Redis that is down at start is retried). `client_addr` and
+    /// `rpc_addr` are shown in `quicpush nodes` unless the config advertises others.
+    pub fn new(
+        config: &ClusterConfig,
+        url: &str,
+        registry: Arc<Registry>,
+        client_addr: String,
+        rpc_addr: String,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let (client, backend) = connect(url)?;
+        let id = config.node_id.clone().unwrap_or_else(random_id);
+        let (tx, rx) = mpsc::channel(DIRTY_QUEUE);
+        let c = Arc::new(Cluster {
+            live: RwLock::new(Arc::new(vec![id.clone()])),
+            id,
+            ttl: config.ttl,
+            refresh: config.refresh_every(),
+            client,
+            backend,
+            registry: registry.clone(),
+            remote_rooms: RwLock::default(),
+            dirty: tx,
+            dirty_rx: parking_lot::Mutex::new(Some(rx)),
+            advertise_client: config.advertise_client.clone().unwrap_or(client_addr),
+            advertise_rpc: config.advertise_rpc.clone().unwrap_or(rpc_addr),
+            started_ms: now_ms(),
+            halt: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        registry.set_hook(Arc::new(directory::Hook(Arc::downgrade(&c))));
+        Ok(c)
+    }
+
+    /// Starts the refresh, directory writer and bus tasks; `local` carries out
+    /// what other nodes ask of this one.
+    pub fn spawn(self: &Arc<Self>, local: crate::rpc::dispatch::Dispatcher) {
+        if let Some(rx) = self.dirty_rx.lock().take() {
+            self.tasks.spawn(directory::writer(self.clone(), rx));
+        }
+        self.tasks.spawn(nodes::refresher(self.clone()));
+        self.tasks.spawn(bus::subscriber(self.clone(), local));
+    }
+
+    /// Stops this node's cluster tasks without cleaning up: its records then
+    /// expire within the TTL, as a crashed node's would.
+    pub async fn halt(&self) {
+        self.halt.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Stops the tasks and deletes this node's record and directory entries (best
+    /// effort: what cannot be deleted expires within the TTL).
+    pub async fn leave(&self) {
+        self.halt().await;
+        let r = tokio::time::timeout(Duration::from_secs(2), directory::remove_all(self)).await;
+        match r {
+            Ok(Ok(())) => tracing::info!(node = %self.id, "left the tier"),
+            Ok(Err(e)) => {
+                tracing::warn!(node = %self.id, error = %e, "cannot remove this node's records: they expire within the TTL")
+            }
+            Err(_) => {
+                tracing::warn!(node = %self.id, "timed out removing this node's records: they expire within the TTL")
+            }
+        }
+    }
+
+    pub(crate) fn halted(&self) -> &CancellationToken {
+        &self.halt
+    }
+
+    /// The live nodes other than this one.
+    pub fn others(&self) -> Vec<String> {
+        self.live
+            .read()
+            .iter()
+            .filter(|n| **n != self.id)
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `node` is live (as of the last refresh).
+    pub fn is_live(&self, node: &str) -> bool {
+        self.live.read().iter().any(|n| n == node)
+    }
+}

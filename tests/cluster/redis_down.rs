@@ -1,0 +1,53 @@
+//! (e) Redis killed mid-run: local pushes are still Delivered, remote ones
+//! Unavailable; Redis back on the same port (empty): within a few TTLs the nodes
+//! have re-registered and rewritten their entries, and remote pushes are
+//! Forwarded again and arrive.
+
+use std::time::Duration;
+
+use quicpush::rpc::proto::PushOutcome;
+
+use crate::common::Via;
+use crate::tier::{bodies, drain_bodies, wait_for, Tier};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_survive_a_redis_restart() {
+    let mut t = Tier::start(2).await;
+    let _ka = t.nodes[0].client(Via::Tcp, "ka").await;
+    let mut kb = t.nodes[1].client(Via::Tcp, "kb").await;
+    t.wait_owner("kb", 1).await;
+    let a = t.nodes[0].backend().await;
+    assert_eq!(
+        a.push_msg("kb", 1000, "before").await.unwrap(),
+        PushOutcome::Forwarded
+    );
+
+    t.redis.kill();
+    assert_eq!(
+        a.push_msg("ka", 1000, "local").await.unwrap(),
+        PushOutcome::Delivered
+    );
+    assert_eq!(
+        a.push_msg("kb", 1000, "lost").await.unwrap(),
+        PushOutcome::Unavailable
+    );
+    let m = a
+        .mpush_msg(vec!["ka".into(), "kb".into()], 1000, "half")
+        .await
+        .unwrap();
+    assert_eq!(
+        m.outcomes,
+        vec![PushOutcome::Delivered, PushOutcome::Unavailable]
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    t.redis.restart();
+    let t0 = std::time::Instant::now();
+    wait_for("kb forwarded again", || async {
+        a.push_msg("kb", 1000, "after").await.unwrap() == PushOutcome::Forwarded
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert_eq!(drain_bodies(&mut kb).await, bodies(&["before", "after"]));
+    t.stop().await;
+}
