@@ -1361,6 +1361,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         ratio_to_raw: None,
         metrics_off: None,
         metrics_rates: None,
+        tier: None,
         metrics_on_to_off: None,
         quicpush: m,
         raw: None,

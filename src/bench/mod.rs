@@ -19,6 +19,7 @@ pub mod floor;
 pub mod handover;
 pub mod process;
 pub mod redis;
+pub mod tier;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -209,6 +210,10 @@ pub struct LatencyUs {
 /// What one run against one server measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Measurement {
+    /// Tier runs: Redis commands run while pushing, by command, less those the
+    /// tier runs at rest in as long (its refreshes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_calls: Option<std::collections::BTreeMap<String, f64>>,
     pub deliveries: u64,
     pub expected: u64,
     pub seconds: f64,
@@ -272,6 +277,9 @@ pub struct Report {
     /// The handover scenario's figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handover: Option<handover::HandoverReport>,
+    /// `--nodes N`: the tier beside one node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<tier::TierReport>,
 }
 
 /// How the load reaches a server: quicpush's RPC, or the floor's control socket.
@@ -446,6 +454,27 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             "--stalled applies to the room and broadcast scenarios".into(),
         ));
     }
+    if opts.nodes > 1 {
+        if !matches!(opts.scenario, Scenario::Room | Scenario::Keys) {
+            return Err(BenchError::Options(
+                "--nodes applies to the room and keys scenarios".into(),
+            ));
+        }
+        if opts.raw || opts.metrics == BenchMetrics::Compare || opts.stalled > 0 {
+            return Err(BenchError::Options(
+                "--nodes compares with one node: it takes no --raw, --metrics compare or --stalled"
+                    .into(),
+            ));
+        }
+        let Target::Spawn { exe } = &opts.target else {
+            return Err(BenchError::Options(
+                "--nodes starts its own nodes: it takes no --server-pid".into(),
+            ));
+        };
+        let tmp =
+            tempfile::tempdir().map_err(|e| BenchError::Io(format!("temporary directory: {e}")))?;
+        return run_tier(opts, exe, tmp.path()).await;
+    }
     if opts.metrics == BenchMetrics::Compare && !matches!(opts.target, Target::Spawn { .. }) {
         return Err(BenchError::Options(
             "--metrics compare starts its own servers: it takes no --server-pid".into(),
@@ -506,6 +535,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         let m = measure(
             opts,
             std::slice::from_ref(&floor),
+            0,
+            None,
             &certs,
             Login::Index,
             Pusher::floor(control),
@@ -555,6 +586,101 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         quicpush,
         raw,
         handover: None,
+        tier: None,
+    })
+}
+
+/// `--nodes N`: one node, then a tier of N, with the same clients.
+async fn run_tier(opts: &BenchOptions, exe: &Path, dir: &Path) -> Result<Report, BenchError> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let metrics = opts.metrics != BenchMetrics::Off;
+    let single = measure_quicpush(opts, dir, metrics, "one node").await?;
+    let t = tier::Tier::start(opts, exe, dir, opts.nodes, metrics)?;
+    let secret = crate::auth::load_secret(&dir.join(crate::certs::TOKEN_SECRET))
+        .map_err(|e| BenchError::Spawn(e.to_string()))?;
+    let backend = Client::connect(
+        t.nodes[0].control,
+        "localhost",
+        &BackendIdentity::from_dir(dir),
+    )
+    .await
+    .map_err(|e| BenchError::Rpc(e.to_string()))?;
+    let backend = Arc::new(backend);
+    let room = (opts.scenario == Scenario::Room).then(|| ROOM.to_owned());
+    let login = Login::Token {
+        secret: Arc::new(secret),
+        room,
+    };
+    // Keys: every client on a node other than the backend's, so each push is
+    // forwarded.
+    let clients_from = usize::from(opts.scenario == Scenario::Keys);
+    let label = format!("{} nodes", opts.nodes);
+    let m = measure(
+        opts,
+        &t.nodes,
+        clients_from,
+        Some(&t.redis),
+        dir,
+        login,
+        Pusher::Quicpush(backend.clone(), 0),
+        Some(&backend),
+        &label,
+    )
+    .await?;
+    if let Ok(b) = Arc::try_unwrap(backend) {
+        b.close().await;
+    }
+    t.stop();
+    // Every message is one push: a BroadcastRoom call, or one key of a call.
+    let pushes = opts.messages;
+    let calls = m.redis_calls.clone().unwrap_or_default();
+    let per_push: std::collections::BTreeMap<String, f64> = calls
+        .iter()
+        .map(|(k, v)| (k.clone(), v / pushes.max(1) as f64))
+        .collect();
+    let tier = tier::TierReport {
+        nodes: opts.nodes,
+        ratio_to_single: (single.deliveries_per_sec > 0.0)
+            .then(|| m.deliveries_per_sec / single.deliveries_per_sec),
+        p99_delta_us: match (m.latency_us, single.latency_us) {
+            (Some(a), Some(b)) => Some(a.p99 as i64 - b.p99 as i64),
+            _ => None,
+        },
+        redis_calls_per_push_total: per_push.values().sum(),
+        redis_calls_per_push: per_push,
+        pushes,
+        single_node: single,
+    };
+    Ok(Report {
+        scenario: opts.scenario,
+        transport: opts.transport,
+        clients: opts.clients,
+        messages: opts.messages,
+        batch: opts.batch,
+        body_size: opts.body_size,
+        stalled: 0,
+        deliveries: m.deliveries,
+        deliveries_per_sec: m.deliveries_per_sec,
+        lost: m.lost,
+        duplicated: m.duplicated,
+        misrouted: m.misrouted,
+        dropped_queue_full: m.dropped_queue_full,
+        latency_us: m.latency_us,
+        server_cpu_us_per_delivery: m.server_cpu_us_per_delivery,
+        server_cpu_percent: m.server_cpu_percent,
+        server_rss_per_conn_bytes: m.server_rss_per_conn_bytes,
+        connects_per_sec: m.connects_per_sec,
+        raw_deliveries_per_sec: None,
+        raw_connects_per_sec: None,
+        raw_rss_per_conn_bytes: None,
+        ratio_to_raw: None,
+        metrics_off: None,
+        metrics_rates: None,
+        metrics_on_to_off: None,
+        quicpush: m,
+        raw: None,
+        handover: None,
+        tier: Some(tier),
     })
 }
 
@@ -615,6 +741,8 @@ async fn measure_quicpush_at(
     let quicpush = measure(
         opts,
         std::slice::from_ref(&server),
+        0,
+        None,
         &certs,
         login,
         Pusher::Quicpush(backend.clone(), opts.stalled as u64),
@@ -631,19 +759,25 @@ async fn measure_quicpush_at(
 
 /// Runs the scenario against one server, or the nodes of a tier (clients spread
 /// over them in turn; CPU and memory summed over them all).
+/// Clients connect to `servers[clients_from..]`; with `redis`, the Redis commands
+/// run while pushing (less the rate seen over 2 s of rest just before) are counted.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     opts: &BenchOptions,
     servers: &[ServerProcess],
+    clients_from: usize,
+    redis: Option<&redis::RedisServer>,
     certs: &Path,
     login: Login,
     pusher: Pusher,
     backend: Option<&Arc<Client>>,
     label: &str,
 ) -> Result<Measurement, BenchError> {
+    let stat = ProcStats::new(servers.iter().map(|s| s.pid));
+    let servers = servers.get(clients_from..).unwrap_or_default();
     let server = servers
         .first()
-        .ok_or_else(|| BenchError::Options(format!("{label}: no server to measure")))?;
-    let stat = ProcStats::new(servers.iter().map(|s| s.pid));
+        .ok_or_else(|| BenchError::Options(format!("{label}: no server for the clients")))?;
     let n = opts.clients;
     let client_addr = |s: &ServerProcess| match opts.transport {
         BenchTransport::Tcp => Ok(s.client_tcp),
@@ -743,6 +877,15 @@ async fn measure(
         })
     };
 
+    // Redis at rest (the tier's refreshes), then during the pushes.
+    let rest = match redis {
+        Some(r) => {
+            let a = r.command_calls();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Some((a, r.command_calls()))
+        }
+        None => None,
+    };
     let cpu0 = stat.cpu_us()?;
     let t0 = Instant::now();
     let dropped = match opts.scenario {
@@ -759,6 +902,11 @@ async fn measure(
     };
     let done_at = wait_done(&received, total.saturating_sub(dropped), t0).await;
     let cpu = stat.cpu_us()?.saturating_sub(cpu0);
+    if let (Some(r), Some((a, b))) = (redis, rest) {
+        let c = r.command_calls();
+        let secs = done_at.duration_since(t0).as_secs_f64();
+        m.redis_calls = Some(tier::net_calls(&a, &b, 2.0, &b, &c, secs));
+    }
     ticker.abort();
     pb.finish_and_clear();
     let secs = done_at.duration_since(t0).as_secs_f64().max(1e-9);
@@ -1095,6 +1243,9 @@ impl Report {
         }
         if let Some(ratio) = self.ratio_to_raw {
             s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
+        }
+        if let Some(t) = &self.tier {
+            s.push_str(&t.table());
         }
         if let Some(m) = &self.metrics_rates {
             s.push_str(&format!(
