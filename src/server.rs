@@ -12,6 +12,13 @@
 //! 4. closes the QUIC endpoints with code 1 and waits for them to go idle, at most
 //!    `shutdown.grace` again.
 //!
+//! With `cluster.redis` set, `bind` joins the tier without waiting for Redis: a
+//! Redis that is down at start is logged and retried (the node serves its own
+//! clients meanwhile); only a URL the client cannot parse fails `bind`. `run`
+//! starts the node, directory and bus tasks, and at shutdown, before step 2, the
+//! node leaves the tier: it deletes its record and directory entries (best effort,
+//! what remains expires within `cluster.ttl`).
+//!
 //! The HTTP listener stops accepting in step 1 and answers the requests in flight
 //! by step 3, waited for with the backend RPC streams.
 
