@@ -42,6 +42,7 @@ pub mod directory;
 pub mod envelope;
 pub mod error;
 pub mod nodes;
+pub mod route;
 
 pub use error::ClusterError;
 

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use super::broadcast::Broadcaster;
 use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError, Tally};
 use crate::channel::PushOutcome;
-use crate::cluster::envelope::{Envelope, KickReason};
-use crate::cluster::{bus, directory, names, Cluster};
+use crate::cluster::envelope::{self, Envelope, KickReason};
+use crate::cluster::{bus, directory, names, route, Cluster};
 use crate::metrics::{self, Metrics, PushCounts};
 use crate::protocol::Frame;
 use crate::registry::Registry;
@@ -186,14 +186,15 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    /// `outcomes` for the keys this node did not hold (Offline): looked up in one
-    /// `MGET`, forwarded with one PUBLISH per owning node (pipelined).
+    /// `outcomes` for the keys this node did not hold (Offline): each forwarded to
+    /// the node holding it, lookup and PUBLISH in one Redis script
+    /// ([`route::to_owners_of`]), so calls keep their order.
     async fn forward_keys(
         &self,
         c: &Cluster,
         keys: &[&str],
         outcomes: &mut [PushOutcome],
-        envelope_for: impl Fn(&[usize]) -> Envelope,
+        envelope_for: impl Fn(usize) -> Envelope,
     ) {
         let missing: Vec<usize> = (0..keys.len())
             .filter(|&i| outcomes[i] == PushOutcome::Offline)
@@ -202,74 +203,61 @@ impl Dispatcher {
             return;
         }
         let names: Vec<&str> = missing.iter().map(|&i| keys[i]).collect();
-        let owners = match directory::owners(c, &names).await {
-            Ok(o) => o,
+        let messages = match missing
+            .iter()
+            .map(|&i| envelope::encode(&c.id, envelope_for(i)))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(m) => m,
             Err(e) => {
-                tracing::debug!(error = %e, "key lookup failed: remote keys unavailable");
+                tracing::warn!(error = %e, "cannot encode a forwarded push: remote keys unavailable");
                 for &i in &missing {
                     outcomes[i] = PushOutcome::Unavailable;
                 }
                 return;
             }
         };
-        let mut per_node: Vec<(String, Vec<usize>)> = Vec::new();
-        for (&i, owner) in missing.iter().zip(owners) {
-            if let Some(node) = owner {
-                match per_node.iter_mut().find(|(n, _)| *n == node) {
-                    Some((_, v)) => v.push(i),
-                    None => per_node.push((node, vec![i])),
-                }
-            }
-        }
-        let batch = per_node
-            .iter()
-            .map(|(n, idx)| (n.clone(), envelope_for(idx)))
-            .collect();
-        match bus::publish(c, batch).await {
-            Ok(received) => {
-                for ((_, idx), n) in per_node.iter().zip(received) {
-                    if n > 0 {
-                        for &i in idx {
-                            outcomes[i] = PushOutcome::Forwarded;
-                        }
+        match route::to_owners_of(c, &names, messages).await {
+            Ok(routed) => {
+                for (&i, r) in missing.iter().zip(routed) {
+                    if matches!(r, route::Routed::Published(n) if n > 0) {
+                        outcomes[i] = PushOutcome::Forwarded;
                     }
                 }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "forwarding failed: remote keys unavailable");
-                for (_, idx) in &per_node {
-                    for &i in idx {
-                        outcomes[i] = PushOutcome::Unavailable;
-                    }
+                for &i in &missing {
+                    outcomes[i] = PushOutcome::Unavailable;
                 }
             }
         }
     }
 
-    /// Forwards to every other node holding an entry: one envelope per node.
+    /// Forwards to every other node holding an entry (lookup and PUBLISH in one
+    /// Redis script, [`route::where_present`]).
     async fn forward_entries<T: Clone>(
         &self,
         c: &Cluster,
         entries: &[T],
         name: impl Fn(&T, &str) -> String,
-        envelope_for: impl Fn(Vec<T>) -> Envelope,
+        envelope: Envelope,
         tally: &mut Tally,
     ) {
-        let per_node = match directory::counts_on_others(c, entries, name).await {
-            Ok(p) => p,
+        let message = match envelope::encode(&c.id, envelope) {
+            Ok(m) => m,
             Err(e) => {
-                tracing::debug!(error = %e, "directory lookup failed: remote part unavailable");
+                tracing::warn!(error = %e, "cannot encode a forwarded push: remote part unavailable");
                 tally.unavailable += 1;
                 return;
             }
         };
-        let batch = per_node
-            .into_iter()
-            .map(|(n, v)| (n, envelope_for(v)))
-            .collect();
-        match bus::publish(c, batch).await {
-            Ok(received) => {
-                tally.forwarded_nodes += received.iter().filter(|&&n| n > 0).count() as u64
+        match route::where_present(c, entries, name, message).await {
+            Ok(routed) => {
+                tally.forwarded_nodes += routed
+                    .iter()
+                    .filter(|(_, r)| matches!(r, route::Routed::Published(n) if *n > 0))
+                    .count() as u64
             }
             Err(e) => {
                 tracing::debug!(error = %e, "forwarding failed: remote part unavailable");
@@ -327,8 +315,8 @@ impl Dispatcher {
                 };
                 let mut outcomes = m.outcomes;
                 let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-                self.forward_keys(c, &names, &mut outcomes, |idx| Envelope::PushKeys {
-                    keys: idx.iter().map(|&i| keys[i].clone()).collect(),
+                self.forward_keys(c, &names, &mut outcomes, |i| Envelope::PushKeys {
+                    keys: vec![keys[i].clone()],
                     op,
                     body: body.clone(),
                 })
@@ -345,8 +333,8 @@ impl Dispatcher {
                 };
                 let mut outcomes = m.outcomes;
                 let names: Vec<&str> = msgs.iter().map(|m| m.key.as_str()).collect();
-                self.forward_keys(c, &names, &mut outcomes, |idx| Envelope::PushItems {
-                    msgs: idx.iter().map(|&i| msgs[i].clone()).collect(),
+                self.forward_keys(c, &names, &mut outcomes, |i| Envelope::PushItems {
+                    msgs: vec![msgs[i].clone()],
                 })
                 .await;
                 let n = outcomes.len();
@@ -370,8 +358,8 @@ impl Dispatcher {
                     c,
                     &mids,
                     |mid, node| names::user(*mid, node),
-                    |mids| Envelope::PushUsers {
-                        mids,
+                    Envelope::PushUsers {
+                        mids: mids.clone(),
                         op,
                         body: body.clone(),
                     },
@@ -399,7 +387,7 @@ impl Dispatcher {
                     c,
                     std::slice::from_ref(&room),
                     |room, node| names::room(room, node),
-                    |_| Envelope::Room {
+                    Envelope::Room {
                         room: room.clone(),
                         op,
                         body: body.clone(),

@@ -42,12 +42,10 @@ async fn pushes_survive_a_redis_restart() {
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     t.redis.restart();
-    let t0 = std::time::Instant::now();
     wait_for("kb forwarded again", || async {
         a.push_msg("kb", 1000, "after").await.unwrap() == PushOutcome::Forwarded
     })
     .await;
-    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
     assert_eq!(drain_bodies(&mut kb).await, bodies(&["before", "after"]));
     t.stop().await;
 }
