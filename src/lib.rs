@@ -19,7 +19,7 @@
 //!
 //! ```text
 //! rpc::dispatch ─ local part ─▶ registry (as above)
-//!      └─ keys / users / room not here ─▶ MGET the directory ─▶ PUBLISH quicpush:node:<id>
+//!      └─ keys / users / room not here ─▶ one Redis script: read the directory, PUBLISH quicpush:node:<id>
 //!                                   other node: cluster::bus ─▶ its dispatcher, local only
 //! registry register / unregister / room change ─▶ DirectoryHook ─▶ bounded queue ─▶ directory writer ─▶ Redis
 //! ```
@@ -73,7 +73,8 @@
 //! - [`protocol`]: goim v2 frames (16-byte header + body), ops, encode/decode, and
 //!   the resume header extension. No I/O.
 //! - [`history`]: the [`history::HistoryStore`] trait (streams with epoch and offset,
-//!   retention by size, bytes and TTL) and its in-memory implementation.
+//!   retention by size, bytes and TTL) and its in-memory implementation;
+//!   `history::redis_store`, the same streams in Redis (not wired in yet).
 //! - [`resume`]: the resume negotiation: what Auth asks for and AuthReply answers.
 //! - [`netsim`]: a lossy network in the process: a wrapping `quinn::AsyncUdpSocket`
 //!   with seeded loss, reordering, delay, a bandwidth cap and network switches.
@@ -118,7 +119,8 @@
 //!   rooms per node (`cluster::directory`, written by one task from the
 //!   registry's hook, refreshed whole every tick), and the pub/sub bus
 //!   (`cluster::bus`, `cluster::envelope`) that hands forwarded pushes and kicks
-//!   to the owning node's dispatcher. Pushes that leave the node answer
+//!   to the owning node's dispatcher; `cluster::route` forwards a call with one
+//!   script (lookup and PUBLISH together, queued in call order). Pushes that leave the node answer
 //!   `Forwarded` (not a delivery) or `Unavailable` (Redis down).
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
@@ -127,8 +129,11 @@
 //!
 //! - Several nodes: [`cluster`] speaks to one Redis server ([`cluster::Backend`]);
 //!   Redis Cluster is a variant to add (the keys already share hash tags per user
-//!   and per room). History stays per node: the history store gets a Redis
-//!   implementation behind the same trait.
+//!   and per room). History stays per node for now; `history::redis_store` (streams
+//!   with epoch and offset in Redis, append and append-and-publish scripts, read
+//!   since a position) is the store a tier's history moves to: key pushes then go
+//!   through append-and-publish, so the stream's order is the delivery order, and a
+//!   resume on another node reads it before registering.
 
 pub mod auth;
 #[cfg(feature = "bench")]
