@@ -905,9 +905,18 @@ impl ResumingClient {
         token: impl Into<Bytes>,
         backoff: Backoff,
     ) -> (Self, ResumeReply) {
+        Self::start(dial, Default::default(), token.into(), backoff).await
+    }
+
+    async fn start(
+        dial: Dial,
+        others: std::collections::VecDeque<Dial>,
+        token: Bytes,
+        backoff: Backoff,
+    ) -> (Self, ResumeReply) {
         let mut c = ResumingClient {
             dial,
-            token: token.into(),
+            token,
             backoff,
             state: ResumeState::default(),
             conn: None,
@@ -916,7 +925,7 @@ impl ResumingClient {
             zero_rtt_attempted: 0,
             zero_rtt_accepted: 0,
             last_disconnect: None,
-            others: Default::default(),
+            others,
         };
         let reply = c.reconnect().await;
         (c, reply)
@@ -932,21 +941,7 @@ impl ResumingClient {
     ) -> Option<(Self, ResumeReply)> {
         let mut dials: std::collections::VecDeque<Dial> = dials.into();
         let dial = dials.pop_front()?;
-        let mut c = ResumingClient {
-            dial,
-            token: token.into(),
-            backoff,
-            state: ResumeState::default(),
-            conn: None,
-            endpoint: None,
-            connects: 0,
-            zero_rtt_attempted: 0,
-            zero_rtt_accepted: 0,
-            last_disconnect: None,
-            others: dials,
-        };
-        let reply = c.reconnect().await;
-        Some((c, reply))
+        Some(Self::start(dial, dials, token.into(), backoff).await)
     }
 
     /// The node dialled now.

@@ -193,11 +193,14 @@ async fn a_known_sequence_gives_exact_values() {
     )
     .await;
     // every frame of the sequence: 16-byte headers and their bodies (1 byte),
-    // plus the kicked client's DisconnectReply
+    // plus the kicked client's DisconnectReply, whose body says why
     let frame = |body: usize| (16 + body) as f64;
+    let kicked = quicpush::channel::CloseReason::Kicked
+        .disconnect_body()
+        .len();
     assert_eq!(
         tcp_bytes_before,
-        3.0 * frame(0) + frame(1) + 3.0 * frame(1) + frame(0),
+        3.0 * frame(0) + frame(1) + 3.0 * frame(1) + frame(kicked),
         "AuthReply ×3, the key push, the room push ×3, DisconnectReply"
     );
 

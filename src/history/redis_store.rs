@@ -47,10 +47,12 @@ pub enum RedisHistoryError {
     },
 }
 
-/// Appends one frame: KEYS meta, log; ARGV frame, size, ttl (s), create (0/1),
-/// new epoch. Returns `{epoch, offset}`, or nil when the stream is missing and
-/// `create` is 0.
-const APPEND: &str = r"
+/// The start of both append scripts: KEYS meta, log; ARGV frame, size, ttl (s),
+/// create (0/1), new epoch. Leaves `epoch` and `top` set, or returns nil when
+/// the stream is missing and `create` is 0.
+macro_rules! append_lua {
+    () => {
+        r"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   if ARGV[4] == '0' then return false end
@@ -62,30 +64,27 @@ local top = redis.call('HINCRBY', KEYS[1], 'top', 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], top .. '-0', 'f', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-return {tonumber(epoch), top}
-";
+"
+    };
+}
 
-/// As [`APPEND`], then `PUBLISH ARGV[6] (ARGV[7] .. epoch u32 BE .. offset u64 BE
-/// .. frame)`. Returns `{epoch, offset, receivers}`.
-const APPEND_PUBLISH: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  if ARGV[4] == '0' then return false end
-  epoch = ARGV[5]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-  redis.call('DEL', KEYS[2])
-end
-local top = redis.call('HINCRBY', KEYS[1], 'top', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], top .. '-0', 'f', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
+/// Appends one frame. Returns `{epoch, offset}`, or nil when the stream is
+/// missing and `create` is 0.
+const APPEND: &str = concat!(append_lua!(), "return {tonumber(epoch), top}\n");
+
+/// Appends, then `PUBLISH ARGV[6] (ARGV[7] .. epoch u32 BE .. offset u64 BE ..
+/// frame)`. Returns `{epoch, offset, receivers}`.
+const APPEND_PUBLISH: &str = concat!(
+    append_lua!(),
+    r"
 local e = tonumber(epoch)
 local hi = math.floor(top / 4294967296)
 local lo = top - hi * 4294967296
 local n = redis.call('PUBLISH', ARGV[6],
   ARGV[7] .. struct.pack('>I4>I4>I4', e, hi, lo) .. ARGV[1])
 return {e, top, n}
-";
+"
+);
 
 /// Reads a stream since a position: KEYS meta, log; ARGV epoch, offset, ttl (s),
 /// new epoch (used if the stream is missing). Returns `{epoch, top, recovered,
