@@ -39,8 +39,10 @@ pub enum PushOutcome {
     /// PUBLISH reported a subscriber. Not a delivery: that node pushes it as it
     /// would a local call, and its outcome is not reported back.
     Forwarded,
-    /// Not on this node, and Redis could not be reached: neither delivered nor
-    /// forwarded.
+    /// Not on this node, and Redis did not answer: not delivered here, and not
+    /// known to be forwarded. Redis unreachable means it was not; a command that
+    /// timed out after Redis ran it may still have been (a retry can then arrive
+    /// twice).
     Unavailable,
 }
 

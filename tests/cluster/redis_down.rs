@@ -8,7 +8,7 @@ use std::time::Duration;
 use quicpush::rpc::proto::PushOutcome;
 
 use crate::common::Via;
-use crate::tier::{bodies, drain_bodies, wait_for, Tier};
+use crate::tier::{drain_bodies_quiet, wait_for, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_survive_a_redis_restart() {
@@ -46,6 +46,15 @@ async fn pushes_survive_a_redis_restart() {
         a.push_msg("kb", 1000, "after").await.unwrap() == PushOutcome::Forwarded
     })
     .await;
-    assert_eq!(drain_bodies(&mut kb).await, bodies(&["before", "after"]));
+    // "before" once; "lost" and "half" never (Redis was down); "after" from the
+    // push that answered Forwarded, and possibly from a retry that timed out
+    // after Redis had run it (answered Unavailable, see PushOutcome).
+    // A long quiet: a loaded machine may be slow to hand the last one over.
+    let got = drain_bodies_quiet(&mut kb, Duration::from_secs(2)).await;
+    let count = |b: &str| got.iter().filter(|x| &x[..] == b.as_bytes()).count();
+    assert_eq!(count("before"), 1, "{got:?}");
+    assert_eq!(count("lost") + count("half"), 0, "{got:?}");
+    assert!(count("after") >= 1, "{got:?}");
+    assert_eq!(got.len(), 1 + count("after"), "{got:?}");
     t.stop().await;
 }

@@ -96,8 +96,13 @@ where
 
 /// Every push body `c` receives until it is quiet for 600 ms, sorted.
 pub async fn drain_bodies(c: &mut PushClient) -> Vec<Bytes> {
+    drain_bodies_quiet(c, Duration::from_millis(600)).await
+}
+
+/// Every push body `c` receives until it is quiet for `quiet`, sorted.
+pub async fn drain_bodies_quiet(c: &mut PushClient, quiet: Duration) -> Vec<Bytes> {
     let mut v = Vec::new();
-    while let Ok(f) = tokio::time::timeout(Duration::from_millis(600), c.next_frame()).await {
+    while let Ok(f) = tokio::time::timeout(quiet, c.next_frame()).await {
         match f {
             Ok(Some(f)) if f.op == 1000 => v.push(f.body),
             Ok(Some(_)) => {}
