@@ -305,39 +305,6 @@ pub async fn owners(c: &Cluster, keys: &[&str]) -> Result<Vec<Option<String>>, C
         .collect())
 }
 
-/// For each live other node, the counts of `entries` there (user or room
-/// entries, named by `name(node)`): one `MGET` per entry, pipelined.
-pub async fn counts_on_others<T: Clone>(
-    c: &Cluster,
-    entries: &[T],
-    name: impl Fn(&T, &str) -> String,
-) -> Result<Vec<(String, Vec<T>)>, ClusterError> {
-    let others = c.others();
-    if others.is_empty() || entries.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut p = redis::pipe();
-    for e in entries {
-        p.cmd("MGET");
-        for n in &others {
-            p.arg(name(e, n));
-        }
-    }
-    let r: Vec<Vec<Option<u64>>> = p.query_async(&mut c.backend.con()).await?;
-    let mut per_node: Vec<(String, Vec<T>)> = others.into_iter().map(|n| (n, Vec::new())).collect();
-    for (e, counts) in entries.iter().zip(r) {
-        for (i, n) in counts.into_iter().enumerate() {
-            if n.unwrap_or(0) > 0 {
-                if let Some((_, v)) = per_node.get_mut(i) {
-                    v.push(e.clone());
-                }
-            }
-        }
-    }
-    per_node.retain(|(_, v)| !v.is_empty());
-    Ok(per_node)
-}
-
 /// The other live nodes' records' online counts and rooms.
 pub async fn others_online_and_rooms(
     c: &Cluster,
