@@ -214,6 +214,8 @@ enum Push {
     Shut,
     /// Already queued by a replay.
     Duplicate,
+    /// Not the next offset of its source ([`Stamp::Next`]): one was lost before it.
+    Gap,
 }
 
 /// How a frame is stamped as it is copied into the queue.
@@ -223,6 +225,10 @@ enum Stamp {
     Reply,
     /// A push: the next push seq and, on a resume-capable connection, the extension.
     Push(PushMeta),
+    /// A push that must be its source's next offset on a resume-capable
+    /// connection (shared key history, which delivers through pub/sub): an older
+    /// one is a duplicate, a later one a gap.
+    Next(PushMeta),
 }
 
 impl OutQueue {
@@ -231,17 +237,30 @@ impl OutQueue {
         if s.shut {
             return Push::Shut;
         }
-        if let Stamp::Push(meta) = stamp {
+        match stamp {
             // A replay (forced) is what set the floor; only live copies are dropped.
-            if !force && s.resume && meta.is_tracked() {
+            Stamp::Push(meta) if !force && s.resume && meta.is_tracked() => {
                 let floor = s.floors[meta.source.index()];
                 if meta.epoch == floor.epoch && meta.offset <= floor.offset {
                     return Push::Duplicate;
                 }
             }
+            Stamp::Next(meta) if s.resume && meta.is_tracked() => {
+                let floor = s.floors[meta.source.index()];
+                let same = meta.epoch == floor.epoch;
+                if same && meta.offset <= floor.offset {
+                    return Push::Duplicate;
+                }
+                // A new epoch (the stream expired and began again) starts at 1.
+                let next = if same { floor.offset + 1 } else { 1 };
+                if meta.offset != next {
+                    return Push::Gap;
+                }
+            }
+            _ => {}
         }
         let len = match stamp {
-            Stamp::Push(_) if s.resume => frame.len() + protocol::EXT_LEN,
+            Stamp::Push(_) | Stamp::Next(_) if s.resume => frame.len() + protocol::EXT_LEN,
             _ => frame.len(),
         };
         if !force && !s.has_room(len) {
@@ -252,8 +271,16 @@ impl OutQueue {
                 slow: now.duration_since(since) >= s.slow_after,
             };
         }
+        if let Stamp::Next(meta) = stamp {
+            if s.resume && meta.is_tracked() {
+                s.floors[meta.source.index()] = Position {
+                    epoch: meta.epoch,
+                    offset: meta.offset,
+                };
+            }
+        }
         match stamp {
-            Stamp::Push(meta) => {
+            Stamp::Push(meta) | Stamp::Next(meta) => {
                 s.push_seq = s.push_seq.wrapping_add(1);
                 let seq = s.push_seq;
                 if s.resume {
@@ -525,7 +552,13 @@ impl Channel {
     #[inline]
     pub fn try_push(&self, frame: &Bytes, meta: PushMeta) -> PushOutcome {
         let resumable = self.resume && meta.is_tracked();
-        match self.queue.append(frame, Stamp::Push(meta), false) {
+        let r = self.queue.append(frame, Stamp::Push(meta), false);
+        self.push_outcome(r, resumable)
+    }
+
+    #[inline]
+    fn push_outcome(&self, r: Push, resumable: bool) -> PushOutcome {
+        match r {
             Push::Queued { was_empty } => {
                 if was_empty {
                     self.queue.readable.notify_one();
@@ -535,7 +568,7 @@ impl Channel {
             Push::Duplicate => PushOutcome::Delivered,
             // Skipping a push kept in history would leave a hole the client cannot
             // see; closing lets it resume and get every push in order.
-            Push::Full { .. } if resumable => {
+            Push::Full { .. } | Push::Gap if resumable => {
                 self.close(CloseReason::Overflow);
                 PushOutcome::Stored
             }
@@ -545,10 +578,22 @@ impl Channel {
                 }
                 PushOutcome::QueueFull
             }
+            Push::Gap => PushOutcome::Stored,
             Push::Shut if resumable => PushOutcome::Stored,
             // Closing: its writer sends what was queued, then DisconnectReply.
             Push::Shut => PushOutcome::Offline,
         }
+    }
+
+    /// Queues a push that must be the next offset of its source (shared key
+    /// history): a duplicate is dropped (`Delivered`, it was queued before), and a
+    /// gap closes the channel with [`CloseReason::Overflow`] so that its client
+    /// resumes and gets every push in order (`Stored`: it is in history). `force`
+    /// ignores the queue's bound (the buffered pushes of a registration).
+    pub fn push_next(&self, frame: &Bytes, meta: PushMeta, force: bool) -> PushOutcome {
+        let resumable = self.resume && meta.is_tracked();
+        let r = self.queue.append(frame, Stamp::Next(meta), force);
+        self.push_outcome(r, resumable)
     }
 
     /// Queues a replayed push whatever the queue's bound (a replay is bounded by
@@ -573,7 +618,7 @@ impl Channel {
                 true
             }
             Push::Duplicate => true,
-            Push::Full { .. } | Push::Shut => false,
+            Push::Full { .. } | Push::Shut | Push::Gap => false,
         }
     }
 
@@ -597,7 +642,7 @@ impl Channel {
                     }
                     return true;
                 }
-                Push::Shut => return false,
+                Push::Shut | Push::Gap => return false,
                 Push::Duplicate => return true,
                 Push::Full { .. } => room.await,
             }

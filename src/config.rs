@@ -273,6 +273,21 @@ pub struct HistoryConfig {
     pub room: bool,
     /// Keep broadcasts (Broadcast without a speed; paced broadcasts are never kept).
     pub all: bool,
+    /// Where key streams live: `memory` (this node's process) or `redis` (the
+    /// tier's Redis, shared by every node, so a client resumes on any node; needs
+    /// `cluster.redis`). User, room and broadcast streams stay in memory.
+    pub store: HistoryStoreKind,
+}
+
+/// Where key history is kept.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryStoreKind {
+    /// In this node's memory.
+    #[default]
+    Memory,
+    /// In the tier's Redis (`cluster.redis`).
+    Redis,
 }
 
 impl Default for HistoryConfig {
@@ -286,6 +301,7 @@ impl Default for HistoryConfig {
             user: true,
             room: false,
             all: false,
+            store: HistoryStoreKind::Memory,
         }
     }
 }
@@ -752,6 +768,20 @@ impl Config {
         if h.ttl < Duration::from_secs(1) || h.ttl > Duration::from_secs(7 * 86400) {
             return Err(invalid("history.ttl", "must be between 1s and 7 days"));
         }
+        if h.store == HistoryStoreKind::Redis {
+            if self.cluster.redis.is_none() {
+                return Err(invalid(
+                    "history.store",
+                    "\"redis\" needs cluster.redis (the tier's Redis)",
+                ));
+            }
+            if !h.enabled || !h.key {
+                return Err(invalid(
+                    "history.store",
+                    "\"redis\" keeps key streams: it needs history.enabled and history.key",
+                ));
+            }
+        }
         self.cluster.validate()?;
         self.http.validate()
     }
@@ -1011,6 +1041,15 @@ mod tests {
             ("[history]\nbytes = 1000\n", "history.bytes"),
             ("[history]\nttl = \"500ms\"\n", "history.ttl"),
             ("[history]\nttl = \"8days\"\n", "history.ttl"),
+            ("[history]\nstore = \"redis\"\n", "history.store"),
+            (
+                "[history]\nstore = \"redis\"\nkey = false\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n",
+                "history.store",
+            ),
+            (
+                "[history]\nstore = \"redis\"\nenabled = false\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n",
+                "history.store",
+            ),
             (
                 "[http]\nbind = [\"0.0.0.0:3111\"]\nrequire_token = false\n",
                 "http.require_token",

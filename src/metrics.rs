@@ -171,7 +171,9 @@ impl End {
                     End::Disconnect(D::Lost)
                 }
                 SessionError::Write(WriteError::Timeout(_)) => End::Disconnect(D::WriteTimeout),
-                SessionError::Write(WriteError::Task(_)) => End::Disconnect(D::Error),
+                SessionError::Write(WriteError::Task(_)) | SessionError::Tier(_) => {
+                    End::Disconnect(D::Error)
+                }
                 SessionError::Frame(_) | SessionError::Truncated(_) => End::Disconnect(D::BadFrame),
                 SessionError::HeartbeatTimeout(_) => End::Disconnect(D::Heartbeat),
                 SessionError::BadBody { .. } => End::Disconnect(D::BadBody),

@@ -274,6 +274,7 @@ impl Server {
                 let rpc_addr = rpc.iter().filter_map(|e| e.local_addr().ok()).collect();
                 let c = Cluster::new(
                     &config.cluster,
+                    &config.history,
                     url,
                     registry.clone(),
                     first(client_addr),
@@ -409,6 +410,7 @@ impl Server {
             },
             shutdown: stop.clone(),
             metrics: metrics.clone(),
+            shared_keys: cluster.clone().filter(|c| c.shares_key_history()),
         });
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let broadcaster = Broadcaster::start(

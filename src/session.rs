@@ -189,6 +189,10 @@ pub struct SessionContext {
     pub shutdown: Shutdown,
     /// The server's metrics ([`Metrics::disabled`] counts nothing).
     pub metrics: Arc<Metrics>,
+    /// The tier, when key streams live in its Redis (`history.store = "redis"`):
+    /// a connection then claims its key and reads its stream there before it
+    /// registers. `None` otherwise.
+    pub shared_keys: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Why a session ended with an error. Each is logged with the connection's span.
@@ -206,6 +210,10 @@ pub enum SessionError {
     /// No Auth frame within the handshake timeout.
     #[error("no Auth frame within {0:?}")]
     HandshakeTimeout(Duration),
+    /// With shared key history, the tier's Redis did not answer the key claim
+    /// or read: nothing was registered, and the client retries.
+    #[error("cannot register with the tier's key history: {0}")]
+    Tier(#[from] crate::cluster::ClusterError),
     /// The connection closed before authenticating.
     #[error("connection closed before Auth")]
     ClosedBeforeAuth,
@@ -338,6 +346,38 @@ fn tops_of(reply: &ResumeReply) -> Positions {
     p
 }
 
+/// Shared key history, before registering `chan`: marks its key pending (key
+/// pushes arriving for it are buffered), claims the key in the tier's directory,
+/// then, for a resume-capable channel, reads the key's stream since the client's
+/// position. A push appended before the claim is in the read; one after it
+/// reaches this node and is buffered; registration queues both once, in order.
+/// `None` for a goim channel, which has nothing to replay.
+async fn claim_and_read(
+    registry: &Registry,
+    c: &crate::cluster::Cluster,
+    chan: &Channel,
+    positions: Option<&Positions>,
+) -> Result<Option<crate::registry::SharedKey>, SessionError> {
+    registry.begin_pending(&chan.key, chan.id);
+    let read = async {
+        crate::cluster::keys::claim(c, &chan.key, chan.id).await?;
+        if !chan.resume {
+            return Ok(None);
+        }
+        let asked = positions.and_then(|p| p.get(Source::Key));
+        let recovery = crate::cluster::keys::read(c, &chan.key, asked).await?;
+        Ok(Some(crate::registry::SharedKey {
+            recovery,
+            asked: asked.is_some(),
+        }))
+    };
+    let r = read.await;
+    if r.is_err() {
+        registry.end_pending(&chan.key, chan.id);
+    }
+    r.map_err(SessionError::Tier)
+}
+
 /// How the wait for a handshake's confirmation ended.
 enum Confirmation {
     Confirmed,
@@ -438,6 +478,22 @@ where
     }
 
     let stop = CancellationToken::new();
+    // Shared key history: the key is claimed and its stream read before
+    // registering, which are side effects, so a 0-RTT Auth waits for the
+    // handshake's confirmation first (no 0.5-RTT replay in this mode).
+    let mut shared = None;
+    if let Some(c) = &ctx.shared_keys {
+        if let Some(confirm) = pending.take() {
+            match confirmation(&ctx, confirm, &stop).await {
+                Confirmation::Confirmed => {}
+                Confirmation::Unconfirmed => return Ok(SessionEnd::Unconfirmed),
+                Confirmation::Shutdown => {
+                    return Ok(SessionEnd::ServerClosed(CloseReason::Shutdown))
+                }
+            }
+        }
+        shared = Some(claim_and_read(&ctx.registry, c, &chan, positions).await?);
+    }
     let spawn_writer = |writer: W, rx: OutReceiver| {
         tokio::spawn(write_loop(
             writer,
@@ -452,17 +508,21 @@ where
         None => {
             // AuthReply goes first in the queue, before any push, then the replay:
             // both are queued in the registration's critical section.
-            let replaced = ctx.registry.register_with(
+            let registered = ctx.registry.register_with(
                 chan.clone(),
                 room.clone(),
                 accepts,
                 positions,
+                shared.flatten(),
                 |state| {
                     count_resume(&ctx.metrics, resume, state.as_ref());
                     Some(auth_reply(state))
                 },
-            )?;
-            (spawn_writer(writer, rx), replaced)
+            );
+            if registered.is_err() {
+                ctx.registry.end_pending(&chan.key, chan.id);
+            }
+            (spawn_writer(writer, rx), registered?)
         }
         Some(confirm) => {
             // Phase 1, before the handshake is confirmed: only what has no side
@@ -471,7 +531,7 @@ where
             let tops = if resume {
                 let (state, replay) =
                     ctx.registry
-                        .peek_resume(&chan, room.as_deref(), &accepts, positions);
+                        .peek_resume(&chan, room.as_deref(), &accepts, positions, None);
                 let tops = state.as_ref().map(tops_of);
                 chan.force_reply(&auth_reply(state));
                 for (frame, meta) in &replay {
@@ -511,6 +571,7 @@ where
                     room.clone(),
                     accepts,
                     tops.as_ref(),
+                    None,
                     |state| {
                         count_resume(&ctx.metrics, true, state.as_ref());
                         gap = state.is_some_and(|s| {
@@ -533,7 +594,7 @@ where
                 // A goim client learns it is registered from AuthReply: it is sent
                 // now, at registration, as on TCP.
                 ctx.registry
-                    .register_with(chan.clone(), room.clone(), accepts, None, |state| {
+                    .register_with(chan.clone(), room.clone(), accepts, None, None, |state| {
                         Some(auth_reply(state))
                     })
             };
@@ -799,6 +860,7 @@ mod tests {
             },
             shutdown: Shutdown::new(),
             metrics: Arc::new(Metrics::disabled()),
+            shared_keys: None,
         })
     }
 
@@ -843,6 +905,7 @@ mod tests {
             limits: ctx.limits.clone(),
             shutdown: Shutdown::new(),
             metrics: Arc::new(Metrics::disabled()),
+            shared_keys: None,
         })
     }
 

@@ -158,6 +158,7 @@ fn run(steps: Vec<Step>, size: usize, queue: usize, no_gaps: bool) -> Result<(),
                 Some(ROOM.into()),
                 OpFilter::default(),
                 Some(&positions),
+                None,
                 |r| {
                     let body = serde_json::to_vec(&r.unwrap()).unwrap();
                     Some(Frame::new(op::AUTH_REPLY, 1, body).to_bytes())

@@ -496,6 +496,7 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
         shutdown: shutdown.clone(),
         // Counting on: every way a session ends goes through the classification.
         metrics: Arc::new(quicpush::metrics::Metrics::new()),
+        shared_keys: None,
     });
 
     let mut clients: Vec<Client> = (0..setup.sessions)

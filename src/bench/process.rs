@@ -171,6 +171,15 @@ impl ServerProcess {
         }
     }
 
+    /// Kills the child at once (SIGKILL, as a crash would) and reaps it. Does
+    /// nothing for a process started elsewhere.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Waits up to `limit` for the child to exit (after [`ServerProcess::sigterm`]).
     /// `None` if it is still running, or was started elsewhere.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {

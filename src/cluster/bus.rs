@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::envelope::{self, Envelope, KickReason};
-use super::{names, Cluster, ClusterError};
+use super::{keys, names, Cluster, ClusterError};
+use crate::protocol::{PushMeta, Source};
 use crate::channel::CloseReason;
 use crate::rpc::dispatch::Dispatcher;
 use crate::rpc::proto::Request;
@@ -87,6 +88,22 @@ pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
 }
 
 async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
+    if bytes.first() == Some(&keys::MARKER) {
+        // A key push the shared key history appended (from any node, this one
+        // included): queued with its position, nothing appended here.
+        match keys::KeyPush::parse(bytes) {
+            Some(p) => {
+                let meta = PushMeta {
+                    source: Source::Key,
+                    epoch: p.position.epoch,
+                    offset: p.position.offset,
+                };
+                c.registry.push_key_at(&p.key, &p.frame, meta);
+            }
+            None => warn!(node = %c.id, len = bytes.len(), "ignoring a bad key push on the bus"),
+        }
+        return;
+    }
     let w = match envelope::decode(bytes) {
         Ok(w) => w,
         Err(e) => {

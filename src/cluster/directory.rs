@@ -82,7 +82,26 @@ pub fn parse_owner(v: &str) -> Option<(&str, u64)> {
     Some((node, conn.parse().ok()?))
 }
 
-fn ttl_ms(c: &Cluster) -> u64 {
+/// When a key entry's previous value `prev` names another live node: that node
+/// and the Kick asking it to close its (older) connection of `key`.
+pub fn kick_previous(c: &Cluster, key: &str, prev: &str) -> Option<(String, Envelope)> {
+    let (node, conn) = parse_owner(prev)?;
+    if node == c.id || !c.is_live(node) {
+        return None;
+    }
+    debug!(key = %key, old_node = node, "key moved here from another node: asking it to close its connection");
+    Some((
+        node.to_owned(),
+        Envelope::Kick {
+            key: key.to_owned(),
+            reason: KickReason::Replaced,
+            conn,
+            new_node: c.id.clone(),
+        },
+    ))
+}
+
+pub(crate) fn ttl_ms(c: &Cluster) -> u64 {
     c.ttl.as_millis() as u64
 }
 
@@ -178,21 +197,8 @@ async fn write(c: &Cluster, dirty: HashSet<Dirty>) -> Result<(), ClusterError> {
         let Some(redis::Value::BulkString(prev)) = replies.get(i) else {
             continue;
         };
-        let prev = String::from_utf8_lossy(prev);
-        let Some((node, conn)) = parse_owner(&prev) else {
-            continue;
-        };
-        if node != c.id && c.is_live(node) {
-            debug!(key = %key, old_node = node, "key moved here from another node: asking it to close its connection");
-            kicks
-                .entry(node.to_owned())
-                .or_default()
-                .push(Envelope::Kick {
-                    key: key.to_string(),
-                    reason: KickReason::Replaced,
-                    conn,
-                    new_node: c.id.clone(),
-                });
+        if let Some((node, kick)) = kick_previous(c, &key, &String::from_utf8_lossy(prev)) {
+            kicks.entry(node).or_default().push(kick);
         }
     }
     if !kicks.is_empty() {

@@ -18,4 +18,13 @@ pub enum ClusterError {
     /// A bus message of a version this node does not speak.
     #[error("bus envelope of version {got}, this node speaks {want}")]
     Version { got: u8, want: u8 },
+    /// Reading or appending the shared key history failed.
+    #[error("{0}")]
+    History(#[from] crate::history::redis_store::RedisHistoryError),
+    /// A key-history operation on a node whose `history.store` is not `redis`.
+    #[error("history.store is not \"redis\" on this node")]
+    NoSharedHistory,
+    /// Redis answered a script with something it never returns.
+    #[error("unexpected Redis reply: {0}")]
+    BadReply(String),
 }

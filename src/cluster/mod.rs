@@ -41,12 +41,14 @@ pub mod bus;
 pub mod directory;
 pub mod envelope;
 pub mod error;
+pub mod keys;
 pub mod nodes;
 pub mod route;
 
 pub use error::ClusterError;
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, HistoryConfig, HistoryStoreKind};
+use crate::history::redis_store::RedisHistory;
 use crate::registry::Registry;
 
 /// Directory updates queued before new ones are dropped (the refresh rewrites
@@ -132,6 +134,8 @@ pub struct Cluster {
     pub(crate) advertise_client: String,
     pub(crate) advertise_rpc: String,
     pub(crate) started_ms: u64,
+    /// The tier's key history, when `history.store = "redis"` ([`keys`]).
+    pub(crate) keys: Option<crate::history::redis_store::RedisHistory>,
     /// Stops this node's cluster tasks (shutdown, or a test halting a node).
     halt: CancellationToken,
     tasks: TaskTracker,
@@ -170,6 +174,7 @@ impl Cluster {
     /// `rpc_addr` are shown in `quicpush nodes` unless the config advertises others.
     pub fn new(
         config: &ClusterConfig,
+        history: &HistoryConfig,
         url: &str,
         registry: Arc<Registry>,
         client_addr: String,
@@ -192,6 +197,8 @@ impl Cluster {
             advertise_client: config.advertise_client.clone().unwrap_or(client_addr),
             advertise_rpc: config.advertise_rpc.clone().unwrap_or(rpc_addr),
             started_ms: now_ms(),
+            keys: (history.enabled && history.store == HistoryStoreKind::Redis)
+                .then(|| RedisHistory::new(history.size, history.ttl)),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -235,6 +242,11 @@ impl Cluster {
 
     pub(crate) fn halted(&self) -> &CancellationToken {
         &self.halt
+    }
+
+    /// Whether key streams live in the tier's Redis (`history.store = "redis"`).
+    pub fn shares_key_history(&self) -> bool {
+        self.keys.is_some()
     }
 
     /// The live nodes other than this one.

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
-use crate::config::HistoryConfig;
+use crate::config::{HistoryConfig, HistoryStoreKind};
 use crate::protocol::Source;
 
 /// One stream, borrowed: what a lookup needs.
@@ -125,11 +125,14 @@ impl fmt::Debug for History {
 }
 
 impl History {
-    /// History over `store`, keeping the source kinds `config` enables.
+    /// History over `store`, keeping the source kinds `config` enables in this
+    /// process (key streams are not, when `history.store = "redis"`: the tier's
+    /// Redis keeps them, see [`crate::cluster::keys`]).
     pub fn new(store: Arc<dyn HistoryStore>, config: &HistoryConfig) -> Self {
+        let key = config.key && config.store == HistoryStoreKind::Memory;
         History {
             store,
-            kinds: [config.key, config.user, config.room, config.all],
+            kinds: [key, config.user, config.room, config.all],
             order: (0..ORDER_SHARDS).map(|_| Mutex::new(())).collect(),
             hasher: ahash::RandomState::new(),
         }

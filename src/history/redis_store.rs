@@ -204,6 +204,16 @@ impl RedisHistory {
 
     /// Appends `frame` to `stream`; a missing stream is created with a new epoch
     /// when `create`, else nothing is kept and `None` returned.
+    /// Pushes kept per stream.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Seconds a stream lives after its last append or read.
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl_secs
+    }
+
     pub async fn append<C: ConnectionLike>(
         &self,
         con: &mut C,

@@ -169,6 +169,31 @@ struct BucketInner {
     by_key: HashMap<Arc<str>, usize, ahash::RandomState>,
     rooms: HashMap<Arc<str>, IndexSet<usize, ahash::RandomState>, ahash::RandomState>,
     users: HashMap<i64, Vec<usize>, ahash::RandomState>,
+    /// Keys a connection is registering with shared key history: the key pushes
+    /// that arrive meanwhile, for its registration to queue after the replay.
+    pending: HashMap<Arc<str>, Pending, ahash::RandomState>,
+}
+
+/// Most key pushes buffered for one registering connection; more closes it with
+/// `Overflow` once registered (its client resumes and gets them from history).
+pub const PENDING_MAX: usize = 4096;
+
+/// Key pushes buffered for a connection between its key claim and its
+/// registration ([`Registry::begin_pending`]).
+struct Pending {
+    conn: u64,
+    frames: Vec<(Bytes, PushMeta)>,
+    overflow: bool,
+}
+
+/// A key's stream as the tier's shared key history holds it, read by the
+/// session between claiming the key and registering (`history.store = "redis"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedKey {
+    /// The stream's state and, if the client asked (`asked`), what it missed.
+    pub recovery: crate::history::Recovery,
+    /// The client sent a position for its key.
+    pub asked: bool,
 }
 
 impl BucketInner {
@@ -384,7 +409,7 @@ impl Registry {
         room: Option<Arc<str>>,
         accepts: OpFilter,
     ) -> Result<Option<Arc<Channel>>, RoomsFull> {
-        self.register_with(chan, room, accepts, None, |_| None)
+        self.register_with(chan, room, accepts, None, None, |_| None)
     }
 
     /// Registers `chan` as [`Registry::register`] does, and, in the same critical
@@ -392,12 +417,17 @@ impl Registry {
     /// builds and, for a resume-capable channel, replays each source's history
     /// since the client's `positions`. `auth_reply` gets the state of every source
     /// the channel receives with history on (for a resume-capable channel).
+    ///
+    /// With shared key history, `shared` is the key's stream as the session read
+    /// it after claiming the key: its replay comes from there, and the key pushes
+    /// buffered since [`Registry::begin_pending`] follow it.
     pub fn register_with(
         &self,
         chan: Arc<Channel>,
         room: Option<Arc<str>>,
         accepts: OpFilter,
         positions: Option<&Positions>,
+        shared: Option<SharedKey>,
         auth_reply: impl FnOnce(Option<ResumeReply>) -> Option<Bytes>,
     ) -> Result<Option<Arc<Channel>>, RoomsFull> {
         // The user's and room's ordering locks: no push to them is in flight while
@@ -429,7 +459,8 @@ impl Registry {
         }
         // History: streams exist while their client is connected (so a push after
         // it leaves is kept), and a resume-capable channel gets its replay.
-        let (reply, replay) = self.peek_resume(&chan, room.as_deref(), &accepts, positions);
+        let (reply, replay) =
+            self.peek_resume(&chan, room.as_deref(), &accepts, positions, shared);
         if let Some(r) = &reply {
             for source in Source::ALL {
                 if let Some(state) = r.source(source) {
@@ -442,6 +473,22 @@ impl Registry {
         }
         for (frame, meta) in &replay {
             chan.force_push(frame, *meta);
+        }
+        // Shared key history: what reached this node since the key was claimed,
+        // after the replay; the channel drops what the replay had.
+        if let Some(p) = b.pending.remove(&chan.key) {
+            if p.conn == chan.id {
+                for (frame, meta) in &p.frames {
+                    if accepts.accepts(op_of(frame)) {
+                        chan.push_next(frame, *meta, true);
+                    }
+                }
+                if p.overflow {
+                    chan.close(CloseReason::Overflow);
+                }
+            } else {
+                b.pending.insert(chan.key.clone(), p);
+            }
         }
         let mid = chan.mid;
         let key = chan.key.clone();
@@ -486,17 +533,44 @@ impl Registry {
     ///
     /// [`Registry::register_with`] calls it too: it is the history part of every
     /// registration.
+    ///
+    /// `shared`: the key's stream from the tier's shared key history, which
+    /// stands for the key source (the local history keeps no key streams then).
     pub fn peek_resume(
         &self,
         chan: &Channel,
         room: Option<&str>,
         accepts: &OpFilter,
         positions: Option<&Positions>,
+        shared: Option<SharedKey>,
     ) -> (Option<ResumeReply>, Vec<(Bytes, PushMeta)>) {
         let mut replay = Vec::new();
         let Some(h) = &self.history else {
             return (None, replay);
         };
+        let shared_state = shared.filter(|_| chan.resume).map(|sk| {
+            let rec = sk.recovery;
+            if sk.asked && rec.recovered {
+                replay.extend(
+                    rec.entries
+                        .into_iter()
+                        .filter(|(_, f)| accepts.accepts(op_of(f)))
+                        .map(|(offset, f)| {
+                            let meta = PushMeta {
+                                source: Source::Key,
+                                epoch: rec.top.epoch,
+                                offset,
+                            };
+                            (f, meta)
+                        }),
+                );
+            }
+            SourceState {
+                epoch: rec.top.epoch,
+                offset: rec.top.offset,
+                recovered: sk.asked.then_some(rec.recovered),
+            }
+        });
         let streams = [
             Some(StreamRef::Key(&chan.key)),
             chan.mid.map(StreamRef::User),
@@ -518,6 +592,9 @@ impl Registry {
             key: chan.key.to_string(),
             ..ResumeReply::default()
         };
+        if let Some(state) = shared_state {
+            r.sources.insert(Source::Key.name().to_owned(), state);
+        }
         for stream in kept {
             let source = stream.source();
             let asked = positions.and_then(|p| p.get(source));
@@ -658,6 +735,54 @@ impl Registry {
     pub fn get(&self, key: &str) -> Option<Arc<Channel>> {
         let b = self.bucket(key).lock();
         b.by_key.get(key).map(|&i| b.entries[i].chan.clone())
+    }
+
+    /// Marks `key` as registering for connection `conn` (shared key history):
+    /// until [`Registry::register_with`] registers that connection, the key pushes
+    /// [`Registry::push_key_at`] gets for the key are buffered for it (at most
+    /// [`PENDING_MAX`]). A later call for the same key replaces the mark.
+    pub fn begin_pending(&self, key: &Arc<str>, conn: u64) {
+        self.bucket(key).lock().pending.insert(
+            key.clone(),
+            Pending {
+                conn,
+                frames: Vec::new(),
+                overflow: false,
+            },
+        );
+    }
+
+    /// Drops `conn`'s pending mark on `key`, if it is still there (a session that
+    /// failed before registering).
+    pub fn end_pending(&self, key: &str, conn: u64) {
+        let mut b = self.bucket(key).lock();
+        if b.pending.get(key).is_some_and(|p| p.conn == conn) {
+            b.pending.remove(key);
+        }
+    }
+
+    /// Queues a key push the tier's shared key history already appended (it
+    /// carries its position, and nothing is appended here): to the key's channel
+    /// if it takes the offset next, and to a registering connection's buffer.
+    pub fn push_key_at(&self, key: &str, frame: &Bytes, meta: PushMeta) -> PushOutcome {
+        let mut b = self.bucket(key).lock();
+        let mut outcome = PushOutcome::Offline;
+        if let Some(p) = b.pending.get_mut(key) {
+            if p.frames.len() < PENDING_MAX {
+                p.frames.push((frame.clone(), meta));
+            } else {
+                p.overflow = true;
+            }
+            outcome = PushOutcome::Stored;
+        }
+        if let Some(e) = b.by_key.get(key).map(|&i| &b.entries[i]) {
+            outcome = if e.accepts.accepts(op_of(frame)) {
+                e.chan.push_next(frame, meta, false)
+            } else {
+                PushOutcome::Filtered
+            };
+        }
+        outcome
     }
 
     /// Pushes an encoded frame to one key, appending it to the key's history first

@@ -10,7 +10,7 @@ use super::broadcast::Broadcaster;
 use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError, Tally};
 use crate::channel::PushOutcome;
 use crate::cluster::envelope::{self, Envelope, KickReason};
-use crate::cluster::{bus, directory, names, route, Cluster};
+use crate::cluster::{bus, directory, keys, names, route, Cluster};
 use crate::metrics::{self, Metrics, PushCounts};
 use crate::protocol::Frame;
 use crate::registry::Registry;
@@ -266,6 +266,27 @@ impl Dispatcher {
         }
     }
 
+    /// Key pushes with shared key history ([`keys`]): appended and routed by one
+    /// script for the whole call, this node's keys included, so the stream order
+    /// is the delivery order. `Forwarded`: handed to the owner's subscriber;
+    /// `Stored`: kept, no live node holds the key; `Offline`: nothing kept.
+    async fn shared_keys(&self, c: &Cluster, keys: &[&str], frames: &[&Bytes]) -> Vec<PushOutcome> {
+        match keys::append_route(c, keys, frames).await {
+            Ok(v) => v
+                .into_iter()
+                .map(|a| match (a.position, a.receivers) {
+                    (None, _) => PushOutcome::Offline,
+                    (Some(_), Some(n)) if n > 0 => PushOutcome::Forwarded,
+                    (Some(_), _) => PushOutcome::Stored,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, keys = keys.len(), "shared key history unavailable");
+                vec![PushOutcome::Unavailable; keys.len()]
+            }
+        }
+    }
+
     /// Every call, tier-wide: the local part as on one node, the rest forwarded.
     async fn run_tier(
         &self,
@@ -275,6 +296,36 @@ impl Dispatcher {
     ) -> Result<Reply, RpcError> {
         let mut scratch = PushCounts::default();
         match req {
+            Request::PushMsg { key, op, body } if c.shares_key_history() => {
+                self.check_keys(std::iter::once(key.as_str()))?;
+                self.check_body(&body)?;
+                let frame = push_frame(op, body);
+                let o = self.shared_keys(c, &[key.as_str()], &[&frame]).await[0];
+                counts.add(o);
+                Ok(Reply::Pushed(o))
+            }
+            Request::MPushMsg { keys, op, body } if c.shares_key_history() => {
+                self.check_keys(keys.iter().map(String::as_str))?;
+                self.check_body(&body)?;
+                let frame = push_frame(op, body);
+                let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+                let outcomes = self.shared_keys(c, &names, &vec![&frame; names.len()]).await;
+                Ok(Reply::Multi(multi(outcomes.into_iter(), names.len(), counts)))
+            }
+            Request::MPushMsgs { msgs } if c.shares_key_history() => {
+                self.check_keys(msgs.iter().map(|m| m.key.as_str()))?;
+                for m in &msgs {
+                    self.check_body(&m.body)?;
+                }
+                let names: Vec<&str> = msgs.iter().map(|m| m.key.as_str()).collect();
+                let frames: Vec<Bytes> = msgs
+                    .iter()
+                    .map(|m| push_frame(m.op, m.body.clone()))
+                    .collect();
+                let refs: Vec<&Bytes> = frames.iter().collect();
+                let outcomes = self.shared_keys(c, &names, &refs).await;
+                Ok(Reply::Multi(multi(outcomes.into_iter(), names.len(), counts)))
+            }
             Request::PushMsg { key, op, body } => {
                 let Reply::Pushed(o) = self
                     .run_node(

@@ -13,3 +13,4 @@ mod pushes;
 mod redis_down;
 mod replace;
 mod rooms;
+mod shared;

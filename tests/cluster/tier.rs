@@ -19,19 +19,30 @@ pub struct Tier {
 
 impl Tier {
     pub async fn start(n: usize) -> Tier {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// `n` nodes, each with `tweak`'s changes to its configuration.
+    pub async fn start_with(n: usize, tweak: impl Fn(&mut quicpush::Config)) -> Tier {
         let redis = RedisServer::start();
         let mut nodes = Vec::new();
         for i in 0..n {
             let url = redis.url();
-            nodes.push(
-                TestServer::start_with(move |c| {
-                    c.cluster.redis = Some(url);
-                    c.cluster.node_id = Some(format!("n{i}"));
-                    c.cluster.ttl = TTL;
-                    c.cluster.refresh = Some(REFRESH);
-                })
-                .await,
-            );
+            let tweak = &tweak;
+            let config = move |c: &mut quicpush::Config| {
+                c.cluster.redis = Some(url);
+                c.cluster.node_id = Some(format!("n{i}"));
+                c.cluster.ttl = TTL;
+                c.cluster.refresh = Some(REFRESH);
+                tweak(c);
+            };
+            // One token secret and CA for the tier: a client's token works on
+            // every node.
+            let node = match nodes.first() {
+                None => TestServer::start_with(config).await,
+                Some(first) => TestServer::start_beside(first, config).await,
+            };
+            nodes.push(node);
         }
         let t = Tier { redis, nodes };
         t.wait_all_live().await;

@@ -1,0 +1,102 @@
+//! (e) Key history in the tier's Redis (`history.store = "redis"`): a client
+//! whose node goes away resumes on another node and gets every push it missed,
+//! in order, then live ones; outcomes say what happened to each push.
+
+use std::time::Duration;
+
+use quicpush::client::{Backoff, Dial, Event, ResumingClient};
+use quicpush::config::HistoryStoreKind;
+use quicpush::protocol::{PushMeta, Source};
+use quicpush::rpc::proto::PushOutcome;
+
+use crate::common::WAIT;
+use crate::tier::{wait_for, Tier};
+
+async fn next_push(c: &mut ResumingClient) -> (String, PushMeta) {
+    match tokio::time::timeout(WAIT, c.next()).await.expect("a push in time") {
+        Event::Push(f, meta) => (String::from_utf8_lossy(&f.body).into_owned(), meta),
+        other => panic!("expected a push, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
+    let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
+    let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
+    let (mut c, reply) = ResumingClient::connect_any(dials, t.nodes[1].token("mob"), Backoff::default())
+        .await
+        .expect("a node");
+    let key = reply.source(Source::Key).expect("key history is on");
+    assert_eq!(key.offset, 0);
+    // The key is claimed before AuthReply: no wait for the directory writer.
+    let a = t.nodes[0].backend().await;
+    for i in 0..30 {
+        assert_eq!(
+            a.push_msg("mob", 1000, format!("m{i}")).await.unwrap(),
+            PushOutcome::Forwarded,
+            "push {i}"
+        );
+    }
+    for i in 0..30u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(body, format!("m{i}"));
+        assert_eq!((meta.epoch, meta.offset), (key.epoch, i + 1));
+    }
+
+    // n1 drains and leaves (its directory entries deleted); pushes meanwhile
+    // are kept in Redis and answer Stored.
+    t.nodes.remove(1).stop().await;
+    wait_for("n1's entry for the key is gone", || async {
+        t.owner("mob").await.is_none()
+    })
+    .await;
+    let mut stored = 0;
+    for i in 30..40 {
+        let o = a.push_msg("mob", 1000, format!("m{i}")).await.unwrap();
+        assert!(
+            matches!(o, PushOutcome::Stored | PushOutcome::Forwarded),
+            "push {i}: {o:?}"
+        );
+        stored += u32::from(o == PushOutcome::Stored);
+    }
+    // The client resumes on n2: recovered, the 10 missed, then live ones.
+    let reply = loop {
+        match tokio::time::timeout(WAIT, c.next()).await.expect("resumed in time") {
+            Event::Resumed(r) => break r,
+            Event::Reply(_) => continue,
+            other => panic!("expected a resume, got {other:?}"),
+        }
+    };
+    let state = reply.source(Source::Key).unwrap();
+    assert_eq!(state.recovered, Some(true), "{reply:?}");
+    assert_eq!((state.epoch, state.offset), (key.epoch, 40));
+    assert!(matches!(c.dial(), Dial::Tcp(addr) if *addr == t.nodes[1].tcp));
+    for i in 30..40u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(body, format!("m{i}"));
+        assert_eq!(meta.offset, i + 1);
+    }
+    assert_eq!(
+        a.push_msg("mob", 1000, "live").await.unwrap(),
+        PushOutcome::Forwarded
+    );
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!((body.as_str(), meta.offset), ("live", 41));
+    assert!(stored > 0, "every push while away was Forwarded to a leaving node");
+
+    // A key nobody holds and that has no stream keeps nothing.
+    assert_eq!(
+        a.push_msg("nobody", 1000, "x").await.unwrap(),
+        PushOutcome::Offline
+    );
+    // The pushes were one stream in Redis, whichever node took them.
+    let b = t.nodes[1].backend().await;
+    assert_eq!(
+        b.push_msg("mob", 1000, "from n2").await.unwrap(),
+        PushOutcome::Forwarded
+    );
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!((body.as_str(), meta.offset), ("from n2", 42));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.stop().await;
+}
