@@ -593,10 +593,14 @@ where
             } else {
                 // A goim client learns it is registered from AuthReply: it is sent
                 // now, at registration, as on TCP.
-                ctx.registry
-                    .register_with(chan.clone(), room.clone(), accepts, None, None, |state| {
-                        Some(auth_reply(state))
-                    })
+                ctx.registry.register_with(
+                    chan.clone(),
+                    room.clone(),
+                    accepts,
+                    None,
+                    None,
+                    |state| Some(auth_reply(state)),
+                )
             };
             match registered {
                 Ok(replaced) => (writer_task, replaced),

@@ -18,8 +18,8 @@ use tracing::{debug, info, warn};
 
 use super::envelope::{self, Envelope, KickReason};
 use super::{keys, names, Cluster, ClusterError};
-use crate::protocol::{PushMeta, Source};
 use crate::channel::CloseReason;
+use crate::protocol::{PushMeta, Source};
 use crate::rpc::dispatch::Dispatcher;
 use crate::rpc::proto::Request;
 

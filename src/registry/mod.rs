@@ -459,8 +459,7 @@ impl Registry {
         }
         // History: streams exist while their client is connected (so a push after
         // it leaves is kept), and a resume-capable channel gets its replay.
-        let (reply, replay) =
-            self.peek_resume(&chan, room.as_deref(), &accepts, positions, shared);
+        let (reply, replay) = self.peek_resume(&chan, room.as_deref(), &accepts, positions, shared);
         if let Some(r) = &reply {
             for source in Source::ALL {
                 if let Some(state) = r.source(source) {

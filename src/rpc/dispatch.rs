@@ -309,8 +309,14 @@ impl Dispatcher {
                 self.check_body(&body)?;
                 let frame = push_frame(op, body);
                 let names: Vec<&str> = keys.iter().map(String::as_str).collect();
-                let outcomes = self.shared_keys(c, &names, &vec![&frame; names.len()]).await;
-                Ok(Reply::Multi(multi(outcomes.into_iter(), names.len(), counts)))
+                let outcomes = self
+                    .shared_keys(c, &names, &vec![&frame; names.len()])
+                    .await;
+                Ok(Reply::Multi(multi(
+                    outcomes.into_iter(),
+                    names.len(),
+                    counts,
+                )))
             }
             Request::MPushMsgs { msgs } if c.shares_key_history() => {
                 self.check_keys(msgs.iter().map(|m| m.key.as_str()))?;
@@ -324,7 +330,11 @@ impl Dispatcher {
                     .collect();
                 let refs: Vec<&Bytes> = frames.iter().collect();
                 let outcomes = self.shared_keys(c, &names, &refs).await;
-                Ok(Reply::Multi(multi(outcomes.into_iter(), names.len(), counts)))
+                Ok(Reply::Multi(multi(
+                    outcomes.into_iter(),
+                    names.len(),
+                    counts,
+                )))
             }
             Request::PushMsg { key, op, body } => {
                 let Reply::Pushed(o) = self

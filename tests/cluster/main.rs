@@ -9,6 +9,7 @@ mod common;
 mod tier;
 
 mod dead;
+mod node_loss;
 mod pushes;
 mod redis_down;
 mod replace;

@@ -13,7 +13,10 @@ use crate::common::WAIT;
 use crate::tier::{wait_for, Tier};
 
 async fn next_push(c: &mut ResumingClient) -> (String, PushMeta) {
-    match tokio::time::timeout(WAIT, c.next()).await.expect("a push in time") {
+    match tokio::time::timeout(WAIT, c.next())
+        .await
+        .expect("a push in time")
+    {
         Event::Push(f, meta) => (String::from_utf8_lossy(&f.body).into_owned(), meta),
         other => panic!("expected a push, got {other:?}"),
     }
@@ -23,9 +26,10 @@ async fn next_push(c: &mut ResumingClient) -> (String, PushMeta) {
 async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
     let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
     let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
-    let (mut c, reply) = ResumingClient::connect_any(dials, t.nodes[1].token("mob"), Backoff::default())
-        .await
-        .expect("a node");
+    let (mut c, reply) =
+        ResumingClient::connect_any(dials, t.nodes[1].token("mob"), Backoff::default())
+            .await
+            .expect("a node");
     let key = reply.source(Source::Key).expect("key history is on");
     assert_eq!(key.offset, 0);
     // The key is claimed before AuthReply: no wait for the directory writer.
@@ -61,7 +65,10 @@ async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
     }
     // The client resumes on n2: recovered, the 10 missed, then live ones.
     let reply = loop {
-        match tokio::time::timeout(WAIT, c.next()).await.expect("resumed in time") {
+        match tokio::time::timeout(WAIT, c.next())
+            .await
+            .expect("resumed in time")
+        {
             Event::Resumed(r) => break r,
             Event::Reply(_) => continue,
             other => panic!("expected a resume, got {other:?}"),
@@ -82,7 +89,10 @@ async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
     );
     let (body, meta) = next_push(&mut c).await;
     assert_eq!((body.as_str(), meta.offset), ("live", 41));
-    assert!(stored > 0, "every push while away was Forwarded to a leaving node");
+    assert!(
+        stored > 0,
+        "every push while away was Forwarded to a leaving node"
+    );
 
     // A key nobody holds and that has no stream keeps nothing.
     assert_eq!(
