@@ -123,15 +123,16 @@ struct BenchArgs {
     batch: usize,
     /// Deliveries per second in the latency scenario (default 100000); backend
     /// pushes per second in the handover scenario (default 200); in the keys
-    /// scenario, messages per second, paced (default: as fast as clients read).
+    /// scenario, messages per second, paced (default: as fast as clients read);
+    /// PushMsg calls per second in the node-loss scenario (default 10000).
     #[arg(long)]
     rate: Option<u64>,
     /// Nodes of a tier to start, sharing a redis-server the bench starts (room
     /// and keys scenarios); the report compares with one node and the same
-    /// clients, started in the same run.
+    /// clients, started in the same run. The node-loss scenario needs 2 or more.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// How long the latency and handover scenarios run.
+    /// How long the latency, handover and node-loss scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Handover: how a switch is carried out (default: migrate over QUIC,
@@ -558,6 +559,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         batch: a.batch,
         rate: a.rate.unwrap_or(match a.scenario {
             bench::Scenario::Handover => 200,
+            bench::Scenario::NodeLoss => 10_000,
             _ => 100_000,
         }),
         keys_rate: a.rate.filter(|_| a.scenario == bench::Scenario::Keys),

@@ -1336,37 +1336,14 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         server_cpu_percent: cpu as f64 / 1e4 / seconds.max(1e-9),
         ..Measurement::default()
     };
-    Ok(Report {
-        scenario: opts.scenario,
-        transport: opts.transport,
-        clients: opts.clients,
-        messages: r.pushes,
-        batch: 1,
-        body_size: opts.body_size,
-        stalled: 0,
-        deliveries: m.deliveries,
-        deliveries_per_sec: m.deliveries_per_sec,
-        lost: m.lost,
-        duplicated: m.duplicated,
-        misrouted: m.misrouted,
-        dropped_queue_full: m.dropped_queue_full,
-        latency_us: m.latency_us,
-        server_cpu_us_per_delivery: m.server_cpu_us_per_delivery,
-        server_cpu_percent: m.server_cpu_percent,
-        server_rss_per_conn_bytes: None,
-        connects_per_sec: None,
-        raw_deliveries_per_sec: None,
-        raw_connects_per_sec: None,
-        raw_rss_per_conn_bytes: None,
-        ratio_to_raw: None,
-        metrics_off: None,
-        metrics_rates: None,
-        tier: None,
-        metrics_on_to_off: None,
-        quicpush: m,
-        raw: None,
-        handover: Some(r),
-    })
+    let mut report = Report::of(opts, m);
+    report.messages = r.pushes;
+    report.batch = 1;
+    report.stalled = 0;
+    report.server_rss_per_conn_bytes = None;
+    report.connects_per_sec = None;
+    report.handover = Some(r);
+    Ok(report)
 }
 
 /// Waits until `want` distinct pushes arrived, or none arrived for [`QUIET`].

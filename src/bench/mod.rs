@@ -17,6 +17,7 @@
 pub mod fleet;
 pub mod floor;
 pub mod handover;
+pub mod node_loss;
 pub mod process;
 pub mod redis;
 pub mod tier;
@@ -85,6 +86,9 @@ pub enum Scenario {
     /// Clients switching networks on schedule under a steady rate of key, user,
     /// room and broadcast pushes: loss, duplicates, order and handover time.
     Handover,
+    /// A tier with key history in Redis, its last node killed (`kill -9`) under
+    /// a steady PushMsg load: loss, duplicates, order and resume time.
+    NodeLoss,
 }
 
 /// Which history the started server keeps.
@@ -280,6 +284,9 @@ pub struct Report {
     /// `--nodes N`: the tier beside one node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<tier::TierReport>,
+    /// The node-loss scenario's figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_loss: Option<node_loss::NodeLossReport>,
 }
 
 /// How the load reaches a server: quicpush's RPC, or the floor's control socket.
@@ -426,6 +433,9 @@ impl MetricsRates {
 pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.clients == 0 {
         return Err(BenchError::Options("--clients must be at least 1".into()));
+    }
+    if opts.scenario == Scenario::NodeLoss {
+        return node_loss::run(opts).await;
     }
     if opts.scenario == Scenario::Handover {
         if opts.metrics == BenchMetrics::Compare {
@@ -587,6 +597,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         raw,
         handover: None,
         tier: None,
+        node_loss: None,
     })
 }
 
@@ -651,37 +662,9 @@ async fn run_tier(opts: &BenchOptions, exe: &Path, dir: &Path) -> Result<Report,
         pushes,
         single_node: single,
     };
-    Ok(Report {
-        scenario: opts.scenario,
-        transport: opts.transport,
-        clients: opts.clients,
-        messages: opts.messages,
-        batch: opts.batch,
-        body_size: opts.body_size,
-        stalled: 0,
-        deliveries: m.deliveries,
-        deliveries_per_sec: m.deliveries_per_sec,
-        lost: m.lost,
-        duplicated: m.duplicated,
-        misrouted: m.misrouted,
-        dropped_queue_full: m.dropped_queue_full,
-        latency_us: m.latency_us,
-        server_cpu_us_per_delivery: m.server_cpu_us_per_delivery,
-        server_cpu_percent: m.server_cpu_percent,
-        server_rss_per_conn_bytes: m.server_rss_per_conn_bytes,
-        connects_per_sec: m.connects_per_sec,
-        raw_deliveries_per_sec: None,
-        raw_connects_per_sec: None,
-        raw_rss_per_conn_bytes: None,
-        ratio_to_raw: None,
-        metrics_off: None,
-        metrics_rates: None,
-        metrics_on_to_off: None,
-        quicpush: m,
-        raw: None,
-        handover: None,
-        tier: Some(tier),
-    })
+    let mut report = Report::of(opts, m);
+    report.tier = Some(tier);
+    Ok(report)
 }
 
 /// Runs the scenario against a quicpush server (started with metrics on or off,
@@ -1185,10 +1168,50 @@ fn opt(v: Option<f64>, unit: &str) -> String {
 }
 
 impl Report {
+    /// A report of one measurement `m` of `opts`'s scenario, with nothing
+    /// compared beside it (the scenario's own part is for the caller to add).
+    pub fn of(opts: &BenchOptions, m: Measurement) -> Report {
+        Report {
+            scenario: opts.scenario,
+            transport: opts.transport,
+            clients: opts.clients,
+            messages: opts.messages,
+            batch: opts.batch,
+            body_size: opts.body_size,
+            stalled: opts.stalled,
+            deliveries: m.deliveries,
+            deliveries_per_sec: m.deliveries_per_sec,
+            lost: m.lost,
+            duplicated: m.duplicated,
+            misrouted: m.misrouted,
+            dropped_queue_full: m.dropped_queue_full,
+            latency_us: m.latency_us,
+            server_cpu_us_per_delivery: m.server_cpu_us_per_delivery,
+            server_cpu_percent: m.server_cpu_percent,
+            server_rss_per_conn_bytes: m.server_rss_per_conn_bytes,
+            connects_per_sec: m.connects_per_sec,
+            raw_deliveries_per_sec: None,
+            raw_connects_per_sec: None,
+            raw_rss_per_conn_bytes: None,
+            ratio_to_raw: None,
+            metrics_off: None,
+            metrics_rates: None,
+            metrics_on_to_off: None,
+            quicpush: m,
+            raw: None,
+            handover: None,
+            tier: None,
+            node_loss: None,
+        }
+    }
+
     /// The human-readable table.
     pub fn table(&self) -> String {
         if let Some(h) = &self.handover {
             return h.table(self);
+        }
+        if let Some(n) = &self.node_loss {
+            return n.table();
         }
         type Cell = fn(&Measurement) -> String;
         let rows: [(&str, Cell); 15] = [

@@ -61,6 +61,9 @@ impl Tier {
             config.client.tcp_send_buffer = opts.tcp_send_buffer;
             config.metrics.enabled = metrics;
             opts.history.apply(&mut config.history);
+            if opts.scenario == super::Scenario::NodeLoss {
+                config.history.store = crate::config::HistoryStoreKind::Redis;
+            }
             config.cluster.redis = Some(redis.url());
             config.cluster.node_id = Some(format!("bench-{i}"));
             config.cluster.ttl = Duration::from_secs(3);
