@@ -133,7 +133,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let bar = super::progress_bar(opts.progress, opts.clients as u64, "connecting resuming clients");
+    let bar = super::progress_bar(
+        opts.progress,
+        opts.clients as u64,
+        "connecting resuming clients",
+    );
     let mut readers = Vec::with_capacity(opts.clients);
     for k in 0..opts.clients {
         let claims = crate::auth::claims_for(&key_name(k), Duration::from_secs(24 * 3600));
@@ -239,10 +243,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         r.duplicated += seen.duplicated;
         r.reordered += seen.reordered;
         r.not_recovered += seen.not_recovered;
-        r.lost += accepted[k]
-            .iter()
-            .filter(|i| !seen.got.contains(i))
-            .count() as u64;
+        r.lost += accepted[k].iter().filter(|i| !seen.got.contains(i)).count() as u64;
         deliveries += seen.got.len() as u64;
         let _ = latency.add(&seen.latency);
         if let Some(at) = seen.resumed_at {

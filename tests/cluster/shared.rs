@@ -9,7 +9,7 @@ use quicpush::config::HistoryStoreKind;
 use quicpush::protocol::{PushMeta, Source};
 use quicpush::rpc::proto::PushOutcome;
 
-use crate::common::WAIT;
+use crate::common::{Via, WAIT};
 use crate::tier::{wait_for, Tier};
 
 async fn next_push(c: &mut ResumingClient) -> (String, PushMeta) {
@@ -108,5 +108,43 @@ async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
     let (body, meta) = next_push(&mut c).await;
     assert_eq!((body.as_str(), meta.offset), ("from n2", 42));
     tokio::time::sleep(Duration::from_millis(100)).await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_key_pushes_are_unavailable_and_connects_are_refused() {
+    let mut t = Tier::start_with(2, |c| c.history.store = HistoryStoreKind::Redis).await;
+    let mut kd = t.nodes[1].client(Via::Tcp, "kd").await;
+    let a = t.nodes[0].backend().await;
+    assert_eq!(
+        a.push_msg("kd", 1000, "before").await.unwrap(),
+        PushOutcome::Forwarded
+    );
+    assert_eq!(
+        crate::tier::drain_bodies(&mut kd).await,
+        crate::tier::bodies(&["before"])
+    );
+
+    t.redis.kill();
+    // Not kept anywhere, so not accepted: the backend is told.
+    assert_eq!(
+        a.push_msg("kd", 1000, "lost").await.unwrap(),
+        PushOutcome::Unavailable
+    );
+    // A new connection cannot claim its key: it is closed before AuthReply
+    // (the client retries), rather than registered where no push can find it.
+    let mut refused = t.nodes[1].raw_client(Via::Tcp).await;
+    let token = t.nodes[1].token("kx");
+    assert!(refused.auth(token).await.is_err());
+
+    t.redis.restart();
+    wait_for("kd forwarded again", || async {
+        a.push_msg("kd", 1000, "after").await.unwrap() == PushOutcome::Forwarded
+    })
+    .await;
+    let got = crate::tier::drain_bodies_quiet(&mut kd, Duration::from_secs(2)).await;
+    assert!(got.iter().all(|b| &b[..] == b"after"), "{got:?}");
+    assert!(!got.is_empty());
+    let _kx = t.nodes[1].client(Via::Tcp, "kx").await;
     t.stop().await;
 }
