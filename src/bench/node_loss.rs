@@ -263,7 +263,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     r.resume_ms_p50 = pick(0.5);
     r.resume_ms_p99 = pick(0.99);
     r.resume_ms_max = pick(1.0);
-    r.latency_us = (latency.len() > 0).then(|| percentiles(&latency));
+    r.latency_us = (!latency.is_empty()).then(|| percentiles(&latency));
     let m = Measurement {
         deliveries,
         expected: want,
