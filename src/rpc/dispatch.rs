@@ -472,8 +472,25 @@ impl Dispatcher {
                     .await?;
                 if let Err(e) = bus::publish_all(c, Envelope::Broadcast { op, body, speed }).await {
                     tracing::warn!(error = %e, "broadcast reached this node only: Redis unavailable");
+                    return Ok(reply);
                 }
-                Ok(reply)
+                // `online` for the tier: the other nodes' counts as of their last
+                // refresh (this node's alone if they cannot be read).
+                let Reply::BroadcastAccepted { mut online } = reply else {
+                    return Ok(reply);
+                };
+                match directory::others_online_and_rooms(c).await {
+                    Ok((records, _)) => {
+                        online += records
+                            .iter()
+                            .map(|r| r.get("online").copied().unwrap_or(0))
+                            .sum::<u64>();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "broadcast online: this node's count only")
+                    }
+                }
+                Ok(Reply::BroadcastAccepted { online })
             }
             Request::Rooms => {
                 let mut rooms: std::collections::HashMap<String, u64> =

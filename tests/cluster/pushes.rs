@@ -74,7 +74,12 @@ async fn every_push_reaches_every_node_once() {
         (1, 2),
         "{tally:?}"
     );
-    a.broadcast(1000, "all", 0).await.unwrap();
+    // Broadcast's `online` is the tier's, from the node records' last refresh.
+    crate::tier::wait_for("the records count every client", || async {
+        a.online().await.unwrap().total == 3
+    })
+    .await;
+    assert_eq!(a.broadcast(1000, "all", 0).await.unwrap(), 3);
 
     let want = [
         vec!["local", "multi", "each-ka", "user", "room", "all"],
