@@ -346,34 +346,57 @@ fn tops_of(reply: &ResumeReply) -> Positions {
     p
 }
 
-/// Shared key history, before registering `chan`: marks its key pending (key
-/// pushes arriving for it are buffered), claims the key in the tier's directory,
-/// then, for a resume-capable channel, reads the key's stream since the client's
-/// position. A push appended before the claim is in the read; one after it
-/// reaches this node and is buffered; registration queues both once, in order.
-/// `None` for a goim channel, which has nothing to replay.
+/// Shared history, before registering `chan`: marks it pending (key and user
+/// pushes arriving for it are buffered), claims its key and its user's presence
+/// on this node in the tier's directory, then, for a resume-capable channel,
+/// reads its key's (and user's) stream since the client's positions. A push
+/// appended before the claim is in the read; one after it reaches this node and
+/// is buffered; registration queues both once, in order. `None` for a goim
+/// channel, which has nothing to replay.
 async fn claim_and_read(
     registry: &Registry,
     c: &crate::cluster::Cluster,
     chan: &Channel,
     positions: Option<&Positions>,
-) -> Result<Option<crate::registry::SharedKey>, SessionError> {
-    registry.begin_pending(&chan.key, chan.id);
+) -> Result<Option<crate::registry::Shared>, SessionError> {
+    use crate::cluster::shared;
+    use crate::history::StreamRef;
+    use crate::registry::{Shared, SharedStream};
+    let mid = chan.mid.filter(|_| c.shares_user_history());
+    registry.begin_pending(&chan.key, chan.id, mid);
     let read = async {
-        crate::cluster::keys::claim(c, &chan.key, chan.id).await?;
+        shared::claim(c, &chan.key, chan.id).await?;
+        if let Some(mid) = mid {
+            shared::claim_user(c, mid, registry.user_online(mid) + 1).await?;
+        }
         if !chan.resume {
             return Ok(None);
         }
-        let asked = positions.and_then(|p| p.get(Source::Key));
-        let recovery = crate::cluster::keys::read(c, &chan.key, asked).await?;
-        Ok(Some(crate::registry::SharedKey {
+        let asked = |source| positions.and_then(|p| p.get(source));
+        let stream = |recovery, source| SharedStream {
             recovery,
-            asked: asked.is_some(),
+            asked: asked(source).is_some(),
+        };
+        let key = shared::read(c, StreamRef::Key(&chan.key), asked(Source::Key)).await?;
+        let user = match mid {
+            Some(mid) => Some(stream(
+                shared::read(c, StreamRef::User(mid), asked(Source::User)).await?,
+                Source::User,
+            )),
+            None => None,
+        };
+        Ok(Some(Shared {
+            key: Some(stream(key, Source::Key)),
+            user,
         }))
     };
     let r = read.await;
     if r.is_err() {
         registry.end_pending(&chan.key, chan.id);
+        if let Some(mid) = mid {
+            // The presence claimed above: rewritten from the real count.
+            let _ = c.dirty.try_send(crate::cluster::Dirty::User(mid));
+        }
     }
     r.map_err(SessionError::Tier)
 }

@@ -197,10 +197,7 @@ async fn redis_gone_is_a_typed_error_naming_the_stream() {
         matches!(err, RedisHistoryError::Redis { op: "append", .. }),
         "{err}"
     );
-    assert!(
-        err.to_string().contains("quicpush:{h:K:gone}:meta"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("quicpush:{k:gone}:meta"), "{err}");
 }
 
 #[tokio::test]

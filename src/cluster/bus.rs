@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::envelope::{self, Envelope, KickReason};
-use super::{keys, names, Cluster, ClusterError};
+use super::{names, shared, Cluster, ClusterError};
 use crate::channel::CloseReason;
 use crate::protocol::{PushMeta, Source};
 use crate::rpc::dispatch::Dispatcher;
@@ -88,21 +88,39 @@ pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
 }
 
 async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
-    if bytes.first() == Some(&keys::MARKER) {
-        // A key push the shared key history appended (from any node, this one
-        // included): queued with its position, nothing appended here.
-        match keys::KeyPush::parse(bytes) {
-            Some(p) => {
-                let meta = PushMeta {
-                    source: Source::Key,
-                    epoch: p.position.epoch,
-                    offset: p.position.offset,
-                };
-                c.registry.push_key_at(&p.key, &p.frame, meta);
+    // A key or user push the shared history appended (from any node, this one
+    // included): queued with its position, nothing appended here.
+    let meta = |source, p: crate::history::Position| PushMeta {
+        source,
+        epoch: p.epoch,
+        offset: p.offset,
+    };
+    match bytes.first() {
+        Some(&shared::MARKER) => {
+            match shared::KeyPush::parse(bytes) {
+                Some(p) => {
+                    c.registry
+                        .push_key_at(&p.key, &p.frame, meta(Source::Key, p.position));
+                }
+                None => {
+                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad key push on the bus")
+                }
             }
-            None => warn!(node = %c.id, len = bytes.len(), "ignoring a bad key push on the bus"),
+            return;
         }
-        return;
+        Some(&shared::USER_MARKER) => {
+            match shared::UserPush::parse(bytes) {
+                Some(p) => {
+                    c.registry
+                        .push_user_at(p.mid, &p.frame, meta(Source::User, p.position));
+                }
+                None => {
+                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad user push on the bus")
+                }
+            }
+            return;
+        }
+        _ => {}
     }
     let w = match envelope::decode(bytes) {
         Ok(w) => w,

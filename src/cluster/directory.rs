@@ -1,12 +1,12 @@
 //! The tier's directory in Redis, every entry owned by one node and living `ttl`
 //! unless that node refreshes it:
 //!
-//! - `quicpush:key:<key>` = `<node>/<conn>`: which node (and which of its
+//! - `quicpush:{k:<key>}:owner` = `<node>/<conn>`: which node (and which of its
 //!   connections) holds the key. Registration is `SET … EX ttl GET`, so it
 //!   learns the previous owner and asks it to close its connection (replaced).
 //!   Unregistering deletes the entry only if it is still this node's.
-//! - `quicpush:{u:<mid>}:<node>` = the user's connections on the node.
-//! - `quicpush:{r:<room>}:<node>` = the room's members on the node, and
+//! - `quicpush:{u:<mid>}:on:<node>` = the user's connections on the node.
+//! - `quicpush:{r:<room>}:on:<node>` = the room's members on the node, and
 //!   `quicpush:node:<id>:rooms`, a hash room → count, for the tier's `Rooms`.
 //!
 //! Changes come from the registry's hook through a bounded queue to one writer

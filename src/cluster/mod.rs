@@ -41,9 +41,9 @@ pub mod bus;
 pub mod directory;
 pub mod envelope;
 pub mod error;
-pub mod keys;
 pub mod nodes;
 pub mod route;
+pub mod shared;
 
 pub use error::ClusterError;
 
@@ -87,17 +87,19 @@ pub mod names {
     pub fn node_rooms(id: &str) -> String {
         format!("quicpush:node:{id}:rooms")
     }
-    /// Which node (and connection) holds a key: `<node>/<conn>`.
+    /// Which node (and connection) holds a key: `<node>/<conn>`. In the key's
+    /// slot, beside its history stream (`quicpush:{k:<key>}:meta` / `:log`).
     pub fn key(key: &str) -> String {
-        format!("quicpush:key:{key}")
+        format!("quicpush:{{k:{key}}}:owner")
     }
-    /// A user's connection count on one node.
+    /// A user's connection count on one node (in the user's slot, beside its
+    /// history stream).
     pub fn user(mid: i64, node: &str) -> String {
-        format!("quicpush:{{u:{mid}}}:{node}")
+        format!("quicpush:{{u:{mid}}}:on:{node}")
     }
-    /// A room's member count on one node.
+    /// A room's member count on one node (in the room's slot).
     pub fn room(room: &str, node: &str) -> String {
-        format!("quicpush:{{r:{room}}}:{node}")
+        format!("quicpush:{{r:{room}}}:on:{node}")
     }
 }
 
@@ -134,8 +136,11 @@ pub struct Cluster {
     pub(crate) advertise_client: String,
     pub(crate) advertise_rpc: String,
     pub(crate) started_ms: u64,
-    /// The tier's key history, when `history.store = "redis"` ([`keys`]).
+    /// The tier's key (and user) history, when `history.store = "redis"`
+    /// ([`shared`]).
     pub(crate) keys: Option<crate::history::redis_store::RedisHistory>,
+    /// User streams are shared too (`history.user`).
+    shared_users: bool,
     /// Stops this node's cluster tasks (shutdown, or a test halting a node).
     halt: CancellationToken,
     tasks: TaskTracker,
@@ -199,6 +204,9 @@ impl Cluster {
             started_ms: now_ms(),
             keys: (history.enabled && history.store == HistoryStoreKind::Redis)
                 .then(|| RedisHistory::new(history.size, history.ttl)),
+            shared_users: history.enabled
+                && history.store == HistoryStoreKind::Redis
+                && history.user,
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
@@ -247,6 +255,12 @@ impl Cluster {
     /// Whether key streams live in the tier's Redis (`history.store = "redis"`).
     pub fn shares_key_history(&self) -> bool {
         self.keys.is_some()
+    }
+
+    /// Whether user streams live in the tier's Redis (`history.store = "redis"`
+    /// with `history.user`).
+    pub fn shares_user_history(&self) -> bool {
+        self.shared_users
     }
 
     /// The live nodes other than this one.

@@ -126,13 +126,18 @@ impl fmt::Debug for History {
 
 impl History {
     /// History over `store`, keeping the source kinds `config` enables in this
-    /// process (key streams are not, when `history.store = "redis"`: the tier's
-    /// Redis keeps them, see [`crate::cluster::keys`]).
+    /// process (key and user streams are not, when `history.store = "redis"`:
+    /// the tier's Redis keeps them, see [`crate::cluster::shared`]).
     pub fn new(store: Arc<dyn HistoryStore>, config: &HistoryConfig) -> Self {
-        let key = config.key && config.store == HistoryStoreKind::Memory;
+        let here = config.store == HistoryStoreKind::Memory;
         History {
             store,
-            kinds: [key, config.user, config.room, config.all],
+            kinds: [
+                config.key && here,
+                config.user && here,
+                config.room,
+                config.all,
+            ],
             order: (0..ORDER_SHARDS).map(|_| Mutex::new(())).collect(),
             hasher: ahash::RandomState::new(),
         }

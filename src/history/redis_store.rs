@@ -1,12 +1,13 @@
 //! Push history in Redis: one stream per source with epoch and offset, shared by
 //! every node of a tier, so a client whose node died resumes on another.
 //!
-//! Each source stream is two Redis keys in one hash slot (the `{…}` tag), so each
+//! Each source stream is two Redis keys in one hash slot (the `{…}` tag, which
+//! the tier's directory entries of the same key, user or room share), so each
 //! script touches one slot and works on a Redis Cluster too:
 //!
-//! - `quicpush:{h:<source>}:meta`, a hash: `epoch` (random, new whenever the stream
+//! - `quicpush:{<source>}:meta` (`{k:<key>}`, `{u:<mid>}`, `{r:<room>}`, `{a}`), a hash: `epoch` (random, new whenever the stream
 //!   is created, including after it expired) and `top` (the offset of its last push);
-//! - `quicpush:{h:<source>}:log`, a Redis stream whose entry IDs are `<offset>-0`,
+//! - `quicpush:{<source>}:log`, a Redis stream whose entry IDs are `<offset>-0`,
 //!   each entry holding the encoded frame in field `f`, trimmed to `history.size`
 //!   entries (exactly, so a gap is always seen).
 //!
@@ -138,10 +139,10 @@ pub struct RedisHistory {
 /// The hash tag of a stream's keys.
 pub fn stream_tag(stream: StreamRef<'_>) -> String {
     match stream {
-        StreamRef::Key(k) => format!("h:K:{k}"),
-        StreamRef::User(m) => format!("h:M:{m}"),
-        StreamRef::Room(r) => format!("h:R:{r}"),
-        StreamRef::All => "h:A".to_owned(),
+        StreamRef::Key(k) => format!("k:{k}"),
+        StreamRef::User(m) => format!("u:{m}"),
+        StreamRef::Room(r) => format!("r:{r}"),
+        StreamRef::All => "a".to_owned(),
     }
 }
 
@@ -403,8 +404,8 @@ mod tests {
     #[test]
     fn a_streams_keys_share_one_hash_slot() {
         let (m, l) = stream_keys(StreamRef::Room("live://1"));
-        assert_eq!(m, "quicpush:{h:R:live://1}:meta");
-        assert_eq!(l, "quicpush:{h:R:live://1}:log");
+        assert_eq!(m, "quicpush:{r:live://1}:meta");
+        assert_eq!(l, "quicpush:{r:live://1}:log");
         assert_eq!(m.replace(":meta", ""), l.replace(":log", ""));
     }
 }

@@ -178,22 +178,41 @@ struct BucketInner {
 /// `Overflow` once registered (its client resumes and gets them from history).
 pub const PENDING_MAX: usize = 4096;
 
-/// Key pushes buffered for a connection between its key claim and its
+/// Key and user pushes buffered for a connection between its claim and its
 /// registration ([`Registry::begin_pending`]).
 struct Pending {
     conn: u64,
+    mid: Option<i64>,
     frames: Vec<(Bytes, PushMeta)>,
     overflow: bool,
 }
 
-/// A key's stream as the tier's shared key history holds it, read by the
-/// session between claiming the key and registering (`history.store = "redis"`).
+impl Pending {
+    fn buffer(&mut self, frame: &Bytes, meta: PushMeta) {
+        if self.frames.len() < PENDING_MAX {
+            self.frames.push((frame.clone(), meta));
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
+/// A stream as the tier's shared history holds it, read by the session between
+/// claiming and registering (`history.store = "redis"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedKey {
+pub struct SharedStream {
     /// The stream's state and, if the client asked (`asked`), what it missed.
     pub recovery: crate::history::Recovery,
-    /// The client sent a position for its key.
+    /// The client sent a position for this source.
     pub asked: bool,
+}
+
+/// The shared streams of a registering connection: its key's, and its user's
+/// when user history is shared and it has a user id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shared {
+    pub key: Option<SharedStream>,
+    pub user: Option<SharedStream>,
 }
 
 impl BucketInner {
@@ -427,7 +446,7 @@ impl Registry {
         room: Option<Arc<str>>,
         accepts: OpFilter,
         positions: Option<&Positions>,
-        shared: Option<SharedKey>,
+        shared: Option<Shared>,
         auth_reply: impl FnOnce(Option<ResumeReply>) -> Option<Bytes>,
     ) -> Result<Option<Arc<Channel>>, RoomsFull> {
         // The user's and room's ordering locks: no push to them is in flight while
@@ -541,35 +560,40 @@ impl Registry {
         room: Option<&str>,
         accepts: &OpFilter,
         positions: Option<&Positions>,
-        shared: Option<SharedKey>,
+        shared: Option<Shared>,
     ) -> (Option<ResumeReply>, Vec<(Bytes, PushMeta)>) {
         let mut replay = Vec::new();
         let Some(h) = &self.history else {
             return (None, replay);
         };
-        let shared_state = shared.filter(|_| chan.resume).map(|sk| {
-            let rec = sk.recovery;
-            if sk.asked && rec.recovered {
-                replay.extend(
-                    rec.entries
-                        .into_iter()
-                        .filter(|(_, f)| accepts.accepts(op_of(f)))
-                        .map(|(offset, f)| {
-                            let meta = PushMeta {
-                                source: Source::Key,
-                                epoch: rec.top.epoch,
-                                offset,
-                            };
-                            (f, meta)
-                        }),
-                );
+        let mut shared_states = Vec::new();
+        if let Some(sh) = shared.filter(|_| chan.resume) {
+            for (source, st) in [(Source::Key, sh.key), (Source::User, sh.user)] {
+                let Some(st) = st else { continue };
+                let rec = st.recovery;
+                if st.asked && rec.recovered {
+                    replay.extend(
+                        rec.entries
+                            .into_iter()
+                            .filter(|(_, f)| accepts.accepts(op_of(f)))
+                            .map(|(offset, f)| {
+                                let meta = PushMeta {
+                                    source,
+                                    epoch: rec.top.epoch,
+                                    offset,
+                                };
+                                (f, meta)
+                            }),
+                    );
+                }
+                let state = SourceState {
+                    epoch: rec.top.epoch,
+                    offset: rec.top.offset,
+                    recovered: st.asked.then_some(rec.recovered),
+                };
+                shared_states.push((source, state));
             }
-            SourceState {
-                epoch: rec.top.epoch,
-                offset: rec.top.offset,
-                recovered: sk.asked.then_some(rec.recovered),
-            }
-        });
+        }
         let streams = [
             Some(StreamRef::Key(&chan.key)),
             chan.mid.map(StreamRef::User),
@@ -591,8 +615,8 @@ impl Registry {
             key: chan.key.to_string(),
             ..ResumeReply::default()
         };
-        if let Some(state) = shared_state {
-            r.sources.insert(Source::Key.name().to_owned(), state);
+        for (source, state) in shared_states {
+            r.sources.insert(source.name().to_owned(), state);
         }
         for stream in kept {
             let source = stream.source();
@@ -740,11 +764,12 @@ impl Registry {
     /// until [`Registry::register_with`] registers that connection, the key pushes
     /// [`Registry::push_key_at`] gets for the key are buffered for it (at most
     /// [`PENDING_MAX`]). A later call for the same key replaces the mark.
-    pub fn begin_pending(&self, key: &Arc<str>, conn: u64) {
+    pub fn begin_pending(&self, key: &Arc<str>, conn: u64, mid: Option<i64>) {
         self.bucket(key).lock().pending.insert(
             key.clone(),
             Pending {
                 conn,
+                mid,
                 frames: Vec::new(),
                 overflow: false,
             },
@@ -767,11 +792,7 @@ impl Registry {
         let mut b = self.bucket(key).lock();
         let mut outcome = PushOutcome::Offline;
         if let Some(p) = b.pending.get_mut(key) {
-            if p.frames.len() < PENDING_MAX {
-                p.frames.push((frame.clone(), meta));
-            } else {
-                p.overflow = true;
-            }
+            p.buffer(frame, meta);
             outcome = PushOutcome::Stored;
         }
         if let Some(e) = b.by_key.get(key).map(|&i| &b.entries[i]) {
@@ -782,6 +803,34 @@ impl Registry {
             };
         }
         outcome
+    }
+
+    /// Queues a user push the tier's shared history already appended: to every
+    /// connection of the user that takes the offset next, and to the buffers of
+    /// the user's registering connections.
+    pub fn push_user_at(&self, mid: i64, frame: &Bytes, meta: PushMeta) -> Tally {
+        let mut t = Tally::default();
+        let op = op_of(frame);
+        for bucket in self.buckets.iter() {
+            let mut b = bucket.lock();
+            if b.users.is_empty() && b.pending.is_empty() {
+                continue;
+            }
+            for p in b.pending.values_mut().filter(|p| p.mid == Some(mid)) {
+                p.buffer(frame, meta);
+            }
+            if let Some(ids) = b.users.get(&mid) {
+                for &i in ids {
+                    let e = &b.entries[i];
+                    t.add(if e.accepts.accepts(op) {
+                        e.chan.push_next(frame, meta, false)
+                    } else {
+                        PushOutcome::Filtered
+                    });
+                }
+            }
+        }
+        t
     }
 
     /// Pushes an encoded frame to one key, appending it to the key's history first

@@ -10,7 +10,7 @@ use super::broadcast::Broadcaster;
 use super::proto::{MultiOutcome, PushItem, Reply, Request, RoomCount, RpcError, Tally};
 use crate::channel::PushOutcome;
 use crate::cluster::envelope::{self, Envelope, KickReason};
-use crate::cluster::{bus, directory, keys, names, route, Cluster};
+use crate::cluster::{bus, directory, names, route, shared, Cluster};
 use crate::metrics::{self, Metrics, PushCounts};
 use crate::protocol::Frame;
 use crate::registry::Registry;
@@ -266,12 +266,12 @@ impl Dispatcher {
         }
     }
 
-    /// Key pushes with shared key history ([`keys`]): appended and routed by one
+    /// Key pushes with shared key history ([`shared`]): appended and routed by one
     /// script for the whole call, this node's keys included, so the stream order
     /// is the delivery order. `Forwarded`: handed to the owner's subscriber;
     /// `Stored`: kept, no live node holds the key; `Offline`: nothing kept.
     async fn shared_keys(&self, c: &Cluster, keys: &[&str], frames: &[&Bytes]) -> Vec<PushOutcome> {
-        match keys::append_route(c, keys, frames).await {
+        match shared::append_route(c, keys, frames).await {
             Ok(v) => v
                 .into_iter()
                 .map(|a| match (a.position, a.receivers) {
@@ -317,6 +317,29 @@ impl Dispatcher {
                     names.len(),
                     counts,
                 )))
+            }
+            Request::PushUser { mids, op, body } if c.shares_user_history() => {
+                if mids.is_empty() {
+                    return Err(RpcError::EmptyMids);
+                }
+                self.check_count(mids.len())?;
+                self.check_body(&body)?;
+                let frame = push_frame(op, body);
+                let mut t = Tally::default();
+                match shared::append_route_users(c, &mids, &frame).await {
+                    Ok(v) => {
+                        for a in v {
+                            t.appended += u64::from(a.position.is_some());
+                            t.forwarded_nodes += a.reached;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, users = mids.len(), "shared user history unavailable");
+                        t.unavailable += 1;
+                    }
+                }
+                counts.add_tally(&t);
+                Ok(Reply::Tally(t))
             }
             Request::MPushMsgs { msgs } if c.shares_key_history() => {
                 self.check_keys(msgs.iter().map(|m| m.key.as_str()))?;

@@ -148,3 +148,81 @@ async fn with_redis_down_key_pushes_are_unavailable_and_connects_are_refused() {
     let _kx = t.nodes[1].client(Via::Tcp, "kx").await;
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_resumes_on_another_node_with_every_user_push_it_missed() {
+    let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
+    let mut claims = t.nodes[1].claims("phone");
+    claims.mid = Some(77);
+    let token = t.nodes[1].sign(&claims);
+    let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
+    let (mut c, reply) = ResumingClient::connect_any(dials, token, Backoff::default())
+        .await
+        .expect("a node");
+    let user = reply.source(Source::User).expect("user history is on");
+    let a = t.nodes[0].backend().await;
+    for i in 0..5 {
+        let tally = a.push_user(vec![77], 1000, format!("u{i}")).await.unwrap();
+        assert_eq!((tally.appended, tally.forwarded_nodes), (1, 1), "{tally:?}");
+    }
+    for i in 0..5u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(body, format!("u{i}"));
+        assert_eq!(
+            (meta.source, meta.epoch, meta.offset),
+            (Source::User, user.epoch, i + 1)
+        );
+    }
+    t.nodes.remove(1).stop().await;
+    for i in 5..10 {
+        let tally = a.push_user(vec![77], 1000, format!("u{i}")).await.unwrap();
+        assert_eq!(tally.appended, 1, "{tally:?}");
+    }
+    // A key push in between: both sources replay, each in its own order.
+    assert_eq!(
+        a.push_msg("phone", 1000, "k").await.unwrap(),
+        PushOutcome::Stored
+    );
+    let reply = loop {
+        match tokio::time::timeout(WAIT, c.next())
+            .await
+            .expect("resumed in time")
+        {
+            Event::Resumed(r) => break r,
+            Event::Reply(_) => continue,
+            other => panic!("expected a resume, got {other:?}"),
+        }
+    };
+    let state = reply.source(Source::User).unwrap();
+    assert_eq!(
+        (state.recovered, state.offset),
+        (Some(true), 10),
+        "{reply:?}"
+    );
+    assert_eq!(reply.source(Source::Key).unwrap().recovered, Some(true));
+    let mut users = Vec::new();
+    let mut keys = Vec::new();
+    for _ in 0..6 {
+        let (body, meta) = next_push(&mut c).await;
+        match meta.source {
+            Source::User => users.push((body, meta.offset)),
+            _ => keys.push(body),
+        }
+    }
+    let want: Vec<(String, u64)> = (5..10).map(|i| (format!("u{i}"), i + 1)).collect();
+    assert_eq!(users, want);
+    assert_eq!(keys, vec!["k".to_string()]);
+    // Live again, on n2.
+    crate::tier::wait_for("n2 holds the user", || async {
+        a.push_user(vec![77], 1000, "probe")
+            .await
+            .unwrap()
+            .forwarded_nodes
+            == 1
+    })
+    .await;
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!((meta.source, meta.offset), (Source::User, 11));
+    assert_eq!(body, "probe");
+    t.stop().await;
+}
