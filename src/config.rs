@@ -46,6 +46,27 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Several nodes as one push tier over Redis; off unless `cluster.redis` is set.
     pub cluster: ClusterConfig,
+    /// The async runtime `quicpush serve` runs on.
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime's size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 = one per core. Several nodes on one machine do best
+    /// with about cores ÷ nodes each.
+    pub worker_threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start: `worker_threads`, or one per core.
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// Client-facing listeners and per-connection behaviour.
@@ -782,6 +803,12 @@ impl Config {
                 ));
             }
         }
+        if self.runtime.worker_threads > 1024 {
+            return Err(invalid(
+                "runtime.worker_threads",
+                format!("{} is over 1024", self.runtime.worker_threads),
+            ));
+        }
         self.cluster.validate()?;
         self.http.validate()
     }
@@ -1042,6 +1069,7 @@ mod tests {
             ("[history]\nttl = \"500ms\"\n", "history.ttl"),
             ("[history]\nttl = \"8days\"\n", "history.ttl"),
             ("[history]\nstore = \"redis\"\n", "history.store"),
+            ("[runtime]\nworker_threads = 5000\n", "runtime.worker_threads"),
             (
                 "[history]\nstore = \"redis\"\nkey = false\n[cluster]\nredis = \"redis://127.0.0.1:6379\"\n",
                 "history.store",

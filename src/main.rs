@@ -2,7 +2,7 @@
 //! backend API from the shell.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -275,14 +275,37 @@ fn init_tracing(default: &str) {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // `serve` reads its configuration first: it sizes the runtime.
+    let serve_config = match &cli.command {
+        Command::Serve { config } => {
+            let loaded = match config {
+                Some(p) => Config::load(p),
+                None => Ok(Config::default()),
+            };
+            match loaded {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("error: {}", one_line(&anyhow::Error::new(e)));
+                    std::process::exit(1);
+                }
+            }
+        }
+        _ => None,
+    };
+    let workers = serve_config.as_ref().map(|c| c.runtime.workers());
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(run(cli)) {
+    if let Err(e) = runtime.block_on(run(cli, serve_config)) {
         eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
@@ -305,11 +328,11 @@ fn one_line(e: &anyhow::Error) -> String {
     line
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, serve_config: Option<Config>) -> Result<()> {
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { .. } => {
             init_tracing("info");
-            serve(config.as_deref()).await
+            serve(serve_config.unwrap_or_default()).await
         }
         Command::Certs { dir, sans } => {
             certs::generate(&dir, &sans)?;
@@ -456,11 +479,8 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(path: Option<&Path>) -> Result<()> {
-    let config = match path {
-        Some(p) => Config::load(p)?,
-        None => Config::default(),
-    };
+async fn serve(config: Config) -> Result<()> {
+    tracing::info!(worker_threads = config.runtime.workers(), "runtime");
     raise_nofile_limit();
     let server = Server::bind(config).await?;
     server.run(quicpush::shutdown::signal()).await;

@@ -412,7 +412,7 @@ impl Server {
             metrics: metrics.clone(),
             shared_keys: cluster.clone().filter(|c| c.shares_key_history()),
         });
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = config.runtime.workers();
         let broadcaster = Broadcaster::start(
             registry.clone(),
             workers,

@@ -67,6 +67,10 @@ impl Tier {
             config.cluster.redis = Some(redis.url());
             config.cluster.node_id = Some(format!("bench-{i}"));
             config.cluster.ttl = Duration::from_secs(3);
+            // The nodes share this machine's cores: about cores ÷ nodes each
+            // (README › Running several nodes › Sizing).
+            config.runtime.worker_threads =
+                (crate::config::RuntimeConfig::default().workers() / n).max(1);
             let node_dir = dir.join(format!("node-{i}"));
             std::fs::create_dir_all(&node_dir)
                 .map_err(|e| BenchError::Io(format!("{}: {e}", node_dir.display())))?;
