@@ -24,6 +24,18 @@
 //! registry register / unregister / room change ─▶ DirectoryHook ─▶ bounded queue ─▶ directory writer ─▶ Redis
 //! ```
 //!
+//! With `history.store = "redis"` as well, key and user streams are the tier's,
+//! in Redis ([`cluster::shared`]): a key or user push is not fanned out locally
+//! but appended and routed by one script, and every node holding it (this one
+//! too) queues it from the bus with its position; a connecting client claims its
+//! key and user in the directory and reads its streams there before registering.
+//!
+//! ```text
+//! rpc::dispatch ─▶ Redis script: append to the stream, find holders, PUBLISH position + frame
+//!                  └─▶ each holder's cluster::bus ─▶ registry::push_*_at ─▶ channel (next offset only)
+//! session: Auth ─▶ claim key / user (Redis) ─▶ read since (Redis) ─▶ registry::register_with
+//! ```
+//!
 //! Every front door is an adapter: client transports hand a reader and a writer to
 //! the one [`session`] loop; the HTTP API turns goim-logic's routes into the same
 //! [`rpc::Request`]s the QUIC RPC carries and calls the same dispatcher.
@@ -74,7 +86,8 @@
 //!   the resume header extension. No I/O.
 //! - [`history`]: the [`history::HistoryStore`] trait (streams with epoch and offset,
 //!   retention by size, bytes and TTL) and its in-memory implementation;
-//!   `history::redis_store`, the same streams in Redis (not wired in yet).
+//!   `history::redis_store`, the same streams in Redis (used by
+//!   [`cluster::shared`] for key and user streams with `history.store = "redis"`).
 //! - [`resume`]: the resume negotiation: what Auth asks for and AuthReply answers.
 //! - [`netsim`]: a lossy network in the process: a wrapping `quinn::AsyncUdpSocket`
 //!   with seeded loss, reordering, delay, a bandwidth cap and network switches.
@@ -121,19 +134,22 @@
 //!   (`cluster::bus`, `cluster::envelope`) that hands forwarded pushes and kicks
 //!   to the owning node's dispatcher; `cluster::route` forwards a call with one
 //!   script (lookup and PUBLISH together, queued in call order). Pushes that leave the node answer
-//!   `Forwarded` (not a delivery) or `Unavailable` (Redis down).
+//!   `Forwarded` (not a delivery) or `Unavailable` (Redis down). `cluster::shared`:
+//!   key and user history in Redis (append-and-route scripts, claims at connect).
 //! - [`server`]: binds every listener, runs them, and shuts them down gracefully.
 //! - [`shutdown`]: the shared shutdown signal.
 //!
 //! # Where later work fits
 //!
 //! - Several nodes: [`cluster`] speaks to one Redis server ([`cluster::Backend`]);
-//!   Redis Cluster is a variant to add (the keys already share hash tags per user
-//!   and per room). History stays per node for now; `history::redis_store` (streams
-//!   with epoch and offset in Redis, append and append-and-publish scripts, read
-//!   since a position) is the store a tier's history moves to: key pushes then go
-//!   through append-and-publish, so the stream's order is the delivery order, and a
-//!   resume on another node reads it before registering.
+//!   Redis Cluster is a variant to add. Every key, user and room already keeps
+//!   its directory entries and history stream in one hash slot, so each script
+//!   call touches one slot when made per key, user or room; what a cluster also
+//!   needs is a bus whose receipts are exact there (PUBLISH counts only its own
+//!   shard's subscribers): sharded channels per key / user / room, which the
+//!   holding node subscribes to, would make the subscription the directory and
+//!   SPUBLISH's count the receipt. Room and broadcast streams stay per node.
+//!
 
 pub mod auth;
 #[cfg(feature = "bench")]

@@ -16,6 +16,10 @@
 //!   entries vanish by themselves. Written by one task from a bounded, coalescing
 //!   queue fed by the registry's [`DirectoryHook`](crate::registry::DirectoryHook).
 //! - [`bus`]: pub/sub between nodes; [`envelope`]: what travels on it.
+//! - [`shared`]: key and user history in Redis (`history.store = "redis"`): one
+//!   script appends a push and publishes it with its position to every node
+//!   holding the key or user; a connecting client claims its key and user here
+//!   and reads its streams before it registers. Nothing is lost when a node dies.
 //!
 //! Redis is optional at run time: a node whose Redis is down keeps serving its
 //! own clients; the remote parts of a push answer
@@ -25,8 +29,10 @@
 //! retries): the tier is a best effort layer over nodes that work alone.
 //!
 //! Only a single Redis server is spoken to for now ([`Backend`] has one variant);
-//! the keys are laid out for Redis Cluster already (a user's or a room's per-node
-//! entries share a hash tag, so their lookup is one `MGET` in one slot).
+//! the keys are laid out for Redis Cluster already: a key's, a user's or a
+//! room's directory entries and history stream share a hash tag (`{k:<key>}`,
+//! `{u:<mid>}`, `{r:<room>}`), so what a script reads for one of them is in one
+//! slot.
 
 use std::collections::HashMap;
 use std::sync::Arc;
