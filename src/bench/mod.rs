@@ -567,38 +567,16 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             (r.deliveries_per_sec > 0.0).then(|| quicpush.deliveries_per_sec / r.deliveries_per_sec)
         }
     });
-    Ok(Report {
-        scenario: opts.scenario,
-        transport: opts.transport,
-        clients: opts.clients,
-        messages: opts.messages,
-        batch: opts.batch,
-        body_size: opts.body_size,
-        stalled: opts.stalled,
-        deliveries: quicpush.deliveries,
-        deliveries_per_sec: quicpush.deliveries_per_sec,
-        lost: quicpush.lost,
-        duplicated: quicpush.duplicated,
-        misrouted: quicpush.misrouted,
-        dropped_queue_full: quicpush.dropped_queue_full,
-        latency_us: quicpush.latency_us,
-        server_cpu_us_per_delivery: quicpush.server_cpu_us_per_delivery,
-        server_cpu_percent: quicpush.server_cpu_percent,
-        server_rss_per_conn_bytes: quicpush.server_rss_per_conn_bytes,
-        connects_per_sec: quicpush.connects_per_sec,
-        raw_deliveries_per_sec: raw.as_ref().map(|r| r.deliveries_per_sec),
-        raw_connects_per_sec: raw.as_ref().and_then(|r| r.connects_per_sec),
-        raw_rss_per_conn_bytes: raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes),
-        ratio_to_raw: ratio,
-        metrics_off,
-        metrics_rates,
-        metrics_on_to_off,
-        quicpush,
-        raw,
-        handover: None,
-        tier: None,
-        node_loss: None,
-    })
+    let mut report = Report::of(opts, quicpush);
+    report.raw_deliveries_per_sec = raw.as_ref().map(|r| r.deliveries_per_sec);
+    report.raw_connects_per_sec = raw.as_ref().and_then(|r| r.connects_per_sec);
+    report.raw_rss_per_conn_bytes = raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes);
+    report.ratio_to_raw = ratio;
+    report.metrics_off = metrics_off;
+    report.metrics_rates = metrics_rates;
+    report.metrics_on_to_off = metrics_on_to_off;
+    report.raw = raw;
+    Ok(report)
 }
 
 /// `--nodes N`: one node, then a tier of N, with the same clients.

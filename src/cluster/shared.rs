@@ -250,20 +250,35 @@ pub async fn append_route(
             .arg(message_prefix(k));
     }
     let v: Vec<i64> = inv.invoke_async(&mut c.backend.con()).await?;
-    if v.len() != keys.len() * 3 {
+    Ok(appended(v, keys.len(), "key")?
+        .into_iter()
+        .map(|(position, n)| KeyAppended {
+            position,
+            receivers: u64::try_from(n).ok(),
+        })
+        .collect())
+}
+
+/// A script's reply of `{epoch, offset, count}` per stream, for `n` streams:
+/// the position appended at (`None` when nothing was kept) and the count.
+fn appended(
+    v: Vec<i64>,
+    n: usize,
+    what: &str,
+) -> Result<Vec<(Option<Position>, i64)>, ClusterError> {
+    if v.len() != n * 3 {
         return Err(ClusterError::BadReply(format!(
-            "append_route: {} values for {} keys",
-            v.len(),
-            keys.len()
+            "append and route: {} values for {n} {what} streams",
+            v.len()
         )));
     }
     Ok(v.chunks(3)
-        .map(|r| KeyAppended {
-            position: (r[0] > 0 && r[1] > 0).then(|| Position {
+        .map(|r| {
+            let position = (r[0] > 0 && r[1] > 0).then(|| Position {
                 epoch: r[0] as u32,
                 offset: r[1] as u64,
-            }),
-            receivers: u64::try_from(r[2]).ok(),
+            });
+            (position, r[2])
         })
         .collect())
 }
@@ -308,20 +323,11 @@ pub async fn append_route_users(
             .arg(user_message_prefix(mid));
     }
     let v: Vec<i64> = inv.invoke_async(&mut c.backend.con()).await?;
-    if v.len() != mids.len() * 3 {
-        return Err(ClusterError::BadReply(format!(
-            "user append_route: {} values for {} users",
-            v.len(),
-            mids.len()
-        )));
-    }
-    Ok(v.chunks(3)
-        .map(|r| UserAppended {
-            position: (r[0] > 0 && r[1] > 0).then(|| Position {
-                epoch: r[0] as u32,
-                offset: r[1] as u64,
-            }),
-            reached: u64::try_from(r[2]).unwrap_or(0),
+    Ok(appended(v, mids.len(), "user")?
+        .into_iter()
+        .map(|(position, n)| UserAppended {
+            position,
+            reached: u64::try_from(n).unwrap_or(0),
         })
         .collect())
 }

@@ -94,6 +94,39 @@ impl Entry {
     }
 }
 
+/// What AuthReply reports for `source` from what history found (`rec`), adding
+/// to `replay` the missed pushes `accepts` lets through when the client `asked`
+/// and every one was there.
+fn resume_state(
+    source: Source,
+    rec: crate::history::Recovery,
+    asked: bool,
+    accepts: &OpFilter,
+    replay: &mut Vec<(Bytes, PushMeta)>,
+) -> SourceState {
+    let epoch = rec.top.epoch;
+    if asked && rec.recovered {
+        replay.extend(
+            rec.entries
+                .into_iter()
+                .filter(|(_, f)| accepts.accepts(op_of(f)))
+                .map(|(offset, f)| {
+                    let meta = PushMeta {
+                        source,
+                        epoch,
+                        offset,
+                    };
+                    (f, meta)
+                }),
+        );
+    }
+    SourceState {
+        epoch,
+        offset: rec.top.offset,
+        recovered: asked.then_some(rec.recovered),
+    }
+}
+
 /// The op of an encoded frame.
 fn op_of(frame: &[u8]) -> u32 {
     frame
@@ -569,29 +602,10 @@ impl Registry {
         let mut shared_states = Vec::new();
         if let Some(sh) = shared.filter(|_| chan.resume) {
             for (source, st) in [(Source::Key, sh.key), (Source::User, sh.user)] {
-                let Some(st) = st else { continue };
-                let rec = st.recovery;
-                if st.asked && rec.recovered {
-                    replay.extend(
-                        rec.entries
-                            .into_iter()
-                            .filter(|(_, f)| accepts.accepts(op_of(f)))
-                            .map(|(offset, f)| {
-                                let meta = PushMeta {
-                                    source,
-                                    epoch: rec.top.epoch,
-                                    offset,
-                                };
-                                (f, meta)
-                            }),
-                    );
+                if let Some(st) = st {
+                    let state = resume_state(source, st.recovery, st.asked, accepts, &mut replay);
+                    shared_states.push((source, state));
                 }
-                let state = SourceState {
-                    epoch: rec.top.epoch,
-                    offset: rec.top.offset,
-                    recovered: st.asked.then_some(rec.recovered),
-                };
-                shared_states.push((source, state));
             }
         }
         let streams = [
@@ -624,27 +638,7 @@ impl Registry {
             let state = match asked {
                 Some(pos) => {
                     let rec = h.store().since(stream, pos);
-                    if rec.recovered {
-                        let epoch = rec.top.epoch;
-                        replay.extend(
-                            rec.entries
-                                .into_iter()
-                                .filter(|(_, f)| accepts.accepts(op_of(f)))
-                                .map(|(offset, f)| {
-                                    let meta = PushMeta {
-                                        source,
-                                        epoch,
-                                        offset,
-                                    };
-                                    (f, meta)
-                                }),
-                        );
-                    }
-                    SourceState {
-                        epoch: rec.top.epoch,
-                        offset: rec.top.offset,
-                        recovered: Some(rec.recovered),
-                    }
+                    resume_state(source, rec, true, accepts, &mut replay)
                 }
                 None => {
                     let top = h.store().ensure(stream);

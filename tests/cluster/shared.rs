@@ -22,6 +22,20 @@ async fn next_push(c: &mut ResumingClient) -> (String, PushMeta) {
     }
 }
 
+/// Until the client's next resume (replies before it skipped).
+async fn resumed(c: &mut ResumingClient) -> quicpush::resume::ResumeReply {
+    loop {
+        match tokio::time::timeout(WAIT, c.next())
+            .await
+            .expect("resumed in time")
+        {
+            Event::Resumed(r) => return r,
+            Event::Reply(_) => continue,
+            other => panic!("expected a resume, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
     let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
@@ -64,16 +78,7 @@ async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
         stored += u32::from(o == PushOutcome::Stored);
     }
     // The client resumes on n2: recovered, the 10 missed, then live ones.
-    let reply = loop {
-        match tokio::time::timeout(WAIT, c.next())
-            .await
-            .expect("resumed in time")
-        {
-            Event::Resumed(r) => break r,
-            Event::Reply(_) => continue,
-            other => panic!("expected a resume, got {other:?}"),
-        }
-    };
+    let reply = resumed(&mut c).await;
     let state = reply.source(Source::Key).unwrap();
     assert_eq!(state.recovered, Some(true), "{reply:?}");
     assert_eq!((state.epoch, state.offset), (key.epoch, 40));
@@ -183,16 +188,7 @@ async fn a_user_resumes_on_another_node_with_every_user_push_it_missed() {
         a.push_msg("phone", 1000, "k").await.unwrap(),
         PushOutcome::Stored
     );
-    let reply = loop {
-        match tokio::time::timeout(WAIT, c.next())
-            .await
-            .expect("resumed in time")
-        {
-            Event::Resumed(r) => break r,
-            Event::Reply(_) => continue,
-            other => panic!("expected a resume, got {other:?}"),
-        }
-    };
+    let reply = resumed(&mut c).await;
     let state = reply.source(Source::User).unwrap();
     assert_eq!(
         (state.recovered, state.offset),
