@@ -542,10 +542,14 @@ where
                     Some(auth_reply(state))
                 },
             );
-            if registered.is_err() {
-                ctx.registry.end_pending(&chan.key, chan.id);
-            }
-            (spawn_writer(writer, rx), registered?)
+            let replaced = match registered {
+                Ok(replaced) => replaced,
+                Err(e) => {
+                    ctx.registry.end_pending(&chan.key, chan.id);
+                    return Err(e.into());
+                }
+            };
+            (spawn_writer(writer, rx), replaced)
         }
         Some(confirm) => {
             // Phase 1, before the handshake is confirmed: only what has no side

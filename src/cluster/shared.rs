@@ -44,21 +44,14 @@ pub const MARKER: u8 = 0xfe;
 /// First byte of a positioned user push on the bus.
 pub const USER_MARKER: u8 = 0xfd;
 
-/// KEYS: per key, its stream's meta and log and its directory entry. ARGV[1]:
-/// stream size, ARGV[2]: ttl (s), ARGV[3]: channel prefix; per key i, from
-/// ARGV[3 + 3(i-1) + 1]: frame, new epoch, message prefix. Per key: `{epoch,
-/// offset, receivers}`, epoch 0 when nothing was kept (no stream, no owner) and
-/// receivers -1 when no node holds the key.
-const APPEND_ROUTE: &str = r"
-local out = {}
-for i = 1, #KEYS / 3 do
-  local meta, log, owner = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local frame, new_epoch, prefix = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
-  local v = redis.call('GET', owner)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if (not epoch) and (not v) then
-    table.insert(out, 0) table.insert(out, 0) table.insert(out, -1)
-  else
+/// The append both scripts share, inside their per-stream loop: with `meta`,
+/// `log`, `frame`, `new_epoch` and `epoch` (nil for a missing stream) in scope
+/// and ARGV[1] the size, ARGV[2] the ttl, it creates the stream if missing,
+/// appends `frame` at `top` and leaves `e` (the epoch) and `msg` (the bus
+/// message: `prefix`, epoch u32 BE, offset u64 BE, frame) set.
+macro_rules! append_lua {
+    () => {
+        r"
     if not epoch then
       epoch = new_epoch
       redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
@@ -69,19 +62,43 @@ for i = 1, #KEYS / 3 do
     redis.call('EXPIRE', meta, ARGV[2])
     redis.call('EXPIRE', log, ARGV[2])
     local e = tonumber(epoch)
+    local hi = math.floor(top / 4294967296)
+    local lo = top - hi * 4294967296
+    local msg = prefix .. struct.pack('>I4>I4>I4', e, hi, lo) .. frame
+"
+    };
+}
+
+/// KEYS: per key, its stream's meta and log and its directory entry. ARGV[1]:
+/// stream size, ARGV[2]: ttl (s), ARGV[3]: channel prefix; per key i, from
+/// ARGV[3 + 3(i-1) + 1]: frame, new epoch, message prefix. Per key: `{epoch,
+/// offset, receivers}`, epoch 0 when nothing was kept (no stream, no owner) and
+/// receivers -1 when no node holds the key.
+const APPEND_ROUTE: &str = concat!(
+    r"
+local out = {}
+for i = 1, #KEYS / 3 do
+  local meta, log, owner = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local frame, new_epoch, prefix = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local v = redis.call('GET', owner)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if (not epoch) and (not v) then
+    table.insert(out, 0) table.insert(out, 0) table.insert(out, -1)
+  else
+",
+    append_lua!(),
+    r"
     local n = -1
     if v then
       local node = string.match(v, '^(.*)/') or v
-      local hi = math.floor(top / 4294967296)
-      local lo = top - hi * 4294967296
-      n = redis.call('PUBLISH', ARGV[3] .. node,
-        prefix .. struct.pack('>I4>I4>I4', e, hi, lo) .. frame)
+      n = redis.call('PUBLISH', ARGV[3] .. node, msg)
     end
     table.insert(out, e) table.insert(out, top) table.insert(out, n)
   end
 end
 return out
-";
+"
+);
 
 /// KEYS: per user id, its stream's meta and log, then its count entry on each
 /// of the `ARGV[3]` live nodes. ARGV[1]: stream size, ARGV[2]: ttl (s),
@@ -89,7 +106,8 @@ return out
 /// ARGV[3 + n + 3(i-1) + 1]: frame, new epoch, message prefix. Per user:
 /// `{epoch, offset, nodes reached}`, epoch 0 when nothing was kept (no stream
 /// and no connection anywhere).
-const USER_APPEND_ROUTE: &str = r"
+const USER_APPEND_ROUTE: &str = concat!(
+    r"
 local n = tonumber(ARGV[3])
 local per = 2 + n
 local out = {}
@@ -107,19 +125,9 @@ for i = 1, #KEYS / per do
   if (not epoch) and #present == 0 then
     table.insert(out, 0) table.insert(out, 0) table.insert(out, 0)
   else
-    if not epoch then
-      epoch = new_epoch
-      redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
-      redis.call('DEL', log)
-    end
-    local top = redis.call('HINCRBY', meta, 'top', 1)
-    redis.call('XADD', log, 'MAXLEN', ARGV[1], top .. '-0', 'f', frame)
-    redis.call('EXPIRE', meta, ARGV[2])
-    redis.call('EXPIRE', log, ARGV[2])
-    local e = tonumber(epoch)
-    local hi = math.floor(top / 4294967296)
-    local lo = top - hi * 4294967296
-    local msg = prefix .. struct.pack('>I4>I4>I4', e, hi, lo) .. frame
+",
+    append_lua!(),
+    r"
     local reached = 0
     for _, j in ipairs(present) do
       if redis.call('PUBLISH', ARGV[3 + j], msg) > 0 then reached = reached + 1 end
@@ -128,7 +136,8 @@ for i = 1, #KEYS / per do
   end
 end
 return out
-";
+"
+);
 
 fn user_append_route_script() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
@@ -158,13 +167,12 @@ pub struct KeyPush {
     pub frame: Bytes,
 }
 
-/// The bus message's start for `key`: marker, key length (u16 BE), key.
+/// The bus message's start for `key`: marker, key length (u32 BE), key.
 pub fn message_prefix(key: &str) -> Vec<u8> {
-    let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
-    let mut v = Vec::with_capacity(3 + key.len());
+    let mut v = Vec::with_capacity(5 + key.len());
     v.push(MARKER);
-    v.extend_from_slice(&len.to_be_bytes());
-    v.extend_from_slice(&key.as_bytes()[..usize::from(len)]);
+    v.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_be_bytes());
+    v.extend_from_slice(key.as_bytes());
     v
 }
 
@@ -212,9 +220,10 @@ impl KeyPush {
         if *msg.first()? != MARKER {
             return None;
         }
-        let len = usize::from(u16::from_be_bytes(msg.get(1..3)?.try_into().ok()?));
-        let key = std::str::from_utf8(msg.get(3..3 + len)?).ok()?.to_owned();
-        let p = Published::parse(msg.get(3 + len..)?)?;
+        let len = u32::from_be_bytes(msg.get(1..5)?.try_into().ok()?) as usize;
+        let end = 5usize.checked_add(len)?;
+        let key = std::str::from_utf8(msg.get(5..end)?).ok()?.to_owned();
+        let p = Published::parse(msg.get(end..)?)?;
         if p.position.offset == 0 {
             return None;
         }
