@@ -186,9 +186,12 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    /// `outcomes` for the keys this node did not hold (Offline): each forwarded to
-    /// the node holding it, lookup and PUBLISH in one Redis script
-    /// ([`route::to_owners_of`]), so calls keep their order.
+    /// `outcomes` for the keys this node did not hold (Offline, or Stored: kept
+    /// in this node's history, the key's client may be on another node now):
+    /// each forwarded to the node holding it, lookup and PUBLISH in one Redis
+    /// script ([`route::to_owners_of`]), so calls keep their order. A Stored key
+    /// that no other node takes, or that Redis cannot forward, stays Stored: it
+    /// is kept here.
     async fn forward_keys(
         &self,
         c: &Cluster,
@@ -197,8 +200,16 @@ impl Dispatcher {
         envelope_for: impl Fn(usize) -> Envelope,
     ) {
         let missing: Vec<usize> = (0..keys.len())
-            .filter(|&i| outcomes[i] == PushOutcome::Offline)
+            .filter(|&i| matches!(outcomes[i], PushOutcome::Offline | PushOutcome::Stored))
             .collect();
+        // Not kept anywhere when it cannot be forwarded.
+        let unavailable = |outcomes: &mut [PushOutcome], missing: &[usize]| {
+            for &i in missing {
+                if outcomes[i] == PushOutcome::Offline {
+                    outcomes[i] = PushOutcome::Unavailable;
+                }
+            }
+        };
         if missing.is_empty() {
             return;
         }
@@ -211,9 +222,7 @@ impl Dispatcher {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot encode a forwarded push: remote keys unavailable");
-                for &i in &missing {
-                    outcomes[i] = PushOutcome::Unavailable;
-                }
+                unavailable(outcomes, &missing);
                 return;
             }
         };
@@ -227,9 +236,7 @@ impl Dispatcher {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "forwarding failed: remote keys unavailable");
-                for &i in &missing {
-                    outcomes[i] = PushOutcome::Unavailable;
-                }
+                unavailable(outcomes, &missing);
             }
         }
     }

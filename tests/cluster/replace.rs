@@ -36,3 +36,27 @@ async fn replaces(store: HistoryStoreKind) {
     assert_eq!(t.nodes[1].registry.online().total, 0);
     t.stop().await;
 }
+
+/// With memory history, a key whose client left node B keeps its stream there;
+/// once the client is on C, a push through B is forwarded to C, not kept on B
+/// only (`Stored`) out of its client's reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_with_history_left_on_its_old_node_is_forwarded_to_its_new_one() {
+    let t = Tier::start(3).await;
+    let on_b = t.nodes[1].client(Via::Tcp, "moved").await;
+    t.wait_owner("moved", 1).await;
+    on_b.close().await;
+    let b = t.nodes[1].backend().await;
+    crate::tier::wait_for("the key left B", || async {
+        b.push_msg("moved", 1000, "kept").await.unwrap() == PushOutcome::Stored
+    })
+    .await;
+    let mut on_c = t.nodes[2].client(Via::Tcp, "moved").await;
+    t.wait_owner("moved", 2).await;
+    assert_eq!(
+        b.push_msg("moved", 1000, "to-c").await.unwrap(),
+        PushOutcome::Forwarded
+    );
+    assert_eq!(drain_bodies(&mut on_c).await, bodies(&["to-c"]));
+    t.stop().await;
+}
