@@ -20,6 +20,7 @@ use super::envelope::{self, Envelope, KickReason};
 use super::{names, shared, Cluster, ClusterError};
 use crate::channel::CloseReason;
 use crate::protocol::{PushMeta, Source};
+use crate::registry::Registry;
 use crate::rpc::dispatch::Dispatcher;
 use crate::rpc::proto::Request;
 
@@ -87,6 +88,23 @@ pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
     }
 }
 
+/// Carries out another node's Kick of `key`'s connection `conn`: closes the
+/// connection registered here under `key` only if it is `conn` or older, so a
+/// client that came straight back here keeps its new connection. What it closed
+/// it with, if it closed one.
+fn kick(registry: &Registry, key: &str, reason: KickReason, conn: u64) -> Option<CloseReason> {
+    let ch = registry.get(key)?;
+    if ch.id > conn {
+        return None;
+    }
+    let why = match reason {
+        KickReason::Replaced => CloseReason::Replaced,
+        KickReason::Kicked => CloseReason::Kicked,
+    };
+    ch.close(why);
+    Some(why)
+}
+
 async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
     // A key or user push the shared history appended (from any node, this one
     // included): queued with its position, nothing appended here.
@@ -144,17 +162,8 @@ async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
             conn,
             new_node,
         } => {
-            if let Some(ch) = c.registry.get(&key) {
-                // Only a connection at least as old as the one the kick is about:
-                // a client that came straight back here keeps its new one.
-                if ch.id <= conn {
-                    let why = match reason {
-                        KickReason::Replaced => CloseReason::Replaced,
-                        KickReason::Kicked => CloseReason::Kicked,
-                    };
-                    debug!(key = %key, from = %w.from, new_node = %new_node, ?why, "closing a connection on another node's request");
-                    ch.close(why);
-                }
+            if let Some(why) = kick(&c.registry, &key, reason, conn) {
+                debug!(key = %key, from = %w.from, new_node = %new_node, ?why, "closed a connection on another node's request");
             }
             return;
         }
@@ -162,5 +171,47 @@ async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
     let method = req.method();
     if let Err(e) = local.dispatch_local(req).await {
         debug!(node = %c.id, from = %w.from, method, error = %e, "a forwarded call was refused");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::{Channel, QueueLimits, Transport};
+
+    fn connect(r: &Registry, key: &str) -> Arc<Channel> {
+        let (ch, _rx) = Channel::open(
+            r.next_id(),
+            key.into(),
+            None,
+            Transport::Tcp,
+            QueueLimits {
+                frames: 8,
+                bytes: 64 * 1024,
+                slow_after: Duration::from_secs(5),
+            },
+            false,
+        );
+        r.register(ch.clone(), None, Default::default()).unwrap();
+        ch
+    }
+
+    #[test]
+    fn a_kick_about_an_older_connection_leaves_the_new_one_open() {
+        let r = Registry::new(4);
+        let old = connect(&r, "k");
+        // The client moved to another node, then came straight back here: the
+        // other node's kick names the old connection, which this one replaced.
+        let new = connect(&r, "k");
+        assert!(new.id > old.id);
+        assert_eq!(kick(&r, "k", KickReason::Replaced, old.id), None);
+        assert!(!new.is_closed());
+        // A kick about this connection (or a backend's, u64::MAX) closes it.
+        assert_eq!(
+            kick(&r, "k", KickReason::Kicked, new.id),
+            Some(CloseReason::Kicked)
+        );
+        assert!(new.is_closed());
+        assert_eq!(kick(&r, "nobody", KickReason::Kicked, u64::MAX), None);
     }
 }
