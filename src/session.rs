@@ -377,17 +377,20 @@ async fn claim_and_read(
             recovery,
             asked: asked(source).is_some(),
         };
-        let key = shared::read(c, StreamRef::Key(&chan.key), asked(Source::Key)).await?;
-        let user = match mid {
-            Some(mid) => Some(stream(
-                shared::read(c, StreamRef::User(mid), asked(Source::User)).await?,
-                Source::User,
-            )),
-            None => None,
+        // Both reads at once: one round trip, not two.
+        let key = shared::read(c, StreamRef::Key(&chan.key), asked(Source::Key));
+        let user = async {
+            match mid {
+                Some(mid) => Ok(Some(
+                    shared::read(c, StreamRef::User(mid), asked(Source::User)).await?,
+                )),
+                None => Ok(None),
+            }
         };
+        let (key, user) = tokio::try_join!(key, user)?;
         Ok(Some(Shared {
             key: Some(stream(key, Source::Key)),
-            user,
+            user: user.map(|u| stream(u, Source::User)),
         }))
     };
     let r = read.await;

@@ -92,6 +92,17 @@ impl Entry {
             PushOutcome::Filtered
         }
     }
+
+    /// As [`Entry::push`], for a push that must be its source's next offset
+    /// (shared history).
+    #[inline]
+    fn push_next(&self, op: u32, frame: &Bytes, meta: PushMeta) -> PushOutcome {
+        if self.accepts.accepts(op) {
+            self.chan.push_next(frame, meta, false)
+        } else {
+            PushOutcome::Filtered
+        }
+    }
 }
 
 /// What AuthReply reports for `source` from what history found (`rec`), adding
@@ -790,11 +801,7 @@ impl Registry {
             outcome = PushOutcome::Stored;
         }
         if let Some(e) = b.by_key.get(key).map(|&i| &b.entries[i]) {
-            outcome = if e.accepts.accepts(op_of(frame)) {
-                e.chan.push_next(frame, meta, false)
-            } else {
-                PushOutcome::Filtered
-            };
+            outcome = e.push_next(op_of(frame), frame, meta);
         }
         outcome
     }
@@ -815,12 +822,7 @@ impl Registry {
             }
             if let Some(ids) = b.users.get(&mid) {
                 for &i in ids {
-                    let e = &b.entries[i];
-                    t.add(if e.accepts.accepts(op) {
-                        e.chan.push_next(frame, meta, false)
-                    } else {
-                        PushOutcome::Filtered
-                    });
+                    t.add(b.entries[i].push_next(op, frame, meta));
                 }
             }
         }
