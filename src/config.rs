@@ -434,9 +434,10 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// `redis://` or `rediss://` URL of the shared Redis; unset: a single node,
-    /// nothing connects to Redis.
-    pub redis: Option<String>,
+    /// The shared Redis: one `redis://` or `rediss://` URL, or a list of a Redis
+    /// Cluster's nodes (any of its masters; the rest are discovered); unset: a
+    /// single node, nothing connects to Redis.
+    pub redis: Option<RedisTarget>,
     /// This node's id; unset: random hex drawn at start.
     pub node_id: Option<String>,
     /// How long this node's records and directory entries live unrefreshed: a node
@@ -450,6 +451,50 @@ pub struct ClusterConfig {
     pub advertise_client: Option<String>,
     /// The backend RPC address `quicpush nodes` shows; unset: the first bound one.
     pub advertise_rpc: Option<String>,
+}
+
+/// Where the tier's Redis is: `cluster.redis = "redis://…"` (one server) or
+/// `cluster.redis = ["redis://…", …]` (a Redis Cluster).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RedisTarget {
+    /// One Redis server.
+    One(String),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Every URL given.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            RedisTarget::One(u) => std::slice::from_ref(u),
+            RedisTarget::Cluster(v) => v,
+        }
+    }
+
+    /// Whether this names a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisTarget::Cluster(_))
+    }
+}
+
+impl From<String> for RedisTarget {
+    fn from(url: String) -> Self {
+        RedisTarget::One(url)
+    }
+}
+
+impl From<Vec<String>> for RedisTarget {
+    fn from(urls: Vec<String>) -> Self {
+        RedisTarget::Cluster(urls)
+    }
+}
+
+impl std::fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.urls().join(","))
+    }
 }
 
 impl Default for ClusterConfig {
@@ -472,16 +517,27 @@ impl ClusterConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(url) = &self.redis {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://")
-                || url.starts_with("unix://"))
-            {
+        if let Some(target) = &self.redis {
+            if target.urls().is_empty() {
                 return Err(invalid(
                     "cluster.redis",
-                    format!("{url:?} is not a redis:// or rediss:// URL"),
+                    "an empty list: give one URL, or the Redis Cluster's nodes",
                 ));
+            }
+            for url in target.urls() {
+                let unix = url.starts_with("redis+unix://") || url.starts_with("unix://");
+                if !(url.starts_with("redis://") || url.starts_with("rediss://") || unix) {
+                    return Err(invalid(
+                        "cluster.redis",
+                        format!("{url:?} is not a redis:// or rediss:// URL"),
+                    ));
+                }
+                if unix && target.is_cluster() {
+                    return Err(invalid(
+                        "cluster.redis",
+                        format!("{url:?}: a Redis Cluster is reached over TCP, not a unix socket"),
+                    ));
+                }
             }
         }
         if self.ttl < Duration::from_secs(1) {
@@ -866,6 +922,34 @@ mod tests {
             .expect("valid");
         assert_eq!(c.cluster.refresh_every(), Duration::from_secs(2));
         assert_eq!(Config::default().cluster.redis, None);
+        assert!(!c.cluster.redis.unwrap().is_cluster());
+    }
+
+    #[test]
+    fn cluster_takes_a_list_of_redis_cluster_nodes() {
+        let c = Config::parse(
+            "[cluster]\nredis = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\n",
+        )
+        .expect("valid");
+        let t = c.cluster.redis.unwrap();
+        assert!(t.is_cluster());
+        assert_eq!(t.urls().len(), 2);
+        assert_eq!(t.to_string(), "redis://10.0.0.1:7000,redis://10.0.0.2:7000");
+    }
+
+    #[test]
+    fn cluster_rejects_an_empty_list_a_bad_member_and_a_unix_socket_cluster() {
+        for bad in [
+            "redis = []",
+            "redis = [\"redis://127.0.0.1:7000\", \"http://127.0.0.1:7001\"]",
+            "redis = [\"unix:///run/redis.sock\"]",
+        ] {
+            assert_eq!(
+                field_of(&format!("[cluster]\n{bad}\n")),
+                "cluster.redis",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

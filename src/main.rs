@@ -418,7 +418,11 @@ async fn run(cli: Cli, serve_config: Option<Config>) -> Result<()> {
         Command::Nodes { redis, config } => {
             init_tracing("warn");
             let url = match (redis, config) {
-                (Some(url), _) => url,
+                // Several comma-separated URLs: a Redis Cluster's nodes.
+                (Some(url), _) if url.contains(',') => quicpush::config::RedisTarget::Cluster(
+                    url.split(',').map(str::to_owned).collect(),
+                ),
+                (Some(url), _) => quicpush::config::RedisTarget::One(url),
                 (None, Some(path)) => Config::load(&path)?
                     .cluster
                     .redis

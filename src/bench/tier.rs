@@ -64,7 +64,7 @@ impl Tier {
             if opts.scenario == super::Scenario::NodeLoss {
                 config.history.store = crate::config::HistoryStoreKind::Redis;
             }
-            config.cluster.redis = Some(redis.url());
+            config.cluster.redis = Some(redis.url().into());
             config.cluster.node_id = Some(format!("bench-{i}"));
             config.cluster.ttl = Duration::from_secs(3);
             // The nodes share this machine's cores: about cores ÷ nodes each

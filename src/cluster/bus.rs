@@ -1,6 +1,10 @@
 //! The bus between nodes: each node subscribes to `quicpush:node:<id>` and
 //! `quicpush:all` on a pub/sub connection of its own, re-subscribing in a loop
-//! with backoff whenever it is lost.
+//! with backoff whenever it is lost. On a Redis Cluster the node's channel is a
+//! sharded one (`SSUBSCRIBE` / `SPUBLISH`: a message goes to the one shard
+//! owning the channel, not to every cluster node, and its receiver count is
+//! exact), and the node also subscribes to the sharded channels of what it
+//! holds ([`super::subs`]), which is where pushes for them arrive.
 //!
 //! Plain pub/sub rather than streams: a push is live traffic, and PUBLISH
 //! answers how many subscribers got the message, so the sender can say honestly
@@ -17,29 +21,65 @@ use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::envelope::{self, Envelope, KickReason};
-use super::{names, shared, Cluster, ClusterError};
+use super::{names, shared, Backend, Cluster, ClusterBackend, ClusterError};
 use crate::channel::CloseReason;
 use crate::protocol::{PushMeta, Source};
 use crate::registry::Registry;
 use crate::rpc::dispatch::Dispatcher;
 use crate::rpc::proto::Request;
 
-/// Publishes each envelope to its node's channel (`None`: to every node), in one
-/// pipeline; how many subscribers each PUBLISH reached.
+/// The publish command for a channel only its subscriber's shard needs:
+/// `SPUBLISH` on a Redis Cluster (sharded pub/sub), `PUBLISH` on one server.
+pub(crate) fn publish_cmd(c: &Cluster) -> &'static str {
+    if c.backend.is_cluster() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
+/// Publishes each envelope to its node's channel; how many subscribers each
+/// reached (on a Redis Cluster the channel is sharded, so the count is exact).
 pub async fn publish(
     c: &Cluster,
     batch: Vec<(String, Envelope)>,
 ) -> Result<Vec<u64>, ClusterError> {
-    if batch.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut p = redis::pipe();
+    let mut cmds = Vec::with_capacity(batch.len());
     for (node, e) in batch {
-        p.cmd("PUBLISH")
-            .arg(names::node(&node))
+        let mut cmd = redis::cmd(publish_cmd(c));
+        cmd.arg(names::node_channel(&node))
             .arg(envelope::encode(&c.id, e)?);
+        cmds.push(cmd);
     }
-    Ok(p.query_async(&mut c.backend.con()).await?)
+    counts(c.backend.each(cmds).await?)
+}
+
+/// Publishes each message to its channel (sharded on a Redis Cluster); how many
+/// subscribers each reached.
+pub async fn publish_to(
+    c: &Cluster,
+    batch: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<u64>, ClusterError> {
+    let cmds = batch
+        .into_iter()
+        .map(|(channel, m)| {
+            let mut cmd = redis::cmd(publish_cmd(c));
+            cmd.arg(channel).arg(m);
+            cmd
+        })
+        .collect();
+    counts(c.backend.each(cmds).await?)
+}
+
+fn counts(v: Vec<redis::Value>) -> Result<Vec<u64>, ClusterError> {
+    v.into_iter()
+        .map(|v| match v {
+            redis::Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
+            other => Err(ClusterError::BadReply(format!(
+                "a publish answered {other:?}, not a count"
+            ))),
+        })
+        .collect()
 }
 
 /// Publishes to every node (`quicpush:all`); receivers skip their own messages.
@@ -55,11 +95,15 @@ pub async fn publish_all(c: &Cluster, e: Envelope) -> Result<u64, ClusterError> 
 /// Receives what other nodes ask of this one and carries it out through
 /// `local` (a dispatcher without the cluster), until the cluster halts.
 pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
+    if let Backend::Cluster(b) = &c.backend {
+        let b = b.clone();
+        return cluster_subscriber(c, b, local).await;
+    }
     let mut backoff = Duration::from_millis(100);
     loop {
         let run = async {
             let mut ps = c.client.get_async_pubsub().await?;
-            ps.subscribe(names::node(&c.id)).await?;
+            ps.subscribe(names::node_channel(&c.id)).await?;
             ps.subscribe(names::ALL).await?;
             info!(node = %c.id, "bus subscribed");
             let mut stream = ps.on_message();
@@ -85,6 +129,55 @@ pub async fn subscriber(c: Arc<Cluster>, local: Dispatcher) {
             _ = c.halted().cancelled() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The bus on a Redis Cluster: the cluster client's pub/sub messages, from
+/// this node's sharded channel, the sharded channels of the keys, users and
+/// rooms it holds ([`super::subs`]) and the plain `quicpush:all`. The client
+/// subscribes again by itself after a reconnection or a slot move; this only
+/// retries the first subscription while the cluster is unreachable.
+async fn cluster_subscriber(c: Arc<Cluster>, b: Arc<ClusterBackend>, local: Dispatcher) {
+    let Some(mut rx) = b.take_pushes() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = async {
+            b.subscribe(&[names::node_channel(&c.id)], true).await?;
+            b.subscribe(&[names::ALL.to_owned()], false).await
+        };
+        match r.await {
+            Ok(()) => break,
+            Err(e) => debug!(node = %c.id, error = %e, ?backoff, "bus cannot subscribe; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = c.halted().cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    info!(node = %c.id, "bus subscribed (Redis Cluster, sharded)");
+    let mut reported = 0;
+    loop {
+        let info = tokio::select! {
+            i = rx.recv() => match i { Some(i) => i, None => return },
+            _ = c.halted().cancelled() => return,
+        };
+        let dropped = b.dropped.load(std::sync::atomic::Ordering::Relaxed);
+        if dropped > reported {
+            warn!(node = %c.id, dropped, "the bus fell behind: pub/sub messages were dropped");
+            reported = dropped;
+        }
+        if !matches!(
+            info.kind,
+            redis::PushKind::Message | redis::PushKind::SMessage
+        ) {
+            continue;
+        }
+        if let Some(redis::Value::BulkString(payload)) = info.data.get(1) {
+            handle(&c, &local, payload).await;
+        }
     }
 }
 

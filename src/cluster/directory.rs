@@ -101,6 +101,26 @@ pub fn kick_previous(c: &Cluster, key: &str, prev: &str) -> Option<(String, Enve
     ))
 }
 
+/// `SET name value PX ttl`.
+fn set_px(name: String, value: impl redis::ToRedisArgs, ttl: u64) -> redis::Cmd {
+    redis::cmd("SET")
+        .arg(name)
+        .arg(value)
+        .arg("PX")
+        .arg(ttl)
+        .to_owned()
+}
+
+/// Deletes a key entry if this node (`prefix`: `<node>/`) still owns it.
+fn del_if_mine(name: String, prefix: &str) -> redis::Cmd {
+    redis::cmd("EVAL")
+        .arg(DEL_IF_MINE)
+        .arg(1)
+        .arg(name)
+        .arg(prefix)
+        .to_owned()
+}
+
 pub(crate) fn ttl_ms(c: &Cluster) -> u64 {
     c.ttl.as_millis() as u64
 }
@@ -122,6 +142,9 @@ pub async fn writer(c: Arc<Cluster>, mut rx: mpsc::Receiver<Dirty>) {
                 Err(_) => break,
             }
         }
+        if let Err(e) = super::subs::sync(&c, set.iter()).await {
+            debug!(node = %c.id, error = %e, "subscription update failed; the refresh redoes it");
+        }
         if let Err(e) = write(&c, set).await {
             debug!(node = %c.id, error = %e, "directory update failed; the refresh rewrites it");
         }
@@ -131,67 +154,51 @@ pub async fn writer(c: Arc<Cluster>, mut rx: mpsc::Receiver<Dirty>) {
 async fn write(c: &Cluster, dirty: HashSet<Dirty>) -> Result<(), ClusterError> {
     let ttl = ttl_ms(c);
     let prefix = format!("{}/", c.id);
-    let mut p = redis::pipe();
-    // Positions of SET … GET replies, with their key and connection.
+    let mut p: Vec<redis::Cmd> = Vec::new();
+    // Positions of SET … GET replies, with their key.
     let mut gets = Vec::new();
-    let mut n = 0;
     let rooms_key = names::node_rooms(&c.id);
     for d in dirty {
         match d {
-            Dirty::Key(key) => {
-                match c.registry.get(&key) {
-                    Some(ch) => {
-                        p.cmd("SET")
-                            .arg(names::key(&key))
-                            .arg(owner_value(&c.id, ch.id))
-                            .arg("PX")
-                            .arg(ttl)
-                            .arg("GET");
-                        gets.push((n, key));
-                    }
-                    None => {
-                        p.cmd("EVAL")
-                            .arg(DEL_IF_MINE)
-                            .arg(1)
-                            .arg(names::key(&key))
-                            .arg(&prefix);
-                    }
+            Dirty::Key(key) => match c.registry.get(&key) {
+                Some(ch) => {
+                    gets.push((p.len(), key.clone()));
+                    p.push(
+                        set_px(names::key(&key), owner_value(&c.id, ch.id), ttl)
+                            .arg("GET")
+                            .to_owned(),
+                    );
                 }
-                n += 1;
-            }
+                None => p.push(del_if_mine(names::key(&key), &prefix)),
+            },
             Dirty::User(mid) => {
                 let count = c.registry.user_online(mid);
                 if count > 0 {
-                    p.cmd("SET")
-                        .arg(names::user(mid, &c.id))
-                        .arg(count)
-                        .arg("PX")
-                        .arg(ttl);
+                    p.push(set_px(names::user(mid, &c.id), count, ttl));
                 } else {
-                    p.cmd("DEL").arg(names::user(mid, &c.id));
+                    p.push(redis::cmd("DEL").arg(names::user(mid, &c.id)).to_owned());
                 }
-                n += 1;
             }
             Dirty::Room(room) => {
                 let count = c.registry.room_online(&room);
                 if count > 0 {
-                    p.cmd("SET")
-                        .arg(names::room(&room, &c.id))
-                        .arg(count)
-                        .arg("PX")
-                        .arg(ttl);
-                    p.cmd("HSET").arg(&rooms_key).arg(&*room).arg(count);
-                    p.cmd("PEXPIRE").arg(&rooms_key).arg(ttl);
-                    n += 3;
+                    p.push(set_px(names::room(&room, &c.id), count, ttl));
+                    p.push(
+                        redis::cmd("HSET")
+                            .arg(&rooms_key)
+                            .arg(&*room)
+                            .arg(count)
+                            .to_owned(),
+                    );
+                    p.push(redis::cmd("PEXPIRE").arg(&rooms_key).arg(ttl).to_owned());
                 } else {
-                    p.cmd("DEL").arg(names::room(&room, &c.id));
-                    p.cmd("HDEL").arg(&rooms_key).arg(&*room);
-                    n += 2;
+                    p.push(redis::cmd("DEL").arg(names::room(&room, &c.id)).to_owned());
+                    p.push(redis::cmd("HDEL").arg(&rooms_key).arg(&*room).to_owned());
                 }
             }
         }
     }
-    let replies: Vec<redis::Value> = p.query_async(&mut c.backend.con()).await?;
+    let replies = c.backend.each(p).await?;
     let mut kicks: HashMap<String, Vec<Envelope>> = HashMap::new();
     for (i, key) in gets {
         let Some(redis::Value::BulkString(prev)) = replies.get(i) else {
@@ -219,31 +226,28 @@ pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
     let (keys, users) = c.registry.directory_snapshot();
     let mut con = c.backend.con();
     for chunk in keys.chunks(CHUNK) {
-        let mut p = redis::pipe();
-        for (key, conn) in chunk {
-            p.cmd("EVAL")
-                .arg(SET_IF_MINE)
-                .arg(1)
-                .arg(names::key(key))
-                .arg(owner_value(&c.id, *conn))
-                .arg(&prefix)
-                .arg(ttl)
-                .ignore();
-        }
-        p.query_async::<()>(&mut con).await?;
+        let cmds = chunk
+            .iter()
+            .map(|(key, conn)| {
+                redis::cmd("EVAL")
+                    .arg(SET_IF_MINE)
+                    .arg(1)
+                    .arg(names::key(key))
+                    .arg(owner_value(&c.id, *conn))
+                    .arg(&prefix)
+                    .arg(ttl)
+                    .to_owned()
+            })
+            .collect();
+        c.backend.each(cmds).await?;
     }
     let users: Vec<_> = users.into_iter().collect();
     for chunk in users.chunks(CHUNK) {
-        let mut p = redis::pipe();
-        for (mid, n) in chunk {
-            p.cmd("SET")
-                .arg(names::user(*mid, &c.id))
-                .arg(n)
-                .arg("PX")
-                .arg(ttl)
-                .ignore();
-        }
-        p.query_async::<()>(&mut con).await?;
+        let cmds = chunk
+            .iter()
+            .map(|(mid, n)| set_px(names::user(*mid, &c.id), n, ttl))
+            .collect();
+        c.backend.each(cmds).await?;
     }
     let rooms = c.registry.rooms();
     let rooms_key = names::node_rooms(&c.id);
@@ -255,16 +259,11 @@ pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
     p.cmd("PEXPIRE").arg(&rooms_key).arg(ttl).ignore();
     p.query_async::<()>(&mut con).await?;
     for chunk in rooms.chunks(CHUNK) {
-        let mut p = redis::pipe();
-        for (room, n) in chunk {
-            p.cmd("SET")
-                .arg(names::room(room, &c.id))
-                .arg(n)
-                .arg("PX")
-                .arg(ttl)
-                .ignore();
-        }
-        p.query_async::<()>(&mut con).await?;
+        let cmds = chunk
+            .iter()
+            .map(|(room, n)| set_px(names::room(room, &c.id), n, ttl))
+            .collect();
+        c.backend.each(cmds).await?;
     }
     Ok(())
 }
@@ -277,15 +276,22 @@ pub async fn read_remote_rooms(c: &Cluster) -> Result<(), ClusterError> {
     let mut counts = HashMap::new();
     if !others.is_empty() {
         for chunk in rooms.chunks(CHUNK) {
-            let mut p = redis::pipe();
-            for room in chunk {
-                p.cmd("MGET");
-                for n in &others {
-                    p.arg(names::room(room, n));
-                }
-            }
-            let r: Vec<Vec<Option<u64>>> = p.query_async(&mut c.backend.con()).await?;
+            // One MGET per room: a room's entries share its slot.
+            let cmds = chunk
+                .iter()
+                .map(|room| {
+                    let mut cmd = redis::cmd("MGET");
+                    for n in &others {
+                        cmd.arg(names::room(room, n));
+                    }
+                    cmd
+                })
+                .collect();
+            let r = c.backend.each(cmds).await?;
             for (room, v) in chunk.iter().zip(r) {
+                let v: Vec<Option<u64>> = redis::from_redis_value(v).map_err(|e| {
+                    ClusterError::BadReply(format!("MGET of room {room}'s counts: {e}"))
+                })?;
                 counts.insert(room.clone(), v.into_iter().flatten().sum());
             }
         }
@@ -348,28 +354,24 @@ pub async fn others_online_and_rooms(
 pub async fn remove_all(c: &Cluster) -> Result<(), ClusterError> {
     let prefix = format!("{}/", c.id);
     let (keys, users) = c.registry.directory_snapshot();
-    let mut con = c.backend.con();
-    let mut p = redis::pipe();
-    p.cmd("DEL").arg(names::node(&c.id)).ignore();
-    p.cmd("ZREM").arg(names::NODES).arg(&c.id).ignore();
-    p.cmd("DEL").arg(names::node_rooms(&c.id)).ignore();
+    let del = |name: String| redis::cmd("DEL").arg(name).to_owned();
+    let mut p = vec![
+        del(names::node(&c.id)),
+        redis::cmd("ZREM").arg(names::NODES).arg(&c.id).to_owned(),
+        del(names::node_rooms(&c.id)),
+    ];
     for (room, _) in c.registry.rooms() {
-        p.cmd("DEL").arg(names::room(&room, &c.id)).ignore();
+        p.push(del(names::room(&room, &c.id)));
     }
     for mid in users.keys() {
-        p.cmd("DEL").arg(names::user(*mid, &c.id)).ignore();
+        p.push(del(names::user(*mid, &c.id)));
     }
     for (key, _) in &keys {
-        p.cmd("EVAL")
-            .arg(DEL_IF_MINE)
-            .arg(1)
-            .arg(names::key(key))
-            .arg(&prefix)
-            .ignore();
+        p.push(del_if_mine(names::key(key), &prefix));
     }
-    if let Err(e) = p.query_async::<()>(&mut con).await {
+    if let Err(e) = c.backend.each(p).await {
         warn!(node = %c.id, error = %e, "removing this node's directory entries failed");
-        return Err(e.into());
+        return Err(e);
     }
     Ok(())
 }

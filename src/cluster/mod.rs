@@ -50,10 +50,11 @@ pub mod error;
 pub mod nodes;
 pub mod route;
 pub mod shared;
+pub mod subs;
 
 pub use error::ClusterError;
 
-use crate::config::{ClusterConfig, HistoryConfig, HistoryStoreKind};
+use crate::config::{ClusterConfig, HistoryConfig, HistoryStoreKind, RedisTarget};
 use crate::history::redis_store::RedisHistory;
 use crate::registry::Registry;
 
@@ -61,19 +62,168 @@ use crate::registry::Registry;
 /// everything anyway).
 pub const DIRTY_QUEUE: usize = 4096;
 
-/// The Redis connection the tier talks through: one server for now; Redis
-/// Cluster is a variant to add.
+/// The Redis connection the tier talks through.
 #[derive(Clone)]
 pub enum Backend {
     /// One Redis server, through a reconnecting connection manager.
     Single(redis::aio::ConnectionManager),
+    /// A Redis Cluster: commands are routed by slot, and the bus is sharded
+    /// pub/sub ([`bus`]); connected on first use and re-connected by the client.
+    Cluster(Arc<ClusterBackend>),
+}
+
+/// A Redis Cluster connection, made on first use (so a node starts while the
+/// cluster is down), with the receiving end of its pushes (pub/sub messages).
+pub struct ClusterBackend {
+    client: redis::cluster::ClusterClient,
+    con: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    pushes: parking_lot::Mutex<Option<mpsc::Receiver<redis::PushInfo>>>,
+    /// Pub/sub messages dropped because the bus was [`BUS_QUEUE`] behind.
+    pub(crate) dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Pub/sub messages from a Redis Cluster waiting for the bus before new ones
+/// are dropped (and counted): a gap in a positioned push makes its client
+/// resume; an envelope is lost and logged.
+pub const BUS_QUEUE: usize = 65_536;
+
+impl ClusterBackend {
+    async fn con(&self) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        self.con
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
+
+    /// The bus's pub/sub messages; `None` once taken.
+    pub(crate) fn take_pushes(&self) -> Option<mpsc::Receiver<redis::PushInfo>> {
+        self.pushes.lock().take()
+    }
+
+    /// Subscribes to sharded channels (`SSUBSCRIBE`), or plain ones; the client
+    /// subscribes again after a reconnection or a slot move.
+    /// (One command per channel: sharded channels of one command must share a
+    /// slot.)
+    pub(crate) async fn subscribe(
+        &self,
+        channels: &[String],
+        sharded: bool,
+    ) -> Result<(), ClusterError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let con = self.con().await?;
+        let calls = channels.iter().map(|ch| {
+            let mut con = con.clone();
+            async move {
+                if sharded {
+                    con.ssubscribe(ch).await
+                } else {
+                    con.subscribe(ch).await
+                }
+            }
+        });
+        futures_util::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    /// Leaves sharded channels (`SUNSUBSCRIBE`), one command per channel.
+    pub(crate) async fn unsubscribe(&self, channels: &[String]) -> Result<(), ClusterError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let con = self.con().await?;
+        let calls = channels.iter().map(|ch| {
+            let mut con = con.clone();
+            async move { con.sunsubscribe(ch).await }
+        });
+        futures_util::future::try_join_all(calls).await?;
+        Ok(())
+    }
+}
+
+/// One command connection of a [`Backend`].
+#[derive(Clone)]
+pub enum Con {
+    Single(redis::aio::ConnectionManager),
+    Cluster(Arc<ClusterBackend>),
+}
+
+impl redis::aio::ConnectionLike for Con {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Con::Single(c) => c.req_packed_command(cmd),
+            Con::Cluster(b) => {
+                Box::pin(async move { b.con().await?.req_packed_command(cmd).await })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Con::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Con::Cluster(b) => Box::pin(async move {
+                b.con()
+                    .await?
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Con::Single(c) => c.get_db(),
+            Con::Cluster(_) => 0,
+        }
+    }
 }
 
 impl Backend {
     /// A connection to send commands on.
-    pub fn con(&self) -> redis::aio::ConnectionManager {
+    pub fn con(&self) -> Con {
         match self {
-            Backend::Single(c) => c.clone(),
+            Backend::Single(c) => Con::Single(c.clone()),
+            Backend::Cluster(b) => Con::Cluster(b.clone()),
+        }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Backend::Cluster(_))
+    }
+
+    /// Runs `cmds`, whose keys may lie in different slots, and answers their
+    /// replies in order: one pipeline on a single server; on a Redis Cluster each
+    /// command goes to its slot's master, all sent at once.
+    pub async fn each(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, ClusterError> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            Backend::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                Ok(p.query_async(&mut c.clone()).await?)
+            }
+            Backend::Cluster(b) => {
+                let con = b.con().await?;
+                let calls = cmds.into_iter().map(|cmd| {
+                    let mut con = con.clone();
+                    async move { cmd.query_async::<redis::Value>(&mut con).await }
+                });
+                Ok(futures_util::future::try_join_all(calls).await?)
+            }
         }
     }
 }
@@ -81,17 +231,23 @@ impl Backend {
 /// Redis key and channel names.
 pub mod names {
     /// The sorted set of node ids, scored by their record's expiry (unix ms).
-    pub const NODES: &str = "quicpush:nodes";
+    /// Node-level keys share the `{nodes}` hash tag, so on a Redis Cluster one
+    /// refresh's commands go to one slot.
+    pub const NODES: &str = "quicpush:{nodes}";
     /// The channel every node subscribes to.
     pub const ALL: &str = "quicpush:all";
 
-    /// A node's record (hash), and the channel it listens on.
+    /// A node's record (hash).
     pub fn node(id: &str) -> String {
+        format!("quicpush:{{nodes}}:node:{id}")
+    }
+    /// The channel a node listens on (one Redis server).
+    pub fn node_channel(id: &str) -> String {
         format!("quicpush:node:{id}")
     }
     /// A node's rooms with their local counts (hash).
     pub fn node_rooms(id: &str) -> String {
-        format!("quicpush:node:{id}:rooms")
+        format!("quicpush:{{nodes}}:node:{id}:rooms")
     }
     /// Which node (and connection) holds a key: `<node>/<conn>`. In the key's
     /// slot, beside its history stream (`quicpush:{k:<key>}:meta` / `:log`).
@@ -106,6 +262,21 @@ pub mod names {
     /// A room's member count on one node (in the room's slot).
     pub fn room(room: &str, node: &str) -> String {
         format!("quicpush:{{r:{room}}}:on:{node}")
+    }
+    /// On a Redis Cluster, the sharded channel the node holding `key`
+    /// subscribes to (in the key's slot, so the append script can publish to it).
+    pub fn key_channel(key: &str) -> String {
+        format!("quicpush:{{k:{key}}}:to")
+    }
+    /// On a Redis Cluster, the sharded channel every node holding one of the
+    /// user's connections subscribes to.
+    pub fn user_channel(mid: i64) -> String {
+        format!("quicpush:{{u:{mid}}}:to")
+    }
+    /// On a Redis Cluster, the sharded channel every node with members of the
+    /// room subscribes to.
+    pub fn room_channel(room: &str) -> String {
+        format!("quicpush:{{r:{room}}}:to")
     }
 }
 
@@ -147,6 +318,9 @@ pub struct Cluster {
     pub(crate) keys: Option<crate::history::redis_store::RedisHistory>,
     /// User streams are shared too (`history.user`).
     shared_users: bool,
+    /// On a Redis Cluster, the sharded channels this node is subscribed to
+    /// ([`subs`]).
+    pub(crate) subs: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Stops this node's cluster tasks (shutdown, or a test halting a node).
     halt: CancellationToken,
     tasks: TaskTracker,
@@ -163,20 +337,55 @@ pub fn random_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// The Redis client for `url`, with short timeouts so an unreachable Redis fails
-/// a push part quickly, and a connection manager that reconnects.
-pub fn connect(url: &str) -> Result<(redis::Client, Backend), ClusterError> {
-    let client = redis::Client::open(url).map_err(|source| ClusterError::Url {
-        url: url.to_owned(),
-        source,
-    })?;
-    let cfg = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(Duration::from_secs(1)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    let con = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), cfg)?;
-    Ok((client, Backend::Single(con)))
+/// The Redis client for `target`, with short timeouts so an unreachable Redis
+/// fails a push part quickly: a connection manager that reconnects (one
+/// server), or a cluster client speaking RESP3 so its pub/sub messages reach
+/// the bus (a Redis Cluster). The `redis::Client` is the first URL's, for the
+/// single server's pub/sub connection.
+pub fn connect(target: &RedisTarget) -> Result<(redis::Client, Backend), ClusterError> {
+    let urls = target.urls();
+    let first = urls
+        .first()
+        .ok_or_else(|| ClusterError::BadReply("no Redis URL".into()))?;
+    let bad_url = |url: &str| {
+        let url = url.to_owned();
+        move |source| ClusterError::Url { url, source }
+    };
+    let client = redis::Client::open(first.as_str()).map_err(bad_url(first))?;
+    if !target.is_cluster() {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let con = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), cfg)?;
+        return Ok((client, Backend::Single(con)));
+    }
+    let (tx, rx) = mpsc::channel(BUS_QUEUE);
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = dropped.clone();
+    let sender = move |info: redis::PushInfo| {
+        let r = tx.try_send(info);
+        if r.is_err() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    };
+    let cluster_client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(sender)
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_secs(1))
+        .retries(2)
+        .build()
+        .map_err(bad_url(first))?;
+    let backend = Arc::new(ClusterBackend {
+        client: cluster_client,
+        con: tokio::sync::OnceCell::new(),
+        pushes: parking_lot::Mutex::new(Some(rx)),
+        dropped,
+    });
+    Ok((client, Backend::Cluster(backend)))
 }
 
 impl Cluster {
@@ -186,12 +395,12 @@ impl Cluster {
     pub fn new(
         config: &ClusterConfig,
         history: &HistoryConfig,
-        url: &str,
+        target: &RedisTarget,
         registry: Arc<Registry>,
         client_addr: String,
         rpc_addr: String,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let (client, backend) = connect(url)?;
+        let (client, backend) = connect(target)?;
         let id = config.node_id.clone().unwrap_or_else(random_id);
         let (tx, rx) = mpsc::channel(DIRTY_QUEUE);
         let c = Arc::new(Cluster {
@@ -213,6 +422,7 @@ impl Cluster {
             shared_users: history.enabled
                 && history.store == HistoryStoreKind::Redis
                 && history.user,
+            subs: parking_lot::Mutex::default(),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });

@@ -94,6 +94,7 @@ pub async fn refresher(c: Arc<Cluster>) {
             let live = register(&c).await?;
             *c.live.write() = Arc::new(live);
             directory::rewrite(&c).await?;
+            super::subs::reconcile(&c).await?;
             directory::read_remote_rooms(&c).await
         };
         match tokio::time::timeout(c.refresh.max(Duration::from_secs(1)), r).await {
@@ -119,9 +120,9 @@ pub async fn refresher(c: Arc<Cluster>) {
     }
 }
 
-/// The live nodes of the tier on the Redis at `url`, oldest first.
-pub async fn list(url: &str) -> Result<Vec<NodeRecord>, ClusterError> {
-    let (_, backend) = super::connect(url)?;
+/// The live nodes of the tier on the Redis at `target`, oldest first.
+pub async fn list(target: &crate::config::RedisTarget) -> Result<Vec<NodeRecord>, ClusterError> {
+    let (_, backend) = super::connect(target)?;
     let mut con = backend.con();
     let now = now_ms();
     let ids: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")

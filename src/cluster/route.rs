@@ -8,9 +8,11 @@
 //! sent them. With a lookup awaited first, concurrent calls overtook each other
 //! between lookup and publish. It is also one Redis operation per call.
 //!
-//! Both scripts read several directory keys, so they need one Redis server (a
-//! Redis Cluster would need the keys of a call in one slot; a room's per-node
-//! entries are, a set of keys' owners are not).
+//! Both scripts read several directory keys, so they need one Redis server. On
+//! a Redis Cluster there is no lookup: each key, user or room has a sharded
+//! channel its holders subscribe to ([`super::subs`]), and a push is one
+//! `SPUBLISH` per key, user or room ([`to_channels`]); one key's pushes keep
+//! their order because they all go to that key's shard on one connection.
 
 use std::sync::OnceLock;
 
@@ -92,11 +94,23 @@ pub async fn to_owners_of(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
+    if c.backend.is_cluster() {
+        let batch = keys
+            .iter()
+            .map(|k| names::key_channel(k))
+            .zip(messages)
+            .collect();
+        return Ok(to_channels(c, batch)
+            .await?
+            .into_iter()
+            .map(Routed::Published)
+            .collect());
+    }
     let mut inv = to_owners_script().prepare_invoke();
     for k in keys {
         inv.key(names::key(k));
     }
-    inv.arg(&c.id).arg(names::node(""));
+    inv.arg(&c.id).arg(names::node_channel(""));
     for m in messages {
         inv.arg(m);
     }
@@ -124,8 +138,26 @@ pub async fn where_present<T>(
     }
     inv.arg(entries.len()).arg(message);
     for n in &others {
-        inv.arg(names::node(n));
+        inv.arg(names::node_channel(n));
     }
     let v: Vec<i64> = inv.invoke_async(&mut c.backend.con()).await?;
     Ok(others.into_iter().zip(v.into_iter().map(routed)).collect())
+}
+
+/// On a Redis Cluster: publishes each message to its sharded channel; per
+/// message, how many other nodes took it (this node's own subscription, whose
+/// messages its bus skips, is not counted).
+pub async fn to_channels(
+    c: &Cluster,
+    batch: Vec<(String, Vec<u8>)>,
+) -> Result<Vec<u64>, ClusterError> {
+    let mine: Vec<bool> = {
+        let subs = c.subs.lock();
+        batch.iter().map(|(ch, _)| subs.contains(ch)).collect()
+    };
+    let n = super::bus::publish_to(c, batch).await?;
+    Ok(n.into_iter()
+        .zip(mine)
+        .map(|(n, mine)| n.saturating_sub(u64::from(mine)))
+        .collect())
 }

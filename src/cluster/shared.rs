@@ -70,8 +70,10 @@ macro_rules! append_lua {
 }
 
 /// KEYS: per key, its stream's meta and log and its directory entry. ARGV[1]:
-/// stream size, ARGV[2]: ttl (s), ARGV[3]: channel prefix; per key i, from
-/// ARGV[3 + 3(i-1) + 1]: frame, new epoch, message prefix. Per key: `{epoch,
+/// stream size, ARGV[2]: ttl (s), ARGV[3]: node channel prefix, ARGV[4]: the
+/// key's sharded channel on a Redis Cluster (one key per call there; empty on
+/// one server: publish to the owner's node channel); per key i, from
+/// ARGV[4 + 3(i-1) + 1]: frame, new epoch, message prefix. Per key: `{epoch,
 /// offset, receivers}`, epoch 0 when nothing was kept (no stream, no owner) and
 /// receivers -1 when no node holds the key.
 const APPEND_ROUTE: &str = concat!(
@@ -79,7 +81,7 @@ const APPEND_ROUTE: &str = concat!(
 local out = {}
 for i = 1, #KEYS / 3 do
   local meta, log, owner = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local frame, new_epoch, prefix = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local frame, new_epoch, prefix = ARGV[3 * i + 2], ARGV[3 * i + 3], ARGV[3 * i + 4]
   local v = redis.call('GET', owner)
   local epoch = redis.call('HGET', meta, 'epoch')
   if (not epoch) and (not v) then
@@ -89,7 +91,9 @@ for i = 1, #KEYS / 3 do
     append_lua!(),
     r"
     local n = -1
-    if v then
+    if ARGV[4] ~= '' then
+      n = redis.call('SPUBLISH', ARGV[4], msg)
+    elseif v then
       local node = string.match(v, '^(.*)/') or v
       n = redis.call('PUBLISH', ARGV[3] .. node, msg)
     end
@@ -102,8 +106,10 @@ return out
 
 /// KEYS: per user id, its stream's meta and log, then its count entry on each
 /// of the `ARGV[3]` live nodes. ARGV[1]: stream size, ARGV[2]: ttl (s),
-/// ARGV[3]: node count n, ARGV[4 .. 3+n]: each node's channel; per user i, from
-/// ARGV[3 + n + 3(i-1) + 1]: frame, new epoch, message prefix. Per user:
+/// ARGV[3]: node count n, ARGV[4]: the user's sharded channel on a Redis
+/// Cluster (one user per call there; empty on one server), ARGV[5 .. 4+n]: each
+/// node's channel; per user i, from ARGV[4 + n + 3(i-1) + 1]: frame, new epoch,
+/// message prefix. Per user:
 /// `{epoch, offset, nodes reached}`, epoch 0 when nothing was kept (no stream
 /// and no connection anywhere).
 const USER_APPEND_ROUTE: &str = concat!(
@@ -114,7 +120,7 @@ local out = {}
 for i = 1, #KEYS / per do
   local base = (i - 1) * per
   local meta, log = KEYS[base + 1], KEYS[base + 2]
-  local a = 3 + n + 3 * (i - 1)
+  local a = 4 + n + 3 * (i - 1)
   local frame, new_epoch, prefix = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local present = {}
   for j = 1, n do
@@ -129,8 +135,12 @@ for i = 1, #KEYS / per do
     append_lua!(),
     r"
     local reached = 0
-    for _, j in ipairs(present) do
-      if redis.call('PUBLISH', ARGV[3 + j], msg) > 0 then reached = reached + 1 end
+    if ARGV[4] ~= '' then
+      reached = redis.call('SPUBLISH', ARGV[4], msg)
+    else
+      for _, j in ipairs(present) do
+        if redis.call('PUBLISH', ARGV[4 + j], msg) > 0 then reached = reached + 1 end
+      end
     end
     table.insert(out, e) table.insert(out, top) table.insert(out, reached)
   end
@@ -247,18 +257,39 @@ pub async fn append_route(
         return Ok(Vec::new());
     }
     let h = c.keys.as_ref().ok_or(ClusterError::NoSharedHistory)?;
-    let mut inv = append_route_script().prepare_invoke();
-    for k in keys {
-        let (meta, log) = stream_keys(StreamRef::Key(k));
-        inv.key(meta).key(log).key(names::key(k));
-    }
-    inv.arg(h.size()).arg(h.ttl_secs()).arg(names::node(""));
-    for (k, f) in keys.iter().zip(frames) {
-        inv.arg(f.as_ref())
-            .arg(History::new_epoch())
-            .arg(message_prefix(k));
-    }
-    let v: Vec<i64> = inv.invoke_async(&mut c.backend.con()).await?;
+    let invoke = |keys: &[&str], frames: &[&Bytes], channel: String| {
+        let mut inv = append_route_script().prepare_invoke();
+        for k in keys {
+            let (meta, log) = stream_keys(StreamRef::Key(k));
+            inv.key(meta).key(log).key(names::key(k));
+        }
+        inv.arg(h.size())
+            .arg(h.ttl_secs())
+            .arg(names::node_channel(""))
+            .arg(channel);
+        for (k, f) in keys.iter().zip(frames) {
+            inv.arg(f.as_ref())
+                .arg(History::new_epoch())
+                .arg(message_prefix(k));
+        }
+        let mut con = c.backend.con();
+        async move { inv.invoke_async::<Vec<i64>>(&mut con).await }
+    };
+    let v: Vec<i64> = if c.backend.is_cluster() {
+        // One script per key (each in its own slot), all sent at once; each
+        // publishes to its key's sharded channel.
+        let calls = keys
+            .iter()
+            .zip(frames)
+            .map(|(k, f)| invoke(&[k], &[f], names::key_channel(k)));
+        futures_util::future::try_join_all(calls)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect()
+    } else {
+        invoke(keys, frames, String::new()).await?
+    };
     Ok(appended(v, keys.len(), "key")?
         .into_iter()
         .map(|(position, n)| KeyAppended {
@@ -268,8 +299,6 @@ pub async fn append_route(
         .collect())
 }
 
-/// A script's reply of `{epoch, offset, count}` per stream, for `n` streams:
-/// the position appended at (`None` when nothing was kept) and the count.
 fn appended(
     v: Vec<i64>,
     n: usize,
@@ -314,24 +343,42 @@ pub async fn append_route_users(
     }
     let h = c.keys.as_ref().ok_or(ClusterError::NoSharedHistory)?;
     let nodes: Vec<String> = c.live.read().iter().cloned().collect();
-    let mut inv = user_append_route_script().prepare_invoke();
-    for &mid in mids {
-        let (meta, log) = stream_keys(StreamRef::User(mid));
-        inv.key(meta).key(log);
-        for n in &nodes {
-            inv.key(names::user(mid, n));
+    let invoke = |mids: &[i64], channel: String| {
+        let mut inv = user_append_route_script().prepare_invoke();
+        for &mid in mids {
+            let (meta, log) = stream_keys(StreamRef::User(mid));
+            inv.key(meta).key(log);
+            for n in &nodes {
+                inv.key(names::user(mid, n));
+            }
         }
-    }
-    inv.arg(h.size()).arg(h.ttl_secs()).arg(nodes.len());
-    for n in &nodes {
-        inv.arg(names::node(n));
-    }
-    for &mid in mids {
-        inv.arg(frame.as_ref())
-            .arg(History::new_epoch())
-            .arg(user_message_prefix(mid));
-    }
-    let v: Vec<i64> = inv.invoke_async(&mut c.backend.con()).await?;
+        inv.arg(h.size())
+            .arg(h.ttl_secs())
+            .arg(nodes.len())
+            .arg(channel);
+        for n in &nodes {
+            inv.arg(names::node_channel(n));
+        }
+        for &mid in mids {
+            inv.arg(frame.as_ref())
+                .arg(History::new_epoch())
+                .arg(user_message_prefix(mid));
+        }
+        let mut con = c.backend.con();
+        async move { inv.invoke_async::<Vec<i64>>(&mut con).await }
+    };
+    let v: Vec<i64> = if c.backend.is_cluster() {
+        let calls = mids
+            .iter()
+            .map(|&mid| invoke(&[mid], names::user_channel(mid)));
+        futures_util::future::try_join_all(calls)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect()
+    } else {
+        invoke(mids, String::new()).await?
+    };
     Ok(appended(v, mids.len(), "user")?
         .into_iter()
         .map(|(position, n)| UserAppended {
@@ -345,6 +392,7 @@ pub async fn append_route_users(
 /// `at_least`), rather than through the directory writer's queue, so user
 /// pushes find this node before the connection registers.
 pub async fn claim_user(c: &Cluster, mid: i64, at_least: u64) -> Result<(), ClusterError> {
+    super::subs::hold(c, vec![names::user_channel(mid)]).await?;
     redis::cmd("SET")
         .arg(names::user(mid, &c.id))
         .arg(at_least.max(1))
@@ -359,6 +407,7 @@ pub async fn claim_user(c: &Cluster, mid: i64, at_least: u64) -> Result<(), Clus
 /// through the directory writer's queue, and asks the node that held it before
 /// to close its connection.
 pub async fn claim(c: &Cluster, key: &str, conn: u64) -> Result<(), ClusterError> {
+    super::subs::hold(c, vec![names::key_channel(key)]).await?;
     let prev: Option<String> = redis::cmd("SET")
         .arg(names::key(key))
         .arg(directory::owner_value(&c.id, conn))

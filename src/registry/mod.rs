@@ -781,6 +781,11 @@ impl Registry {
         );
     }
 
+    /// Whether a session is connecting `key` ([`Registry::begin_pending`]).
+    pub fn is_pending(&self, key: &str) -> bool {
+        self.bucket(key).lock().pending.contains_key(key)
+    }
+
     /// Drops `conn`'s pending mark on `key`, if it is still there (a session that
     /// failed before registering).
     pub fn end_pending(&self, key: &str, conn: u64) {

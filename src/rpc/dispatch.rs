@@ -241,31 +241,47 @@ impl Dispatcher {
         }
     }
 
-    /// Forwards to every other node holding an entry (lookup and PUBLISH in one
-    /// Redis script, [`route::where_present`]).
+    /// Forwards to every other node holding an entry: lookup and PUBLISH in one
+    /// Redis script ([`route::where_present`]), the whole call in one envelope;
+    /// on a Redis Cluster one envelope per entry, to the entry's sharded
+    /// channel ([`route::to_channels`]), so `forwarded_nodes` then counts
+    /// (entry, node) handovers.
     async fn forward_entries<T: Clone>(
         &self,
         c: &Cluster,
         entries: &[T],
         name: impl Fn(&T, &str) -> String,
-        envelope: Envelope,
+        channel: impl Fn(&T) -> String,
+        envelope_for: impl Fn(&[T]) -> Envelope,
         tally: &mut Tally,
     ) {
-        let message = match envelope::encode(&c.id, envelope) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot encode a forwarded push: remote part unavailable");
-                tally.unavailable += 1;
-                return;
+        let encode = |e: &[T]| envelope::encode(&c.id, envelope_for(e));
+        let forwarded = if c.backend.is_cluster() {
+            let batch = entries
+                .iter()
+                .map(|e| Ok((channel(e), encode(std::slice::from_ref(e))?)))
+                .collect::<Result<Vec<_>, crate::cluster::ClusterError>>();
+            match batch {
+                Ok(batch) => route::to_channels(c, batch).await.map(|n| n.iter().sum()),
+                Err(e) => Err(e),
+            }
+        } else {
+            match encode(entries) {
+                Ok(message) => {
+                    route::where_present(c, entries, name, message)
+                        .await
+                        .map(|routed| {
+                            routed
+                                .iter()
+                                .filter(|(_, r)| matches!(r, route::Routed::Published(n) if *n > 0))
+                                .count() as u64
+                        })
+                }
+                Err(e) => Err(e),
             }
         };
-        match route::where_present(c, entries, name, message).await {
-            Ok(routed) => {
-                tally.forwarded_nodes += routed
-                    .iter()
-                    .filter(|(_, r)| matches!(r, route::Routed::Published(n) if *n > 0))
-                    .count() as u64
-            }
+        match forwarded {
+            Ok(n) => tally.forwarded_nodes += n,
             Err(e) => {
                 tracing::debug!(error = %e, "forwarding failed: remote part unavailable");
                 tally.unavailable += 1;
@@ -449,8 +465,9 @@ impl Dispatcher {
                     c,
                     &mids,
                     |mid, node| names::user(*mid, node),
-                    Envelope::PushUsers {
-                        mids: mids.clone(),
+                    |mid| names::user_channel(*mid),
+                    |mids| Envelope::PushUsers {
+                        mids: mids.to_vec(),
                         op,
                         body: body.clone(),
                     },
@@ -478,7 +495,8 @@ impl Dispatcher {
                     c,
                     std::slice::from_ref(&room),
                     |room, node| names::room(room, node),
-                    Envelope::Room {
+                    |room| names::room_channel(room),
+                    |_| Envelope::Room {
                         room: room.clone(),
                         op,
                         body: body.clone(),

@@ -11,6 +11,7 @@ mod tier;
 mod dead;
 mod node_loss;
 mod pushes;
+mod redis_cluster;
 mod redis_down;
 mod replace;
 mod rooms;

@@ -42,7 +42,7 @@ impl ChildTier {
         let mut nodes = Vec::new();
         for i in 0..n {
             let mut c = quicpush::Config::loopback(dir.path());
-            c.cluster.redis = Some(redis.url());
+            c.cluster.redis = Some(redis.url().into());
             c.cluster.node_id = Some(format!("n{i}"));
             c.cluster.ttl = TTL;
             c.cluster.refresh = Some(Duration::from_millis(400));
@@ -207,7 +207,7 @@ async fn kill_9_of_a_node_loses_no_accepted_push() {
         gone_after <= TTL + Duration::from_millis(500),
         "n2's record lived {gone_after:?} after the kill"
     );
-    let (_, backend) = quicpush::cluster::connect(&redis_url).unwrap();
+    let (_, backend) = quicpush::cluster::connect(&redis_url.clone().into()).unwrap();
     let mut con = backend.con();
     for k in 0..KEYS {
         let owner: Option<String> = redis::cmd("GET")
@@ -225,7 +225,7 @@ async fn kill_9_of_a_node_loses_no_accepted_push() {
 
 /// How long after `killed_at` node n2's record and rooms hash were gone.
 async fn record_gone(url: String, killed_at: Instant) -> Duration {
-    let (_, backend) = quicpush::cluster::connect(&url).unwrap();
+    let (_, backend) = quicpush::cluster::connect(&url.clone().into()).unwrap();
     let mut con = backend.con();
     loop {
         let n: u64 = redis::cmd("EXISTS")

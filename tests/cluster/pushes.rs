@@ -7,7 +7,11 @@ use crate::tier::{bodies, drain_bodies, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_push_reaches_every_node_once() {
-    let t = Tier::start(3).await;
+    reach_once(Tier::start(3).await).await;
+}
+
+/// The body, on `t`'s Redis (one server, or a Redis Cluster).
+pub async fn reach_once(t: Tier) {
     let mut clients = Vec::new();
     for (i, key) in ["ka", "kb", "kc"].into_iter().enumerate() {
         let s = &t.nodes[i];

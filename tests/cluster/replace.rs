@@ -11,16 +11,16 @@ use crate::tier::{bodies, drain_bodies, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_on_another_node_replaces_the_first() {
-    replaces(HistoryStoreKind::Memory).await;
+    replaces(Tier::start(3).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_on_another_node_replaces_the_first_with_shared_history() {
-    replaces(HistoryStoreKind::Redis).await;
+    replaces(Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await).await;
 }
 
-async fn replaces(store: HistoryStoreKind) {
-    let t = Tier::start_with(3, |c| c.history.store = store).await;
+/// The body, on `t`'s Redis (one server, or a Redis Cluster) and history store.
+pub async fn replaces(t: Tier) {
     let mut on_b = t.nodes[1].client(Via::Tcp, "same").await;
     t.wait_owner("same", 1).await;
     let mut on_c = t.nodes[2].client(Via::Tcp, "same").await;

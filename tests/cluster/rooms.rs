@@ -8,7 +8,11 @@ use crate::tier::{bodies, drain_bodies, wait_for, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_across_the_tier() {
-    let t = Tier::start(3).await;
+    across(Tier::start(3).await).await;
+}
+
+/// The body, on `t`'s Redis (one server, or a Redis Cluster).
+pub async fn across(t: Tier) {
     let mut clients = Vec::new();
     for (i, s) in t.nodes.iter().enumerate() {
         let mut claims = s.claims(&format!("r{i}"));

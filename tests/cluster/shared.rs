@@ -38,7 +38,12 @@ async fn resumed(c: &mut ResumingClient) -> quicpush::resume::ResumeReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resumes_on_another_node_with_every_push_it_missed() {
-    let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
+    resumes_elsewhere(Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await)
+        .await;
+}
+
+/// The body, on `t`'s Redis (one server, or a Redis Cluster).
+pub async fn resumes_elsewhere(mut t: Tier) {
     let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
     let (mut c, reply) =
         ResumingClient::connect_any(dials, t.nodes[1].token("mob"), Backoff::default())
@@ -156,7 +161,14 @@ async fn with_redis_down_key_pushes_are_unavailable_and_connects_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_resumes_on_another_node_with_every_user_push_it_missed() {
-    let mut t = Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await;
+    user_resumes_elsewhere(
+        Tier::start_with(3, |c| c.history.store = HistoryStoreKind::Redis).await,
+    )
+    .await;
+}
+
+/// The body, on `t`'s Redis (one server, or a Redis Cluster).
+pub async fn user_resumes_elsewhere(mut t: Tier) {
     let mut claims = t.nodes[1].claims("phone");
     claims.mid = Some(77);
     let token = t.nodes[1].sign(&claims);

@@ -6,14 +6,48 @@ use std::time::Duration;
 use bytes::Bytes;
 use quicpush::client::PushClient;
 
-use crate::common::redis::RedisServer;
+use quicpush::config::RedisTarget;
+
+use crate::common::redis::{RedisCluster, RedisServer};
 use crate::common::TestServer;
 
 pub const TTL: Duration = Duration::from_secs(2);
 pub const REFRESH: Duration = Duration::from_millis(400);
 
+/// The tier's Redis: one server, or a three-master Redis Cluster.
+pub enum TierRedis {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl TierRedis {
+    /// What the nodes' `cluster.redis` names.
+    pub fn target(&self) -> RedisTarget {
+        match self {
+            TierRedis::One(r) => RedisTarget::One(r.url()),
+            TierRedis::Cluster(c) => RedisTarget::Cluster(c.urls()),
+        }
+    }
+
+    /// The one server (a test of one server's failures).
+    fn one(&mut self) -> &mut RedisServer {
+        match self {
+            TierRedis::One(r) => r,
+            TierRedis::Cluster(_) => panic!("this test needs one Redis server"),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.one().kill();
+    }
+
+    pub fn restart(&mut self) {
+        self.one().restart();
+    }
+}
+
 pub struct Tier {
-    pub redis: RedisServer,
+    pub redis: TierRedis,
     pub nodes: Vec<TestServer>,
 }
 
@@ -24,10 +58,18 @@ impl Tier {
 
     /// `n` nodes, each with `tweak`'s changes to its configuration.
     pub async fn start_with(n: usize, tweak: impl Fn(&mut quicpush::Config)) -> Tier {
-        let redis = RedisServer::start();
+        Self::start_on(TierRedis::One(RedisServer::start()), n, tweak).await
+    }
+
+    /// `n` nodes on a three-master Redis Cluster.
+    pub async fn start_cluster_with(n: usize, tweak: impl Fn(&mut quicpush::Config)) -> Tier {
+        Self::start_on(TierRedis::Cluster(RedisCluster::start()), n, tweak).await
+    }
+
+    async fn start_on(redis: TierRedis, n: usize, tweak: impl Fn(&mut quicpush::Config)) -> Tier {
         let mut nodes = Vec::new();
         for i in 0..n {
-            let url = redis.url();
+            let url = redis.target();
             let tweak = &tweak;
             let config = move |c: &mut quicpush::Config| {
                 c.cluster.redis = Some(url);
@@ -61,8 +103,8 @@ impl Tier {
     }
 
     /// A command connection to the test's Redis.
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        let (_, b) = quicpush::cluster::connect(&self.redis.url()).unwrap();
+    pub async fn redis(&self) -> quicpush::cluster::Con {
+        let (_, b) = quicpush::cluster::connect(&self.redis.target()).unwrap();
         b.con()
     }
 
