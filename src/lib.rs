@@ -20,6 +20,7 @@
 //! ```text
 //! rpc::dispatch ─ local part ─▶ registry (as above)
 //!      └─ keys / users / room not here ─▶ one Redis script: read the directory, PUBLISH quicpush:node:<id>
+//!                                   (Redis Cluster: SPUBLISH to the key's / user's / room's sharded channel)
 //!                                   other node: cluster::bus ─▶ its dispatcher, local only
 //! registry register / unregister / room change ─▶ DirectoryHook ─▶ bounded queue ─▶ directory writer ─▶ Redis
 //! ```

@@ -62,7 +62,7 @@ enum Command {
     Push(PushArgs),
     /// List the live nodes of a tier sharing one Redis.
     Nodes {
-        /// The tier's Redis URL.
+        /// The tier's Redis URL (a Redis Cluster: its nodes' URLs, comma-separated).
         #[arg(long, conflicts_with = "config")]
         redis: Option<String>,
         /// A node's configuration file, for its `cluster.redis`.

@@ -7,10 +7,12 @@
 //!   Unregistering deletes the entry only if it is still this node's.
 //! - `quicpush:{u:<mid>}:on:<node>` = the user's connections on the node.
 //! - `quicpush:{r:<room>}:on:<node>` = the room's members on the node, and
-//!   `quicpush:node:<id>:rooms`, a hash room → count, for the tier's `Rooms`.
+//!   `quicpush:{nodes}:node:<id>:rooms`, a hash room → count, for the tier's `Rooms`.
 //!
 //! Changes come from the registry's hook through a bounded queue to one writer
-//! task, which coalesces what queued up and writes it in one pipeline. A full
+//! task, which coalesces what queued up and writes it in one pipeline (on a
+//! Redis Cluster: every command at once, each to its slot's master), and keeps
+//! the node's sharded subscriptions in step ([`super::subs`]). A full
 //! queue drops the change: the refresh rewrites every entry each tick (with "set
 //! if missing or mine", so after a Redis restart the entries come back and a
 //! key another node took since is left alone).

@@ -1,21 +1,28 @@
-//! Several quicpush nodes as one push tier, sharing one Redis.
+//! Several quicpush nodes as one push tier, sharing one Redis server or one
+//! Redis Cluster.
 //!
 //! ```text
+//! one Redis server:
 //! backend ─▶ node A: rpc::dispatch ─▶ local registry (as on one node)
 //!                        │ keys / users / room not here
-//!                        ├─ MGET the directory ─▶ owning nodes
-//!                        └─ PUBLISH quicpush:node:<B> ─▶ node B: bus ─▶ its dispatcher (local only)
+//!                        └─ one script: read the directory, PUBLISH quicpush:node:<B> ─▶ node B: bus
+//!                                                          ─▶ its dispatcher (local only)
+//! a Redis Cluster:
+//!                        └─ SPUBLISH quicpush:{k:<key>}:to (or {u:<mid>}, {r:<room>}) ─▶ the shard
+//!                                ─▶ every node subscribed to it (the holders) ─▶ bus ─▶ dispatcher
 //! session register / unregister / room change ─▶ registry hook ─▶ bounded queue ─▶ directory writer
+//!                                                  (entries, and on a cluster the subscriptions)
 //! every `refresh`: node record + whole directory rewritten (EX ttl), live nodes and room counts read
 //! ```
 //!
-//! - [`nodes`]: each node's record (`quicpush:node:<id>`, EX ttl) and the sorted
-//!   set of live nodes (`quicpush:nodes`, score = expiry in unix ms).
+//! - [`nodes`]: each node's record (`quicpush:{nodes}:node:<id>`, EX ttl) and the
+//!   sorted set of live nodes (`quicpush:{nodes}`, score = expiry in unix ms).
 //! - [`directory`]: key → node, user → nodes, room → nodes with counts, each
 //!   entry owned by one node and living `ttl` unless refreshed, so a dead node's
 //!   entries vanish by themselves. Written by one task from a bounded, coalescing
 //!   queue fed by the registry's [`DirectoryHook`](crate::registry::DirectoryHook).
-//! - [`bus`]: pub/sub between nodes; [`envelope`]: what travels on it.
+//! - [`bus`]: pub/sub between nodes; [`envelope`]: what travels on it;
+//!   [`subs`]: on a Redis Cluster, the sharded channels of what a node holds.
 //! - [`shared`]: key and user history in Redis (`history.store = "redis"`): one
 //!   script appends a push and publishes it with its position to every node
 //!   holding the key or user; a connecting client claims its key and user here
@@ -28,11 +35,12 @@
 //! directory entry back. A node starts even if Redis is down at start (it logs and
 //! retries): the tier is a best effort layer over nodes that work alone.
 //!
-//! Only a single Redis server is spoken to for now ([`Backend`] has one variant);
-//! the keys are laid out for Redis Cluster already: a key's, a user's or a
-//! room's directory entries and history stream share a hash tag (`{k:<key>}`,
-//! `{u:<mid>}`, `{r:<room>}`), so what a script reads for one of them is in one
-//! slot.
+//! [`Backend`] is one server or a Redis Cluster (`cluster.redis` a list). A key's,
+//! a user's or a room's directory entries, history stream and sharded channel
+//! share a hash tag (`{k:<key>}`, `{u:<mid>}`, `{r:<room>}`), so a script for one
+//! of them is in one slot; on a cluster the scripts run per key or user, and
+//! what spans slots (the directory writer's batches, the refresh) is sent as
+//! single commands, all at once ([`Backend::each`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
-//! Node records: `quicpush:node:<id>` (a hash: id, addresses, started-at, online
-//! counts) with `EXPIRE ttl`, and the sorted set `quicpush:nodes` (member id,
-//! score = the record's expiry in unix ms), so the live nodes are
+//! Node records: `quicpush:{nodes}:node:<id>` (a hash: id, addresses,
+//! started-at, online counts) with `EXPIRE ttl`, and the sorted set
+//! `quicpush:{nodes}` (member id, score = the record's expiry in unix ms; one
+//! hash tag, so a refresh's pipeline is one slot on a Redis Cluster), so the live nodes are
 //! `ZRANGEBYSCORE now +inf`. A node that stops refreshing is dead for everyone
 //! within the TTL. The refresher also rewrites the directory and reads the
 //! other nodes' room counts each tick.
