@@ -132,6 +132,10 @@ struct BenchArgs {
     /// clients, started in the same run. The node-loss scenario needs 2 or more.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// With --nodes: the tier shares a three-master Redis Cluster the bench
+    /// starts (sharded pub/sub) instead of one redis-server.
+    #[arg(long, requires = "nodes")]
+    redis_cluster: bool,
     /// How long the latency, handover and node-loss scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -588,6 +592,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         }),
         keys_rate: a.rate.filter(|_| a.scenario == bench::Scenario::Keys),
         nodes: a.nodes,
+        redis_cluster: a.redis_cluster,
         duration: a.duration,
         body_size: a.body_size,
         raw: a.raw,

@@ -20,6 +20,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         rate: 4_000,
         keys_rate: None,
         nodes: 1,
+        redis_cluster: false,
         duration: Duration::from_secs(1),
         body_size: 32,
         raw: false,

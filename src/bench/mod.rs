@@ -175,6 +175,8 @@ pub struct BenchOptions {
     /// Nodes of a tier to start (sharing a redis-server the bench starts);
     /// 1: a single node, no Redis.
     pub nodes: usize,
+    /// The tier's Redis is a three-master Redis Cluster instead of one server.
+    pub redis_cluster: bool,
     /// How long the latency scenario runs.
     pub duration: Duration,
     pub body_size: usize,
@@ -727,7 +729,7 @@ async fn measure(
     opts: &BenchOptions,
     servers: &[ServerProcess],
     clients_from: usize,
-    redis: Option<&redis::RedisServer>,
+    redis: Option<&tier::BenchRedis>,
     certs: &Path,
     login: Login,
     pusher: Pusher,

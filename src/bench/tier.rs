@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::process::{bench_config, ServerProcess};
-use super::redis::RedisServer;
+use super::redis::{RedisCluster, RedisServer};
 use super::{BenchError, BenchOptions, Measurement};
 
 /// What a tier run adds to the report.
@@ -38,9 +38,41 @@ pub struct TierReport {
     pub pushes: u64,
 }
 
+/// The tier's Redis: one server, or a three-master Redis Cluster.
+pub enum BenchRedis {
+    One(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl BenchRedis {
+    /// What the nodes' `cluster.redis` names.
+    pub fn target(&self) -> crate::config::RedisTarget {
+        match self {
+            BenchRedis::One(r) => r.url().into(),
+            BenchRedis::Cluster(c) => c.urls().into(),
+        }
+    }
+
+    /// Calls of each command so far, summed over the cluster's masters.
+    pub fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        match self {
+            BenchRedis::One(r) => r.command_calls(),
+            BenchRedis::Cluster(c) => {
+                let mut sum = std::collections::BTreeMap::new();
+                for n in &c.nodes {
+                    for (k, v) in n.command_calls() {
+                        *sum.entry(k).or_default() += v;
+                    }
+                }
+                sum
+            }
+        }
+    }
+}
+
 /// The nodes of a tier and their Redis.
 pub struct Tier {
-    pub redis: RedisServer,
+    pub redis: BenchRedis,
     pub nodes: Vec<ServerProcess>,
 }
 
@@ -54,7 +86,11 @@ impl Tier {
         n: usize,
         metrics: bool,
     ) -> Result<Tier, BenchError> {
-        let redis = RedisServer::start()?;
+        let redis = if opts.redis_cluster {
+            BenchRedis::Cluster(RedisCluster::start()?)
+        } else {
+            BenchRedis::One(RedisServer::start()?)
+        };
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let mut config = bench_config(dir);
@@ -64,7 +100,7 @@ impl Tier {
             if opts.scenario == super::Scenario::NodeLoss {
                 config.history.store = crate::config::HistoryStoreKind::Redis;
             }
-            config.cluster.redis = Some(redis.url().into());
+            config.cluster.redis = Some(redis.target());
             config.cluster.node_id = Some(format!("bench-{i}"));
             config.cluster.ttl = Duration::from_secs(3);
             // The nodes share this machine's cores: about cores ÷ nodes each
