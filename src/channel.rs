@@ -349,16 +349,27 @@ impl OutReceiver {
     /// clients) can queue more first, then swaps the queued bytes into `out`
     /// (which must be empty; its allocation is reused by the queue).
     pub async fn next(&mut self, out: &mut BytesMut) -> Batch {
-        loop {
+        self.next_after(out, Duration::ZERO).await
+    }
+
+    /// As [`OutReceiver::next`], then, unless the queue is shutting, waits
+    /// `coalesce` for more to queue before taking it (`client.write_coalesce`):
+    /// one write for what a fan-out queues meanwhile.
+    pub async fn next_after(&mut self, out: &mut BytesMut, coalesce: Duration) -> Batch {
+        let shut = loop {
             {
                 let s = self.chan.queue.state.lock();
                 if s.frames > 0 || s.shut {
-                    break;
+                    break s.shut;
                 }
             }
             self.chan.queue.readable.notified().await;
+        };
+        if coalesce.is_zero() || shut {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(coalesce).await;
         }
-        tokio::task::yield_now().await;
         self.take(out)
     }
 
@@ -843,6 +854,44 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(ch.try_push(&frame(b"f"), KEY), PushOutcome::Delivered);
         assert_eq!(within(waiter).await.unwrap().frames, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_coalescing_writer_takes_what_queued_within_its_wait() {
+        let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
+        let waiter = tokio::spawn(async move {
+            let mut out = BytesMut::new();
+            let b = rx.next_after(&mut out, Duration::from_millis(2)).await;
+            (b, rx)
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(ch.try_push(&frame(b"1"), KEY), PushOutcome::Delivered);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(ch.try_push(&frame(b"2"), KEY), PushOutcome::Delivered);
+        let (b, mut rx) = waiter.await.unwrap();
+        assert_eq!(b.frames, 2, "both pushes in one write");
+        // Without a wait, the writer takes the first push alone.
+        let waiter = tokio::spawn(async move {
+            let mut out = BytesMut::new();
+            rx.next_after(&mut out, Duration::ZERO).await
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(ch.try_push(&frame(b"3"), KEY), PushOutcome::Delivered);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(waiter.await.unwrap().frames, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutting_queue_is_taken_at_once_whatever_the_wait() {
+        let (ch, mut rx) = Channel::new(1, "k".into(), None, Transport::Tcp, 8);
+        ch.try_push(&frame(b"last"), KEY);
+        ch.close(CloseReason::Kicked);
+        let t0 = tokio::time::Instant::now();
+        let mut out = BytesMut::new();
+        let b = rx.next_after(&mut out, Duration::from_secs(5)).await;
+        assert!(b.last);
+        assert_eq!(b.frames, 1);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[tokio::test]

@@ -130,7 +130,15 @@ pub struct ClientConfig {
     /// Frames a client may send per second (a burst of twice as many is allowed);
     /// beyond, the connection is closed.
     pub max_frames_per_sec: u32,
+    /// How long a client's writer waits, once something is queued, for more to
+    /// write in the same call (0 = write at once). A fan-out then costs fewer
+    /// writes per delivery; every push waits up to this long.
+    #[serde(with = "humantime_serde")]
+    pub write_coalesce: Duration,
 }
+
+/// Longest `client.write_coalesce` allowed.
+pub const MAX_WRITE_COALESCE: Duration = Duration::from_millis(100);
 
 impl Default for ClientConfig {
     fn default() -> Self {
@@ -152,6 +160,7 @@ impl Default for ClientConfig {
             max_connections: 100_000,
             max_connections_per_ip: 10_000,
             max_frames_per_sec: 100,
+            write_coalesce: Duration::ZERO,
         }
     }
 }
@@ -717,6 +726,15 @@ impl Config {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
+        if c.write_coalesce > MAX_WRITE_COALESCE {
+            return Err(invalid(
+                "client.write_coalesce",
+                format!(
+                    "{:?} is above {MAX_WRITE_COALESCE:?}: every push would wait that long",
+                    c.write_coalesce
+                ),
+            ));
+        }
         if c.queue_size == 0 || c.queue_size > 1 << 20 {
             return Err(invalid(
                 "client.queue_size",
@@ -923,6 +941,17 @@ mod tests {
         assert_eq!(c.cluster.refresh_every(), Duration::from_secs(2));
         assert_eq!(Config::default().cluster.redis, None);
         assert!(!c.cluster.redis.unwrap().is_cluster());
+    }
+
+    #[test]
+    fn write_coalesce_is_off_by_default_and_bounded() {
+        assert_eq!(Config::default().client.write_coalesce, Duration::ZERO);
+        let c = Config::parse("[client]\nwrite_coalesce = \"1ms\"\n").expect("valid");
+        assert_eq!(c.client.write_coalesce, Duration::from_millis(1));
+        assert_eq!(
+            field_of("[client]\nwrite_coalesce = \"101ms\"\n"),
+            "client.write_coalesce"
+        );
     }
 
     #[test]

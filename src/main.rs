@@ -136,6 +136,9 @@ struct BenchArgs {
     /// starts (sharded pub/sub) instead of one redis-server.
     #[arg(long, requires = "nodes")]
     redis_cluster: bool,
+    /// `client.write_coalesce` of the servers the bench starts (e.g. 1ms).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    write_coalesce: Duration,
     /// How long the latency, handover and node-loss scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -593,6 +596,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         keys_rate: a.rate.filter(|_| a.scenario == bench::Scenario::Keys),
         nodes: a.nodes,
         redis_cluster: a.redis_cluster,
+        write_coalesce: a.write_coalesce,
         duration: a.duration,
         body_size: a.body_size,
         raw: a.raw,

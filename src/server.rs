@@ -407,6 +407,7 @@ impl Server {
                 queue_bytes: c.queue_bytes,
                 slow_consumer_timeout: c.slow_consumer_timeout,
                 max_frames_per_sec: c.max_frames_per_sec,
+                write_coalesce: c.write_coalesce,
             },
             shutdown: stop.clone(),
             metrics: metrics.clone(),

@@ -144,6 +144,8 @@ pub struct SessionLimits {
     pub slow_consumer_timeout: Duration,
     /// Frames per second a client may send; bursts of twice as many.
     pub max_frames_per_sec: u32,
+    /// How long a writer waits for more before writing (`client.write_coalesce`).
+    pub write_coalesce: Duration,
 }
 
 /// A token bucket over the frames a client sends.
@@ -526,7 +528,7 @@ where
             rx,
             chan.clone(),
             stop.clone(),
-            limits.write_timeout,
+            (limits.write_timeout, limits.write_coalesce),
             ctx.metrics.writer(transport),
         ))
     };
@@ -824,14 +826,14 @@ async fn write_loop<W: SessionWrite>(
     mut rx: OutReceiver,
     chan: Arc<Channel>,
     stop: CancellationToken,
-    write_timeout: Duration,
+    (write_timeout, coalesce): (Duration, Duration),
     counters: WriteCounters,
 ) -> Result<(), WriteError> {
     // Starts empty and grows with use: most clients are idle most of the time.
     let mut out = BytesMut::new();
     let result = loop {
         // Everything queued, in one buffer; `last` once the queue is shut.
-        let batch = rx.next(&mut out).await;
+        let batch = rx.next_after(&mut out, coalesce).await;
         if let (true, Some(reason)) = (batch.last, chan.close_reason()) {
             Frame::new(op::DISCONNECT_REPLY, 0, reason.disconnect_body()).encode(&mut out);
         }
@@ -891,6 +893,7 @@ mod tests {
                 queue_bytes: 64 * 1024,
                 slow_consumer_timeout: Duration::from_secs(5),
                 max_frames_per_sec: 100,
+                write_coalesce: Duration::ZERO,
             },
             shutdown: Shutdown::new(),
             metrics: Arc::new(Metrics::disabled()),

@@ -21,6 +21,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         keys_rate: None,
         nodes: 1,
         redis_cluster: false,
+        write_coalesce: Duration::ZERO,
         duration: Duration::from_secs(1),
         body_size: 32,
         raw: false,

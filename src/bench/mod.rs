@@ -177,6 +177,8 @@ pub struct BenchOptions {
     pub nodes: usize,
     /// The tier's Redis is a three-master Redis Cluster instead of one server.
     pub redis_cluster: bool,
+    /// `client.write_coalesce` of every server the bench starts.
+    pub write_coalesce: Duration,
     /// How long the latency scenario runs.
     pub duration: Duration,
     pub body_size: usize,
@@ -669,6 +671,7 @@ async fn measure_quicpush_at(
         Target::Spawn { exe } => {
             let mut config = process::bench_config(dir);
             config.client.tcp_send_buffer = opts.tcp_send_buffer;
+            config.client.write_coalesce = opts.write_coalesce;
             config.metrics.enabled = metrics;
             opts.history.apply(&mut config.history);
             (

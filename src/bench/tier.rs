@@ -95,6 +95,7 @@ impl Tier {
         for i in 0..n {
             let mut config = bench_config(dir);
             config.client.tcp_send_buffer = opts.tcp_send_buffer;
+            config.client.write_coalesce = opts.write_coalesce;
             config.metrics.enabled = metrics;
             opts.history.apply(&mut config.history);
             if opts.scenario == super::Scenario::NodeLoss {
