@@ -492,6 +492,7 @@ async fn play(script: &Script) -> Vec<SessionOutcome> {
             queue_bytes: if setup.tiny_queue { MAX_BODY + 32 } else { 64 * 1024 },
             slow_consumer_timeout: Duration::from_millis(500),
             max_frames_per_sec: if setup.low_rate { 5 } else { 100_000 },
+            write_coalesce: Duration::ZERO,
         },
         shutdown: shutdown.clone(),
         // Counting on: every way a session ends goes through the classification.
