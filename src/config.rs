@@ -303,9 +303,9 @@ pub struct HistoryConfig {
     pub room: bool,
     /// Keep broadcasts (Broadcast without a speed; paced broadcasts are never kept).
     pub all: bool,
-    /// Where key streams live: `memory` (this node's process) or `redis` (the
-    /// tier's Redis, shared by every node, so a client resumes on any node; needs
-    /// `cluster.redis`). User, room and broadcast streams stay in memory.
+    /// Where key, user and room streams live: `memory` (this node's process) or
+    /// `redis` (the tier's Redis, shared by every node, so a client resumes on
+    /// any node; needs `cluster.redis`). Broadcast streams stay in memory.
     pub store: HistoryStoreKind,
 }
 

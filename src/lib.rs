@@ -142,14 +142,10 @@
 //!
 //! # Where later work fits
 //!
-//! - Several nodes: [`cluster`] speaks to one Redis server ([`cluster::Backend`]);
-//!   Redis Cluster is a variant to add. Every key, user and room already keeps
-//!   its directory entries and history stream in one hash slot, so each script
-//!   call touches one slot when made per key, user or room; what a cluster also
-//!   needs is a bus whose receipts are exact there (PUBLISH counts only its own
-//!   shard's subscribers): sharded channels per key / user / room, which the
-//!   holding node subscribes to, would make the subscription the directory and
-//!   SPUBLISH's count the receipt. Room and broadcast streams stay per node.
+//! - Several nodes: [`cluster`] speaks to one Redis server or a Redis Cluster
+//!   ([`cluster::Backend`]; on a cluster the bus is sharded pub/sub, one channel
+//!   per held key, user and room, see [`cluster::subs`]). Broadcast streams stay
+//!   per node; a shared one would be a single `{a}` stream beside the others.
 //!
 
 pub mod auth;

@@ -359,17 +359,22 @@ async fn claim_and_read(
     registry: &Registry,
     c: &crate::cluster::Cluster,
     chan: &Channel,
+    room: Option<Arc<str>>,
     positions: Option<&Positions>,
 ) -> Result<Option<crate::registry::Shared>, SessionError> {
     use crate::cluster::shared;
     use crate::history::StreamRef;
     use crate::registry::{Shared, SharedStream};
     let mid = chan.mid.filter(|_| c.shares_user_history());
-    registry.begin_pending(&chan.key, chan.id, mid);
+    let room = room.filter(|_| c.shares_room_history());
+    registry.begin_pending(&chan.key, chan.id, mid, room.clone());
     let read = async {
         shared::claim(c, &chan.key, chan.id).await?;
         if let Some(mid) = mid {
             shared::claim_user(c, mid, registry.user_online(mid) + 1).await?;
+        }
+        if let Some(r) = &room {
+            shared::claim_room(c, r, registry.room_online(r) + 1).await?;
         }
         if !chan.resume {
             return Ok(None);
@@ -379,7 +384,6 @@ async fn claim_and_read(
             recovery,
             asked: asked(source).is_some(),
         };
-        // Both reads at once: one round trip, not two.
         let key = shared::read(c, StreamRef::Key(&chan.key), asked(Source::Key));
         let user = async {
             match mid {
@@ -389,18 +393,31 @@ async fn claim_and_read(
                 None => Ok(None),
             }
         };
-        let (key, user) = tokio::try_join!(key, user)?;
+        let in_room = async {
+            match &room {
+                Some(r) => Ok(Some(
+                    shared::read(c, StreamRef::Room(r), asked(Source::Room)).await?,
+                )),
+                None => Ok(None),
+            }
+        };
+        // The reads at once: one round trip.
+        let (key, user, in_room) = tokio::try_join!(key, user, in_room)?;
         Ok(Some(Shared {
             key: Some(stream(key, Source::Key)),
             user: user.map(|u| stream(u, Source::User)),
+            room: in_room.map(|r| stream(r, Source::Room)),
         }))
     };
     let r = read.await;
     if r.is_err() {
         registry.end_pending(&chan.key, chan.id);
+        // The presence claimed above: rewritten from the real counts.
         if let Some(mid) = mid {
-            // The presence claimed above: rewritten from the real count.
             let _ = c.dirty.try_send(crate::cluster::Dirty::User(mid));
+        }
+        if let Some(r) = room {
+            let _ = c.dirty.try_send(crate::cluster::Dirty::Room(r));
         }
     }
     r.map_err(SessionError::Tier)
@@ -520,7 +537,7 @@ where
                 }
             }
         }
-        shared = Some(claim_and_read(&ctx.registry, c, &chan, positions).await?);
+        shared = Some(claim_and_read(&ctx.registry, c, &chan, room.clone(), positions).await?);
     }
     let spawn_writer = |writer: W, rx: OutReceiver| {
         tokio::spawn(write_loop(
@@ -763,16 +780,32 @@ async fn handle(
                 if !chan.room_for(plain.len() + protocol::EXT_LEN).await {
                     return Ok(());
                 }
-                ctx.registry.change_room_with(chan, next.clone(), |state| {
-                    let meta = state.map_or(PushMeta::untracked(Source::Room), |s| PushMeta {
-                        source: Source::Room,
-                        epoch: s.epoch,
-                        offset: s.offset,
-                    });
-                    let mut b = BytesMut::new();
-                    protocol::put_with_ext(&mut b, &plain, frame.seq, meta);
-                    Some(b.freeze())
-                })?;
+                // Shared room history: the new room's presence here claimed and
+                // its position read first (a push between the read and the move
+                // shows as a gap: the channel closes and the client resumes).
+                let shared_top = match (&ctx.shared_keys, &next) {
+                    (Some(c), Some(r)) if c.shares_room_history() => {
+                        use crate::cluster::shared;
+                        let read = async {
+                            shared::claim_room(c, r, ctx.registry.room_online(r) + 1).await?;
+                            shared::read(c, crate::history::StreamRef::Room(r), None).await
+                        };
+                        let rec = read.await.map_err(SessionError::Tier)?;
+                        Some(rec.top)
+                    }
+                    _ => None,
+                };
+                ctx.registry
+                    .change_room_at(chan, next.clone(), shared_top, |state| {
+                        let meta = state.map_or(PushMeta::untracked(Source::Room), |s| PushMeta {
+                            source: Source::Room,
+                            epoch: s.epoch,
+                            offset: s.offset,
+                        });
+                        let mut b = BytesMut::new();
+                        protocol::put_with_ext(&mut b, &plain, frame.seq, meta);
+                        Some(b.freeze())
+                    })?;
                 *room = next;
                 debug!(room = ?room, "changed room");
                 return Ok(());

@@ -219,6 +219,18 @@ async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
             }
             return;
         }
+        Some(&shared::ROOM_MARKER) => {
+            match shared::KeyPush::parse_named(bytes, shared::ROOM_MARKER) {
+                Some(p) => {
+                    c.registry
+                        .push_room_at(&p.key, &p.frame, meta(Source::Room, p.position));
+                }
+                None => {
+                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad room push on the bus")
+                }
+            }
+            return;
+        }
         Some(&shared::USER_MARKER) => {
             match shared::UserPush::parse(bytes) {
                 Some(p) => {

@@ -326,6 +326,8 @@ pub struct Cluster {
     pub(crate) keys: Option<crate::history::redis_store::RedisHistory>,
     /// User streams are shared too (`history.user`).
     shared_users: bool,
+    /// Room streams are shared too (`history.room`).
+    shared_rooms: bool,
     /// On a Redis Cluster, the sharded channels this node is subscribed to
     /// ([`subs`]).
     pub(crate) subs: parking_lot::Mutex<std::collections::HashSet<String>>,
@@ -430,6 +432,9 @@ impl Cluster {
             shared_users: history.enabled
                 && history.store == HistoryStoreKind::Redis
                 && history.user,
+            shared_rooms: history.enabled
+                && history.store == HistoryStoreKind::Redis
+                && history.room,
             subs: parking_lot::Mutex::default(),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -485,6 +490,12 @@ impl Cluster {
     /// with `history.user`).
     pub fn shares_user_history(&self) -> bool {
         self.shared_users
+    }
+
+    /// Whether room streams live in the tier's Redis (`history.store = "redis"`
+    /// with `history.room`).
+    pub fn shares_room_history(&self) -> bool {
+        self.shared_rooms
     }
 
     /// The live nodes other than this one.

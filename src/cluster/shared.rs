@@ -1,7 +1,8 @@
 //! History shared by the tier (`history.store = "redis"`): every key's and user
-//! id's stream lives in Redis ([`crate::history::redis_store`]'s layout), so a
-//! client whose node died resumes on any other node with nothing lost. (Room and
-//! broadcast streams stay in each node's memory.)
+//! id's stream (and with `history.room` every room's) lives in Redis
+//! ([`crate::history::redis_store`]'s layout), so a client whose node died
+//! resumes on any other node with nothing lost. (Broadcast streams stay in each
+//! node's memory.)
 //!
 //! ```text
 //! backend ─▶ any node: one script per call ─▶ per key / user: append to its stream,
@@ -43,6 +44,8 @@ use crate::history::{History, Position, Recovery, StreamRef};
 pub const MARKER: u8 = 0xfe;
 /// First byte of a positioned user push on the bus.
 pub const USER_MARKER: u8 = 0xfd;
+/// First byte of a positioned room push on the bus.
+pub const ROOM_MARKER: u8 = 0xfc;
 
 /// The append both scripts share, inside their per-stream loop: with `meta`,
 /// `log`, `frame`, `new_epoch` and `epoch` (nil for a missing stream) in scope
@@ -179,10 +182,16 @@ pub struct KeyPush {
 
 /// The bus message's start for `key`: marker, key length (u32 BE), key.
 pub fn message_prefix(key: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + key.len());
-    v.push(MARKER);
-    v.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_be_bytes());
-    v.extend_from_slice(key.as_bytes());
+    named_message_prefix(MARKER, key)
+}
+
+/// The bus message's start for a named stream (a key's, or with
+/// [`ROOM_MARKER`] a room's): marker, name length (u32 BE), name.
+pub fn named_message_prefix(marker: u8, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + name.len());
+    v.push(marker);
+    v.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
     v
 }
 
@@ -227,7 +236,13 @@ impl KeyPush {
     /// Parses a bus message that starts with [`MARKER`]; `None` for anything else
     /// or anything cut short.
     pub fn parse(msg: &[u8]) -> Option<KeyPush> {
-        if *msg.first()? != MARKER {
+        Self::parse_named(msg, MARKER)
+    }
+
+    /// Parses a named stream's push starting with `marker` (a room's with
+    /// [`ROOM_MARKER`]: `key` is then the room).
+    pub fn parse_named(msg: &[u8], marker: u8) -> Option<KeyPush> {
+        if *msg.first()? != marker {
             return None;
         }
         let len = u32::from_be_bytes(msg.get(1..5)?.try_into().ok()?) as usize;
@@ -338,54 +353,121 @@ pub async fn append_route_users(
     mids: &[i64],
     frame: &Bytes,
 ) -> Result<Vec<UserAppended>, ClusterError> {
-    if mids.is_empty() {
+    let streams: Vec<Present> = mids
+        .iter()
+        .map(|&mid| Present {
+            stream: StreamRef::User(mid),
+            on: Box::new(move |n: &str| names::user(mid, n)),
+            prefix: user_message_prefix(mid),
+            channel: names::user_channel(mid),
+        })
+        .collect();
+    append_route_present(c, streams, frame).await
+}
+
+/// Appends `frame` to `room`'s stream (shared room history) and publishes it to
+/// every live node with members of the room (this one included), in one
+/// script. What it did, as for a user.
+pub async fn append_route_room(
+    c: &Cluster,
+    room: &str,
+    frame: &Bytes,
+) -> Result<UserAppended, ClusterError> {
+    let owned = room.to_owned();
+    let streams = vec![Present {
+        stream: StreamRef::Room(room),
+        on: Box::new(move |n: &str| names::room(&owned, n)),
+        prefix: named_message_prefix(ROOM_MARKER, room),
+        channel: names::room_channel(room),
+    }];
+    let mut v = append_route_present(c, streams, frame).await?;
+    v.pop()
+        .ok_or_else(|| ClusterError::BadReply("room append: no reply".into()))
+}
+
+/// A stream whose pushes go to the nodes where it has a presence entry (a
+/// user's connections, a room's members).
+struct Present<'a> {
+    stream: StreamRef<'a>,
+    /// Its presence entry on a node.
+    on: Box<dyn Fn(&str) -> String + Send + Sync + 'a>,
+    /// The bus message's prefix (marker and name).
+    prefix: Vec<u8>,
+    /// Its sharded channel (a Redis Cluster).
+    channel: String,
+}
+
+async fn append_route_present(
+    c: &Cluster,
+    streams: Vec<Present<'_>>,
+    frame: &Bytes,
+) -> Result<Vec<UserAppended>, ClusterError> {
+    if streams.is_empty() {
         return Ok(Vec::new());
     }
     let h = c.keys.as_ref().ok_or(ClusterError::NoSharedHistory)?;
     let nodes: Vec<String> = c.live.read().iter().cloned().collect();
-    let invoke = |mids: &[i64], channel: String| {
+    let n = streams.len();
+    let invoke = |streams: &[Present<'_>], channel: &str| {
         let mut inv = user_append_route_script().prepare_invoke();
-        for &mid in mids {
-            let (meta, log) = stream_keys(StreamRef::User(mid));
+        for s in streams {
+            let (meta, log) = stream_keys(s.stream);
             inv.key(meta).key(log);
-            for n in &nodes {
-                inv.key(names::user(mid, n));
+            for node in &nodes {
+                inv.key((s.on)(node));
             }
         }
         inv.arg(h.size())
             .arg(h.ttl_secs())
             .arg(nodes.len())
             .arg(channel);
-        for n in &nodes {
-            inv.arg(names::node_channel(n));
+        for node in &nodes {
+            inv.arg(names::node_channel(node));
         }
-        for &mid in mids {
+        for s in streams {
             inv.arg(frame.as_ref())
                 .arg(History::new_epoch())
-                .arg(user_message_prefix(mid));
+                .arg(&s.prefix[..]);
         }
         let mut con = c.backend.con();
         async move { inv.invoke_async::<Vec<i64>>(&mut con).await }
     };
     let v: Vec<i64> = if c.backend.is_cluster() {
-        let calls = mids
+        // One script per stream (each in its own slot), all sent at once; each
+        // publishes to the stream's sharded channel.
+        let calls = streams
             .iter()
-            .map(|&mid| invoke(&[mid], names::user_channel(mid)));
+            .map(|s| invoke(std::slice::from_ref(s), &s.channel));
         futures_util::future::try_join_all(calls)
             .await?
             .into_iter()
             .flatten()
             .collect()
     } else {
-        invoke(mids, String::new()).await?
+        invoke(&streams, "").await?
     };
-    Ok(appended(v, mids.len(), "user")?
+    Ok(appended(v, n, "user or room")?
         .into_iter()
         .map(|(position, n)| UserAppended {
             position,
             reached: u64::try_from(n).unwrap_or(0),
         })
         .collect())
+}
+
+/// Claims `room`'s presence on this node (at least `at_least` members) before
+/// a resuming member's room stream is read, so every push appended after the
+/// read reaches this node; the directory writer rewrites the real count.
+pub async fn claim_room(c: &Cluster, room: &str, at_least: u64) -> Result<(), ClusterError> {
+    super::subs::hold(c, vec![names::room_channel(room)]).await?;
+    redis::cmd("SET")
+        .arg(names::room(room, &c.id))
+        .arg(at_least.max(1))
+        .arg("PX")
+        .arg(directory::ttl_ms(c))
+        .query_async::<()>(&mut c.backend.con())
+        .await?;
+    Ok(())
 }
 
 /// Marks user `mid` present on this node at once (its count entry at least

@@ -36,8 +36,10 @@ fn channel(d: &Dirty) -> String {
 fn wanted(c: &Cluster, d: &Dirty) -> bool {
     match d {
         Dirty::Key(k) => c.registry.get(k).is_some() || c.registry.is_pending(k),
-        Dirty::User(mid) => c.registry.user_online(*mid) > 0,
-        Dirty::Room(r) => c.registry.room_online(r) > 0,
+        Dirty::User(mid) => {
+            c.registry.user_online(*mid) > 0 || c.registry.pending_for(Some(*mid), None)
+        }
+        Dirty::Room(r) => c.registry.room_online(r) > 0 || c.registry.pending_for(None, Some(r)),
     }
 }
 

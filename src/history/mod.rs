@@ -126,7 +126,7 @@ impl fmt::Debug for History {
 
 impl History {
     /// History over `store`, keeping the source kinds `config` enables in this
-    /// process (key and user streams are not, when `history.store = "redis"`:
+    /// process (key, user and room streams are not, when `history.store = "redis"`:
     /// the tier's Redis keeps them, see [`crate::cluster::shared`]).
     pub fn new(store: Arc<dyn HistoryStore>, config: &HistoryConfig) -> Self {
         let here = config.store == HistoryStoreKind::Memory;
@@ -135,7 +135,7 @@ impl History {
             kinds: [
                 config.key && here,
                 config.user && here,
-                config.room,
+                config.room && here,
                 config.all,
             ],
             order: (0..ORDER_SHARDS).map(|_| Mutex::new(())).collect(),

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::channel::{Channel, CloseReason, Transport};
-use crate::history::{History, SourceState, StreamRef};
+use crate::history::{History, Position, SourceState, StreamRef};
 use crate::protocol::{PushMeta, Source};
 use crate::resume::{Positions, ResumeReply};
 use crate::rpc::proto::PushOutcome;
@@ -227,6 +227,7 @@ pub const PENDING_MAX: usize = 4096;
 struct Pending {
     conn: u64,
     mid: Option<i64>,
+    room: Option<Arc<str>>,
     frames: Vec<(Bytes, PushMeta)>,
     overflow: bool,
 }
@@ -257,6 +258,8 @@ pub struct SharedStream {
 pub struct Shared {
     pub key: Option<SharedStream>,
     pub user: Option<SharedStream>,
+    /// The room's, when room history is shared and it joins a room.
+    pub room: Option<SharedStream>,
 }
 
 impl BucketInner {
@@ -612,7 +615,11 @@ impl Registry {
         };
         let mut shared_states = Vec::new();
         if let Some(sh) = shared.filter(|_| chan.resume) {
-            for (source, st) in [(Source::Key, sh.key), (Source::User, sh.user)] {
+            for (source, st) in [
+                (Source::Key, sh.key),
+                (Source::User, sh.user),
+                (Source::Room, sh.room),
+            ] {
                 if let Some(st) = st {
                     let state = resume_state(source, st.recovery, st.asked, accepts, &mut replay);
                     shared_states.push((source, state));
@@ -697,6 +704,19 @@ impl Registry {
         room: Option<Arc<str>>,
         reply: impl FnOnce(Option<SourceState>) -> Option<Bytes>,
     ) -> Result<bool, RoomsFull> {
+        self.change_room_at(chan, room, None, reply)
+    }
+
+    /// As [`Registry::change_room_with`]; with shared room history, `shared_top`
+    /// is the new room's position as the session read it from the tier's Redis
+    /// (the channel takes the room's pushes after it).
+    pub fn change_room_at(
+        &self,
+        chan: &Channel,
+        room: Option<Arc<str>>,
+        shared_top: Option<Position>,
+        reply: impl FnOnce(Option<SourceState>) -> Option<Bytes>,
+    ) -> Result<bool, RoomsFull> {
         let h = self.keeping(Source::Room);
         let _order = match (h, &room) {
             (Some(h), Some(r)) => Some(h.order(StreamRef::Room(r))),
@@ -714,6 +734,15 @@ impl Registry {
             }
         }
         let state = match (h, &room) {
+            (_, Some(_)) if chan.resume && shared_top.is_some() => {
+                let top = shared_top.unwrap_or_default();
+                chan.set_floor(Source::Room, top);
+                Some(SourceState {
+                    epoch: top.epoch,
+                    offset: top.offset,
+                    recovered: None,
+                })
+            }
             (Some(h), Some(r)) if chan.resume => {
                 let top = h.store().ensure(StreamRef::Room(r));
                 chan.set_floor(Source::Room, top);
@@ -769,12 +798,19 @@ impl Registry {
     /// until [`Registry::register_with`] registers that connection, the key pushes
     /// [`Registry::push_key_at`] gets for the key are buffered for it (at most
     /// [`PENDING_MAX`]). A later call for the same key replaces the mark.
-    pub fn begin_pending(&self, key: &Arc<str>, conn: u64, mid: Option<i64>) {
+    pub fn begin_pending(
+        &self,
+        key: &Arc<str>,
+        conn: u64,
+        mid: Option<i64>,
+        room: Option<Arc<str>>,
+    ) {
         self.bucket(key).lock().pending.insert(
             key.clone(),
             Pending {
                 conn,
                 mid,
+                room,
                 frames: Vec::new(),
                 overflow: false,
             },
@@ -784,6 +820,16 @@ impl Registry {
     /// Whether a session is connecting `key` ([`Registry::begin_pending`]).
     pub fn is_pending(&self, key: &str) -> bool {
         self.bucket(key).lock().pending.contains_key(key)
+    }
+
+    /// Whether a registering connection ([`Registry::begin_pending`]) is of user
+    /// `mid` (`Some`) or joins `room` (`Some`).
+    pub fn pending_for(&self, mid: Option<i64>, room: Option<&str>) -> bool {
+        self.buckets.iter().any(|b| {
+            b.lock().pending.values().any(|p| {
+                (mid.is_some() && p.mid == mid) || (room.is_some() && p.room.as_deref() == room)
+            })
+        })
     }
 
     /// Drops `conn`'s pending mark on `key`, if it is still there (a session that
@@ -809,6 +855,30 @@ impl Registry {
             outcome = e.push_next(op_of(frame), frame, meta);
         }
         outcome
+    }
+
+    /// Queues a room push the tier's shared room history already appended: to
+    /// every member that takes the offset next, and to the buffers of
+    /// connections registering into the room.
+    pub fn push_room_at(&self, room: &str, frame: &Bytes, meta: PushMeta) -> Tally {
+        let mut t = Tally::default();
+        let op = op_of(frame);
+        for bucket in self.buckets.iter() {
+            let mut b = bucket.lock();
+            for p in b
+                .pending
+                .values_mut()
+                .filter(|p| p.room.as_deref() == Some(room))
+            {
+                p.buffer(frame, meta);
+            }
+            if let Some(members) = b.rooms.get(room) {
+                for &i in members {
+                    t.add(b.entries[i].push_next(op, frame, meta));
+                }
+            }
+        }
+        t
     }
 
     /// Queues a user push the tier's shared history already appended: to every

@@ -477,6 +477,28 @@ impl Dispatcher {
                 counts.add_tally(&t);
                 Ok(Reply::Tally(t))
             }
+            Request::BroadcastRoom { room, op, body } if c.shares_room_history() => {
+                if room.is_empty() {
+                    return Err(RpcError::EmptyRoom);
+                }
+                self.check_body(&body)?;
+                // Appended to the room's shared stream and routed by one script;
+                // every node with members (this one too) queues it from the bus.
+                let frame = push_frame(op, body);
+                let mut t = Tally::default();
+                match shared::append_route_room(c, &room, &frame).await {
+                    Ok(a) => {
+                        t.appended = u64::from(a.position.is_some());
+                        t.forwarded_nodes = a.reached;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, room = %room, "shared room history unavailable");
+                        t.unavailable += 1;
+                    }
+                }
+                counts.add_tally(&t);
+                Ok(Reply::Tally(t))
+            }
             Request::BroadcastRoom { room, op, body } => {
                 let Reply::Tally(mut t) = self
                     .run_node(

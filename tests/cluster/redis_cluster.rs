@@ -110,3 +110,15 @@ async fn on_a_redis_cluster_a_key_push_is_one_sharded_publish_to_its_holder() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_room_member_resumes_on_another_node_with_every_room_push_it_missed() {
+    crate::shared::room_resumes_elsewhere(
+        Tier::start_cluster_with(3, |c| {
+            shared(c);
+            c.history.room = true;
+        })
+        .await,
+    )
+    .await;
+}

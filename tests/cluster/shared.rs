@@ -234,3 +234,93 @@ pub async fn user_resumes_elsewhere(mut t: Tier) {
     assert_eq!(body, "probe");
     t.stop().await;
 }
+
+fn shared_rooms(c: &mut quicpush::Config) {
+    c.history.store = HistoryStoreKind::Redis;
+    c.history.room = true;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_member_resumes_on_another_node_with_every_room_push_it_missed() {
+    room_resumes_elsewhere(Tier::start_with(3, shared_rooms).await).await;
+}
+
+/// With `history.room` as well, the room's stream is the tier's: a member whose
+/// node left resumes its room on another node, recovered, in order.
+pub async fn room_resumes_elsewhere(mut t: Tier) {
+    let mut claims = t.nodes[1].claims("viewer");
+    claims.room_id = Some("live://m".into());
+    let token = t.nodes[1].sign(&claims);
+    let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
+    let (mut c, reply) = ResumingClient::connect_any(dials, token, Backoff::default())
+        .await
+        .expect("a node");
+    let room = reply.source(Source::Room).expect("room history is on");
+    let a = t.nodes[0].backend().await;
+    for i in 0..5 {
+        let tally = a
+            .broadcast_room("live://m", 1000, format!("r{i}"))
+            .await
+            .unwrap();
+        // Claimed at connect: no wait for the directory writer.
+        assert_eq!((tally.appended, tally.forwarded_nodes), (1, 1), "{tally:?}");
+    }
+    for i in 0..5u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(body, format!("r{i}"));
+        assert_eq!(
+            (meta.source, meta.epoch, meta.offset),
+            (Source::Room, room.epoch, i + 1)
+        );
+    }
+    t.nodes.remove(1).stop().await;
+    for i in 5..10 {
+        let tally = a
+            .broadcast_room("live://m", 1000, format!("r{i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            tally.appended, 1,
+            "kept while no node has members: {tally:?}"
+        );
+    }
+    let reply = resumed(&mut c).await;
+    let state = reply.source(Source::Room).unwrap();
+    assert_eq!(
+        (state.recovered, state.epoch, state.offset),
+        (Some(true), room.epoch, 10),
+        "{reply:?}"
+    );
+    for i in 5..10u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(
+            (body, meta.source, meta.offset),
+            (format!("r{i}"), Source::Room, i + 1)
+        );
+    }
+    let tally = a.broadcast_room("live://m", 1000, "live").await.unwrap();
+    assert_eq!(tally.forwarded_nodes, 1, "{tally:?}");
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!((body.as_str(), meta.offset), ("live", 11));
+    // ChangeRoom claims the new room here before it answers: the next push to
+    // it reaches this node at once, first in the new room's stream.
+    c.connection()
+        .expect("connected")
+        .send(quicpush::protocol::op::CHANGE_ROOM, "live://n")
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, c.next()).await.expect("a reply") {
+        Event::Reply(f) => {
+            assert_eq!(f.op, quicpush::protocol::op::CHANGE_ROOM_REPLY)
+        }
+        other => panic!("expected ChangeRoomReply, got {other:?}"),
+    }
+    let tally = a.broadcast_room("live://n", 1000, "new").await.unwrap();
+    assert_eq!((tally.appended, tally.forwarded_nodes), (1, 1), "{tally:?}");
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!(
+        (body.as_str(), meta.source, meta.offset),
+        ("new", Source::Room, 1)
+    );
+    t.stop().await;
+}
