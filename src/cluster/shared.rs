@@ -459,9 +459,26 @@ async fn append_route_present(
 /// a resuming member's room stream is read, so every push appended after the
 /// read reaches this node; the directory writer rewrites the real count.
 pub async fn claim_room(c: &Cluster, room: &str, at_least: u64) -> Result<(), ClusterError> {
-    super::subs::hold(c, vec![names::room_channel(room)]).await?;
+    claim_presence(
+        c,
+        names::room_channel(room),
+        names::room(room, &c.id),
+        at_least,
+    )
+    .await
+}
+
+/// Subscribes to `channel` (a Redis Cluster) and sets the count entry `entry`
+/// to at least `at_least`, living the node's TTL.
+async fn claim_presence(
+    c: &Cluster,
+    channel: String,
+    entry: String,
+    at_least: u64,
+) -> Result<(), ClusterError> {
+    super::subs::hold(c, vec![channel]).await?;
     redis::cmd("SET")
-        .arg(names::room(room, &c.id))
+        .arg(entry)
         .arg(at_least.max(1))
         .arg("PX")
         .arg(directory::ttl_ms(c))
@@ -474,15 +491,13 @@ pub async fn claim_room(c: &Cluster, room: &str, at_least: u64) -> Result<(), Cl
 /// `at_least`), rather than through the directory writer's queue, so user
 /// pushes find this node before the connection registers.
 pub async fn claim_user(c: &Cluster, mid: i64, at_least: u64) -> Result<(), ClusterError> {
-    super::subs::hold(c, vec![names::user_channel(mid)]).await?;
-    redis::cmd("SET")
-        .arg(names::user(mid, &c.id))
-        .arg(at_least.max(1))
-        .arg("PX")
-        .arg(directory::ttl_ms(c))
-        .query_async::<()>(&mut c.backend.con())
-        .await?;
-    Ok(())
+    claim_presence(
+        c,
+        names::user_channel(mid),
+        names::user(mid, &c.id),
+        at_least,
+    )
+    .await
 }
 
 /// Makes this node the holder of `key` (connection `conn`) at once, rather than
