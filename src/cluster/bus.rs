@@ -44,14 +44,11 @@ pub async fn publish(
     c: &Cluster,
     batch: Vec<(String, Envelope)>,
 ) -> Result<Vec<u64>, ClusterError> {
-    let mut cmds = Vec::with_capacity(batch.len());
-    for (node, e) in batch {
-        let mut cmd = redis::cmd(publish_cmd(c));
-        cmd.arg(names::node_channel(&node))
-            .arg(envelope::encode(&c.id, e)?);
-        cmds.push(cmd);
-    }
-    counts(c.backend.each(cmds).await?)
+    let batch = batch
+        .into_iter()
+        .map(|(node, e)| Ok((names::node_channel(&node), envelope::encode(&c.id, e)?)))
+        .collect::<Result<Vec<_>, ClusterError>>()?;
+    publish_to(c, batch).await
 }
 
 /// Publishes each message to its channel (sharded on a Redis Cluster); how many
@@ -207,26 +204,19 @@ async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
         offset: p.offset,
     };
     match bytes.first() {
-        Some(&shared::MARKER) => {
-            match shared::KeyPush::parse(bytes) {
-                Some(p) => {
+        Some(&marker @ (shared::MARKER | shared::ROOM_MARKER)) => {
+            // A named stream's push: a key's, or a room's.
+            match shared::KeyPush::parse_named(bytes, marker) {
+                Some(p) if marker == shared::MARKER => {
                     c.registry
                         .push_key_at(&p.key, &p.frame, meta(Source::Key, p.position));
                 }
-                None => {
-                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad key push on the bus")
-                }
-            }
-            return;
-        }
-        Some(&shared::ROOM_MARKER) => {
-            match shared::KeyPush::parse_named(bytes, shared::ROOM_MARKER) {
                 Some(p) => {
                     c.registry
                         .push_room_at(&p.key, &p.frame, meta(Source::Room, p.position));
                 }
                 None => {
-                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad room push on the bus")
+                    warn!(node = %c.id, len = bytes.len(), marker, "ignoring a bad key or room push on the bus")
                 }
             }
             return;

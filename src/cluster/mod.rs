@@ -117,6 +117,16 @@ impl ClusterBackend {
         channels: &[String],
         sharded: bool,
     ) -> Result<(), ClusterError> {
+        let how = if sharded { Sub::Sharded } else { Sub::Plain };
+        self.each_channel(channels, how).await
+    }
+
+    /// Leaves sharded channels (`SUNSUBSCRIBE`), one command per channel.
+    pub(crate) async fn unsubscribe(&self, channels: &[String]) -> Result<(), ClusterError> {
+        self.each_channel(channels, Sub::LeaveSharded).await
+    }
+
+    async fn each_channel(&self, channels: &[String], how: Sub) -> Result<(), ClusterError> {
         if channels.is_empty() {
             return Ok(());
         }
@@ -124,30 +134,24 @@ impl ClusterBackend {
         let calls = channels.iter().map(|ch| {
             let mut con = con.clone();
             async move {
-                if sharded {
-                    con.ssubscribe(ch).await
-                } else {
-                    con.subscribe(ch).await
+                match how {
+                    Sub::Plain => con.subscribe(ch).await,
+                    Sub::Sharded => con.ssubscribe(ch).await,
+                    Sub::LeaveSharded => con.sunsubscribe(ch).await,
                 }
             }
         });
         futures_util::future::try_join_all(calls).await?;
         Ok(())
     }
+}
 
-    /// Leaves sharded channels (`SUNSUBSCRIBE`), one command per channel.
-    pub(crate) async fn unsubscribe(&self, channels: &[String]) -> Result<(), ClusterError> {
-        if channels.is_empty() {
-            return Ok(());
-        }
-        let con = self.con().await?;
-        let calls = channels.iter().map(|ch| {
-            let mut con = con.clone();
-            async move { con.sunsubscribe(ch).await }
-        });
-        futures_util::future::try_join_all(calls).await?;
-        Ok(())
-    }
+/// A subscription command, sent per channel.
+#[derive(Clone, Copy)]
+enum Sub {
+    Plain,
+    Sharded,
+    LeaveSharded,
 }
 
 /// One command connection of a [`Backend`].

@@ -297,11 +297,7 @@ pub async fn append_route(
             .iter()
             .zip(frames)
             .map(|(k, f)| invoke(&[k], &[f], names::key_channel(k)));
-        futures_util::future::try_join_all(calls)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect()
+        concat(calls).await?
     } else {
         invoke(keys, frames, String::new()).await?
     };
@@ -385,6 +381,19 @@ pub async fn append_route_room(
         .ok_or_else(|| ClusterError::BadReply("room append: no reply".into()))
 }
 
+/// The replies of scripts run one per slot (a Redis Cluster), all sent at
+/// once, in the order of `calls`.
+async fn concat<F>(calls: impl IntoIterator<Item = F>) -> redis::RedisResult<Vec<i64>>
+where
+    F: std::future::Future<Output = redis::RedisResult<Vec<i64>>>,
+{
+    Ok(futures_util::future::try_join_all(calls)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
 /// A stream whose pushes go to the nodes where it has a presence entry (a
 /// user's connections, a room's members).
 struct Present<'a> {
@@ -438,11 +447,7 @@ async fn append_route_present(
         let calls = streams
             .iter()
             .map(|s| invoke(std::slice::from_ref(s), &s.channel));
-        futures_util::future::try_join_all(calls)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect()
+        concat(calls).await?
     } else {
         invoke(&streams, "").await?
     };
