@@ -303,9 +303,9 @@ pub struct HistoryConfig {
     pub room: bool,
     /// Keep broadcasts (Broadcast without a speed; paced broadcasts are never kept).
     pub all: bool,
-    /// Where key, user and room streams live: `memory` (this node's process) or
+    /// Where key, user, room and broadcast streams live: `memory` (this node's process) or
     /// `redis` (the tier's Redis, shared by every node, so a client resumes on
-    /// any node; needs `cluster.redis`). Broadcast streams stay in memory.
+    /// any node; needs `cluster.redis`), and with `all` the broadcast stream too.
     pub store: HistoryStoreKind,
 }
 

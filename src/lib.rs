@@ -144,8 +144,9 @@
 //!
 //! - Several nodes: [`cluster`] speaks to one Redis server or a Redis Cluster
 //!   ([`cluster::Backend`]; on a cluster the bus is sharded pub/sub, one channel
-//!   per held key, user and room, see [`cluster::subs`]). Broadcast streams stay
-//!   per node; a shared one would be a single `{a}` stream beside the others.
+//!   per held key, user and room, see [`cluster::subs`]). With `history.store =
+//!   "redis"` every kept source's stream is the tier's, the broadcast stream
+//!   (`{a}`) too.
 //!
 
 pub mod auth;

@@ -401,12 +401,22 @@ async fn claim_and_read(
                 None => Ok(None),
             }
         };
+        let all = async {
+            if c.shares_all_history() {
+                Ok(Some(
+                    shared::read(c, StreamRef::All, asked(Source::All)).await?,
+                ))
+            } else {
+                Ok(None)
+            }
+        };
         // The reads at once: one round trip.
-        let (key, user, in_room) = tokio::try_join!(key, user, in_room)?;
+        let (key, user, in_room, all) = tokio::try_join!(key, user, in_room, all)?;
         Ok(Some(Shared {
             key: Some(stream(key, Source::Key)),
             user: user.map(|u| stream(u, Source::User)),
             room: in_room.map(|r| stream(r, Source::Room)),
+            all: all.map(|a| stream(a, Source::All)),
         }))
     };
     let r = read.await;

@@ -196,8 +196,9 @@ fn kick(registry: &Registry, key: &str, reason: KickReason, conn: u64) -> Option
 }
 
 async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
-    // A key or user push the shared history appended (from any node, this one
-    // included): queued with its position, nothing appended here.
+    // A key, user, room or broadcast push the shared history appended (from
+    // any node, this one included): queued with its position, nothing
+    // appended here.
     let meta = |source, p: crate::history::Position| PushMeta {
         source,
         epoch: p.epoch,
@@ -217,6 +218,22 @@ async fn handle(c: &Cluster, local: &Dispatcher, bytes: &[u8]) {
                 }
                 None => {
                     warn!(node = %c.id, len = bytes.len(), marker, "ignoring a bad key or room push on the bus")
+                }
+            }
+            return;
+        }
+        Some(&shared::ALL_MARKER) => {
+            // A broadcast the shared history appended: fanned out by this
+            // node's broadcast workers, in the order the bus brings them.
+            match shared::parse_all(bytes) {
+                Some(p) => {
+                    let m = meta(Source::All, p.position);
+                    if let Err(e) = local.broadcaster.submit_at(p.frame, m).await {
+                        debug!(node = %c.id, error = %e, "a shared broadcast was not fanned out");
+                    }
+                }
+                None => {
+                    warn!(node = %c.id, len = bytes.len(), "ignoring a bad broadcast on the bus")
                 }
             }
             return;

@@ -332,6 +332,8 @@ pub struct Cluster {
     shared_users: bool,
     /// Room streams are shared too (`history.room`).
     shared_rooms: bool,
+    /// Broadcast streams live in Redis too (`history.all`).
+    shared_all: bool,
     /// On a Redis Cluster, the sharded channels this node is subscribed to
     /// ([`subs`]).
     pub(crate) subs: parking_lot::Mutex<std::collections::HashSet<String>>,
@@ -439,6 +441,7 @@ impl Cluster {
             shared_rooms: history.enabled
                 && history.store == HistoryStoreKind::Redis
                 && history.room,
+            shared_all: history.enabled && history.store == HistoryStoreKind::Redis && history.all,
             subs: parking_lot::Mutex::default(),
             halt: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -500,6 +503,12 @@ impl Cluster {
     /// with `history.room`).
     pub fn shares_room_history(&self) -> bool {
         self.shared_rooms
+    }
+
+    /// Whether the broadcast stream lives in the tier's Redis
+    /// (`history.store = "redis"` with `history.all`).
+    pub fn shares_all_history(&self) -> bool {
+        self.shared_all
     }
 
     /// The live nodes other than this one.

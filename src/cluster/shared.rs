@@ -1,8 +1,9 @@
 //! History shared by the tier (`history.store = "redis"`): every key's and user
 //! id's stream (and with `history.room` every room's) lives in Redis
 //! ([`crate::history::redis_store`]'s layout), so a client whose node died
-//! resumes on any other node with nothing lost. (Broadcast streams stay in each
-//! node's memory.)
+//! resumes on any other node with nothing lost; with `history.all` the
+//! broadcast stream (`{a}`) lives there too, and every node fans a broadcast
+//! out from the bus in the stream's order.
 //!
 //! ```text
 //! backend ─▶ any node: one script per call ─▶ per key / user: append to its stream,
@@ -46,6 +47,8 @@ pub const MARKER: u8 = 0xfe;
 pub const USER_MARKER: u8 = 0xfd;
 /// First byte of a positioned room push on the bus.
 pub const ROOM_MARKER: u8 = 0xfc;
+/// First byte of a positioned broadcast on the bus (`quicpush:all`).
+pub const ALL_MARKER: u8 = 0xfb;
 
 /// The append both scripts share, inside their per-stream loop: with `meta`,
 /// `log`, `frame`, `new_epoch` and `epoch` (nil for a missing stream) in scope
@@ -381,6 +384,35 @@ pub async fn append_route_room(
         .ok_or_else(|| ClusterError::BadReply("room append: no reply".into()))
 }
 
+/// Appends a broadcast's `frame` to the tier's broadcast stream (`{a}`, shared
+/// broadcast history) and publishes it with its position on `quicpush:all`, in
+/// one script: every node (this one too) fans it out from the bus, so the
+/// stream's order is every node's delivery order. Call it with no `.await`
+/// before it in the call's handling. On a Redis Cluster the script runs on
+/// `{a}`'s master and its PUBLISH reaches every cluster node.
+pub async fn append_route_all(c: &Cluster, frame: &Bytes) -> Result<Position, ClusterError> {
+    let h = c.keys.as_ref().ok_or(ClusterError::NoSharedHistory)?;
+    let a = h
+        .append_publish(
+            &mut c.backend.con(),
+            StreamRef::All,
+            frame,
+            names::ALL,
+            &[ALL_MARKER],
+        )
+        .await?;
+    Ok(a.position)
+}
+
+/// Parses a positioned broadcast (it starts with [`ALL_MARKER`]); `None` for
+/// anything else or anything cut short.
+pub fn parse_all(msg: &[u8]) -> Option<Published> {
+    if *msg.first()? != ALL_MARKER {
+        return None;
+    }
+    Published::parse(msg.get(1..)?).filter(|p| p.position.offset > 0)
+}
+
 /// The replies of scripts run one per slot (a Redis Cluster), all sent at
 /// once, in the order of `calls`.
 async fn concat<F>(calls: impl IntoIterator<Item = F>) -> redis::RedisResult<Vec<i64>>
@@ -580,5 +612,24 @@ mod tests {
             assert_eq!(UserPush::parse(&msg[..cut]), None, "cut at {cut}");
         }
         assert_eq!(UserPush::parse(&message_prefix("k")), None);
+    }
+
+    #[test]
+    fn a_broadcast_message_round_trips_and_garbage_is_refused() {
+        let mut msg = vec![ALL_MARKER];
+        msg.extend_from_slice(&5u32.to_be_bytes());
+        msg.extend_from_slice(&0u32.to_be_bytes());
+        msg.extend_from_slice(&8u32.to_be_bytes());
+        msg.extend_from_slice(b"frame");
+        let p = parse_all(&msg).expect("parses");
+        assert_eq!((p.position.epoch, p.position.offset), (5, 8));
+        assert_eq!(&p.frame[..], b"frame");
+        for cut in 0..13 {
+            assert_eq!(parse_all(&msg[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(parse_all(&message_prefix("k")), None);
+        let mut zero = msg.clone();
+        zero[12] = 0;
+        assert_eq!(parse_all(&zero), None, "offset 0 is never a push's");
     }
 }

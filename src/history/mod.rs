@@ -126,8 +126,8 @@ impl fmt::Debug for History {
 
 impl History {
     /// History over `store`, keeping the source kinds `config` enables in this
-    /// process (key, user and room streams are not, when `history.store = "redis"`:
-    /// the tier's Redis keeps them, see [`crate::cluster::shared`]).
+    /// process (none is, when `history.store = "redis"`: the tier's Redis keeps
+    /// them, see [`crate::cluster::shared`]).
     pub fn new(store: Arc<dyn HistoryStore>, config: &HistoryConfig) -> Self {
         let here = config.store == HistoryStoreKind::Memory;
         History {
@@ -136,7 +136,7 @@ impl History {
                 config.key && here,
                 config.user && here,
                 config.room && here,
-                config.all,
+                config.all && here,
             ],
             order: (0..ORDER_SHARDS).map(|_| Mutex::new(())).collect(),
             hasher: ahash::RandomState::new(),

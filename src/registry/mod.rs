@@ -139,7 +139,7 @@ fn resume_state(
 }
 
 /// The op of an encoded frame.
-fn op_of(frame: &[u8]) -> u32 {
+pub(crate) fn op_of(frame: &[u8]) -> u32 {
     frame
         .get(8..12)
         .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
@@ -222,8 +222,8 @@ struct BucketInner {
 /// `Overflow` once registered (its client resumes and gets them from history).
 pub const PENDING_MAX: usize = 4096;
 
-/// Key and user pushes buffered for a connection between its claim and its
-/// registration ([`Registry::begin_pending`]).
+/// Key, user, room and broadcast pushes buffered for a connection between its
+/// claim and its registration ([`Registry::begin_pending`]).
 struct Pending {
     conn: u64,
     mid: Option<i64>,
@@ -260,6 +260,8 @@ pub struct Shared {
     pub user: Option<SharedStream>,
     /// The room's, when room history is shared and it joins a room.
     pub room: Option<SharedStream>,
+    /// The broadcast stream's, when broadcast history is shared.
+    pub all: Option<SharedStream>,
 }
 
 impl BucketInner {
@@ -619,6 +621,7 @@ impl Registry {
                 (Source::Key, sh.key),
                 (Source::User, sh.user),
                 (Source::Room, sh.room),
+                (Source::All, sh.all),
             ] {
                 if let Some(st) = st {
                     let state = resume_state(source, st.recovery, st.asked, accepts, &mut replay);
@@ -995,6 +998,24 @@ impl Registry {
             let b = bucket.lock();
             for (_, e) in b.entries.iter() {
                 t.add(e.push(op, frame, meta));
+            }
+        }
+        t
+    }
+
+    /// Queues a broadcast the tier's shared history already appended to every
+    /// channel of one bucket that takes the offset next, and to the buffers of
+    /// the bucket's registering connections.
+    pub fn push_bucket_at(&self, bucket: usize, frame: &Bytes, meta: PushMeta) -> Tally {
+        let mut t = Tally::default();
+        let op = op_of(frame);
+        if let Some(bucket) = self.buckets.get(bucket) {
+            let mut b = bucket.lock();
+            for p in b.pending.values_mut() {
+                p.buffer(frame, meta);
+            }
+            for (_, e) in b.entries.iter() {
+                t.add(e.push_next(op, frame, meta));
             }
         }
         t

@@ -39,6 +39,9 @@ struct Job {
     op: u32,
     frame: Bytes,
     meta: PushMeta,
+    /// Appended by the tier's shared history: channels take it only as their
+    /// broadcast stream's next offset ([`Registry::push_bucket_at`]).
+    shared: bool,
 }
 
 /// One running paced broadcast, as `Online` reports it.
@@ -217,7 +220,31 @@ impl Broadcaster {
         // An async mutex: waiting for a worker's queue is the point of holding it.
         let _order = self.order.lock().await;
         let meta = self.registry.append_broadcast(&frame);
-        let job = Job { op, frame, meta };
+        self.queue(Job {
+            op,
+            frame,
+            meta,
+            shared: false,
+        })
+        .await
+    }
+
+    /// Queues a broadcast the tier's shared history appended at `meta`'s
+    /// position (it arrived on the bus, in the stream's order) on every worker,
+    /// waiting for room.
+    pub async fn submit_at(&self, frame: Bytes, meta: PushMeta) -> Result<(), RpcError> {
+        let op = crate::registry::op_of(&frame);
+        let _order = self.order.lock().await;
+        self.queue(Job {
+            op,
+            frame,
+            meta,
+            shared: true,
+        })
+        .await
+    }
+
+    async fn queue(&self, job: Job) -> Result<(), RpcError> {
         for w in &self.workers {
             if w.send(job.clone()).await.is_err() {
                 return Err(RpcError::ShuttingDown);
@@ -256,9 +283,12 @@ async fn run_worker(registry: Arc<Registry>, buckets: Vec<usize>, mut rx: mpsc::
     while let Some(job) = rx.recv().await {
         let mut delivered = 0;
         for &b in &buckets {
-            delivered += registry
-                .push_bucket(b, job.op, &job.frame, job.meta)
-                .delivered;
+            let t = if job.shared {
+                registry.push_bucket_at(b, &job.frame, job.meta)
+            } else {
+                registry.push_bucket(b, job.op, &job.frame, job.meta)
+            };
+            delivered += t.delivered;
         }
         debug!(op = job.op, delivered, "broadcast slice done");
     }

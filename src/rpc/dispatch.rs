@@ -186,6 +186,21 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
+    /// The other nodes' online counts as of their last refresh (0, logged, when
+    /// they cannot be read): a Broadcast's `online` for the tier.
+    async fn others_online(&self, c: &Cluster) -> u64 {
+        match directory::others_online_and_rooms(c).await {
+            Ok((records, _)) => records
+                .iter()
+                .map(|r| r.get("online").copied().unwrap_or(0))
+                .sum(),
+            Err(e) => {
+                tracing::debug!(error = %e, "broadcast online: this node's count only");
+                0
+            }
+        }
+    }
+
     /// `outcomes` for the keys this node did not hold (Offline, or Stored: kept
     /// in this node's history, the key's client may be on another node now):
     /// each forwarded to the node holding it, lookup and PUBLISH in one Redis
@@ -529,6 +544,19 @@ impl Dispatcher {
                 counts.add_tally(&t);
                 Ok(Reply::Tally(t))
             }
+            Request::Broadcast { op, body, speed: 0 } if c.shares_all_history() => {
+                self.check_body(&body)?;
+                // Appended to the tier's broadcast stream and published by one
+                // script; every node (this one too) fans it out from the bus.
+                let frame = push_frame(op, body);
+                shared::append_route_all(c, &frame)
+                    .await
+                    .map_err(|e| RpcError::Cluster {
+                        reason: format!("broadcast not appended to the shared history: {e}"),
+                    })?;
+                let online = self.registry.online().total + self.others_online(c).await;
+                Ok(Reply::BroadcastAccepted { online })
+            }
             Request::Broadcast { op, body, speed } => {
                 let reply = self
                     .run_node(
@@ -546,21 +574,12 @@ impl Dispatcher {
                 }
                 // `online` for the tier: the other nodes' counts as of their last
                 // refresh (this node's alone if they cannot be read).
-                let Reply::BroadcastAccepted { mut online } = reply else {
+                let Reply::BroadcastAccepted { online } = reply else {
                     return Ok(reply);
                 };
-                match directory::others_online_and_rooms(c).await {
-                    Ok((records, _)) => {
-                        online += records
-                            .iter()
-                            .map(|r| r.get("online").copied().unwrap_or(0))
-                            .sum::<u64>();
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "broadcast online: this node's count only")
-                    }
-                }
-                Ok(Reply::BroadcastAccepted { online })
+                Ok(Reply::BroadcastAccepted {
+                    online: online + self.others_online(c).await,
+                })
             }
             Request::Rooms => {
                 let mut rooms: std::collections::HashMap<String, u64> =

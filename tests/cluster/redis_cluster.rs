@@ -122,3 +122,16 @@ async fn on_a_redis_cluster_a_room_member_resumes_on_another_node_with_every_roo
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_client_resumes_broadcasts_on_another_node_with_every_one_it_missed() {
+    let t = crate::shared::broadcast_resumes_elsewhere(
+        Tier::start_cluster_with(3, |c| {
+            shared(c);
+            c.history.all = true;
+        })
+        .await,
+    )
+    .await;
+    t.stop().await;
+}

@@ -324,3 +324,104 @@ pub async fn room_resumes_elsewhere(mut t: Tier) {
     );
     t.stop().await;
 }
+
+fn shared_broadcasts(c: &mut quicpush::Config) {
+    c.history.store = HistoryStoreKind::Redis;
+    c.history.all = true;
+}
+
+/// The next `n` push bodies `c` receives, in arrival order.
+async fn bodies_in_order(c: &mut quicpush::client::PushClient, n: usize) -> Vec<String> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let f = tokio::time::timeout(WAIT, c.next_frame())
+            .await
+            .expect("a push in time")
+            .expect("a frame")
+            .expect("still connected");
+        if f.op == 1000 {
+            v.push(String::from_utf8_lossy(&f.body).into_owned());
+        }
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_broadcasts_on_another_node_with_every_one_it_missed() {
+    let mut t = broadcast_resumes_elsewhere(Tier::start_with(3, shared_broadcasts).await).await;
+    // Redis down: a broadcast needs the shared stream, so it is refused with
+    // the reason, never fanned out unkept.
+    t.redis.kill();
+    let a = t.nodes[0].backend().await;
+    let err = a.broadcast(1000, "lost", 0).await.unwrap_err().to_string();
+    assert!(
+        err.contains("broadcast not appended to the shared history"),
+        "{err}"
+    );
+    t.redis.restart();
+    t.stop().await;
+}
+
+/// With `history.all`, the broadcast stream is the tier's: every node fans a
+/// broadcast out once, in the stream's order, and a client whose node left
+/// resumes its broadcasts on another node, recovered, in order. Returns the
+/// tier, still running.
+pub async fn broadcast_resumes_elsewhere(mut t: Tier) -> Tier {
+    let dials = vec![Dial::Tcp(t.nodes[1].tcp), Dial::Tcp(t.nodes[2].tcp)];
+    let (mut c, reply) =
+        ResumingClient::connect_any(dials, t.nodes[1].token("mob"), Backoff::default())
+            .await
+            .expect("a node");
+    let all = reply.source(Source::All).expect("broadcast history is on");
+    // goim clients on the two other nodes (the backend's node included).
+    let mut on0 = t.nodes[0].client(Via::Tcp, "g0").await;
+    let mut on2 = t.nodes[2].client(Via::Tcp, "g2").await;
+    let a = t.nodes[0].backend().await;
+    t.wait_all_live().await;
+    for i in 0..5 {
+        a.broadcast(1000, format!("b{i}"), 0).await.unwrap();
+    }
+    let want: Vec<String> = (0..5).map(|i| format!("b{i}")).collect();
+    for i in 0..5u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(body, want[i as usize]);
+        assert_eq!(
+            (meta.source, meta.epoch, meta.offset),
+            (Source::All, all.epoch, all.offset + i + 1)
+        );
+    }
+    assert_eq!(bodies_in_order(&mut on0, 5).await, want);
+    assert_eq!(bodies_in_order(&mut on2, 5).await, want);
+    t.nodes.remove(1).stop().await;
+    for i in 5..10 {
+        a.broadcast(1000, format!("b{i}"), 0).await.unwrap();
+    }
+    let reply = resumed(&mut c).await;
+    let state = reply.source(Source::All).unwrap();
+    assert_eq!(
+        (state.recovered, state.epoch, state.offset),
+        (Some(true), all.epoch, all.offset + 10),
+        "{reply:?}"
+    );
+    for i in 5..10u64 {
+        let (body, meta) = next_push(&mut c).await;
+        assert_eq!(
+            (body, meta.source, meta.offset),
+            (format!("b{i}"), Source::All, all.offset + i + 1)
+        );
+    }
+    let online = a.broadcast(1000, "live", 0).await.unwrap();
+    assert!(online >= 2, "online {online}");
+    let (body, meta) = next_push(&mut c).await;
+    assert_eq!((body.as_str(), meta.offset), ("live", all.offset + 11));
+    // Exactly once on the nodes that stayed: the five before, the five after
+    // and the live one, in order, and nothing else.
+    let want: Vec<String> = (5..10)
+        .map(|i| format!("b{i}"))
+        .chain(["live".to_owned()])
+        .collect();
+    assert_eq!(bodies_in_order(&mut on0, 6).await, want);
+    assert_eq!(bodies_in_order(&mut on2, 6).await, want);
+    assert!(crate::tier::drain_bodies(&mut on0).await.is_empty());
+    t
+}
