@@ -182,9 +182,36 @@ impl RedisCluster {
             )));
         }
         let c = RedisCluster { nodes };
+        c.wait_ok()?;
+        Ok(c)
+    }
+
+    /// `redis://…` of every master.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Kills every master (SIGKILL), as a crash of the whole cluster.
+    pub fn kill(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+
+    /// Starts every master again on its port, empty but with its cluster
+    /// configuration (`nodes.conf` in its directory), and waits until the
+    /// cluster is back in state ok.
+    pub fn restart(&mut self) -> Result<(), BenchError> {
+        for n in &mut self.nodes {
+            n.restart()?;
+        }
+        self.wait_ok()
+    }
+
+    fn wait_ok(&self) -> Result<(), BenchError> {
         // Every node must agree the cluster is up before clients use it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !c
+        while !self
             .nodes
             .iter()
             .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
@@ -196,12 +223,7 @@ impl RedisCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(c)
-    }
-
-    /// `redis://…` of every master.
-    pub fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
+        Ok(())
     }
 }
 

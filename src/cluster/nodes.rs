@@ -95,7 +95,11 @@ pub async fn refresher(c: Arc<Cluster>) {
             let live = register(&c).await?;
             *c.live.write() = Arc::new(live);
             directory::rewrite(&c).await?;
-            super::subs::reconcile(&c).await?;
+            if healthy {
+                super::subs::reconcile(&c).await?;
+            } else {
+                super::subs::resubscribe(&c).await?;
+            }
             directory::read_remote_rooms(&c).await
         };
         match tokio::time::timeout(c.refresh.max(Duration::from_secs(1)), r).await {

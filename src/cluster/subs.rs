@@ -122,6 +122,28 @@ pub async fn reconcile(c: &Cluster) -> Result<(), ClusterError> {
     sync(c, stale.iter()).await
 }
 
+/// Subscribes again to every channel this node needs: its own, `quicpush:all`
+/// and each one the registry wants. Run by the refresh once Redis answers
+/// after a failure: a restarted cluster node has no subscriptions, and the
+/// Redis client's own resubscription is not relied on. Subscribing to a channel
+/// already held changes nothing. A no-op on one Redis server (the bus
+/// subscribes again on its own connection).
+pub async fn resubscribe(c: &Cluster) -> Result<(), ClusterError> {
+    let Backend::Cluster(b) = &c.backend else {
+        return Ok(());
+    };
+    b.subscribe(&[names::node_channel(&c.id)], true).await?;
+    b.subscribe(&[names::ALL.to_owned()], false).await?;
+    let held: Vec<String> = c.subs.lock().drain().collect();
+    debug!(node = %c.id, n = held.len(), "subscribing again to every held channel");
+    let r = reconcile(c).await;
+    if r.is_err() {
+        // Still believed held: the next recovery sends them again.
+        c.subs.lock().extend(held);
+    }
+    r
+}
+
 /// The entry a channel of ours names.
 fn parse(ch: &str) -> Option<Dirty> {
     let inner = ch.strip_prefix("quicpush:{")?.strip_suffix("}:to")?;

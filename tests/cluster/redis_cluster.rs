@@ -3,7 +3,8 @@
 //! of push reaches its clients on other nodes once, a room spans the tier,
 //! a second connection on another node replaces the first (key history in
 //! memory and in Redis), and clients resume on another node with everything
-//! they missed from the shared key and user streams.
+//! they missed from the shared key, user, room and broadcast streams; and the
+//! whole cluster killed and restarted mid-run, with memory and shared history.
 
 use quicpush::config::HistoryStoreKind;
 
@@ -134,4 +135,14 @@ async fn on_a_redis_cluster_a_client_resumes_broadcasts_on_another_node_with_eve
     )
     .await;
     t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_pushes_survive_a_restart_of_every_master() {
+    crate::redis_down::survives_a_redis_restart(Tier::start_cluster_with(2, |_| {}).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_down_key_pushes_are_unavailable_and_connects_are_refused() {
+    crate::shared::redis_down_with_shared_history(Tier::start_cluster_with(2, shared).await).await;
 }

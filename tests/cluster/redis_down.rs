@@ -12,7 +12,11 @@ use crate::tier::{drain_bodies_quiet, wait_for, Tier};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_survive_a_redis_restart() {
-    let mut t = Tier::start(2).await;
+    survives_a_redis_restart(Tier::start(2).await).await;
+}
+
+/// The body, on `t`'s Redis (one server, or every master of a Redis Cluster).
+pub async fn survives_a_redis_restart(mut t: Tier) {
     let _ka = t.nodes[0].client(Via::Tcp, "ka").await;
     let mut kb = t.nodes[1].client(Via::Tcp, "kb").await;
     t.wait_owner("kb", 1).await;

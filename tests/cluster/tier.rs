@@ -29,20 +29,20 @@ impl TierRedis {
         }
     }
 
-    /// The one server (a test of one server's failures).
-    fn one(&mut self) -> &mut RedisServer {
+    /// Kills the server, or every master of the cluster (SIGKILL).
+    pub fn kill(&mut self) {
         match self {
-            TierRedis::One(r) => r,
-            TierRedis::Cluster(_) => panic!("this test needs one Redis server"),
+            TierRedis::One(r) => r.kill(),
+            TierRedis::Cluster(c) => c.kill(),
         }
     }
 
-    pub fn kill(&mut self) {
-        self.one().kill();
-    }
-
+    /// Starts it again on the same port(s), empty.
     pub fn restart(&mut self) {
-        self.one().restart();
+        match self {
+            TierRedis::One(r) => r.restart(),
+            TierRedis::Cluster(c) => c.restart(),
+        }
     }
 }
 

@@ -51,4 +51,14 @@ impl RedisCluster {
     pub fn nodes(&self) -> &[child::RedisServer] {
         &self.0.nodes
     }
+
+    /// Kills every master (SIGKILL), as a crash.
+    pub fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    /// Starts every master again on its port, empty, and waits for state ok.
+    pub fn restart(&mut self) {
+        self.0.restart().expect("the Redis Cluster restarts");
+    }
 }
