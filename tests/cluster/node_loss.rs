@@ -1,5 +1,5 @@
-//! (f) Node loss: three `quicpush serve` processes on one Redis with shared key
-//! history; `kill -9` of the node holding the clients in the middle of a steady
+//! (f) Node loss: three `quicpush serve` processes on one Redis (and on a
+//! three-master Redis Cluster) with shared key history; `kill -9` of the node holding the clients in the middle of a steady
 //! push load. Every client reconnects to another node and resumes: each gets
 //! every push that was accepted (Forwarded or Stored), once, in order, and the
 //! dead node's record and directory entries are gone within the TTL.
@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use quicpush::bench::process::ServerProcess;
 use quicpush::client::{Backoff, Dial, Event, ResumingClient};
 use quicpush::cluster::names;
-use quicpush::config::HistoryStoreKind;
+use quicpush::config::{HistoryStoreKind, RedisTarget};
 use quicpush::protocol::Source;
 use quicpush::rpc::proto::PushOutcome;
 
 use crate::common::process::connect_backend;
-use crate::common::redis::RedisServer;
-use crate::tier::wait_for;
+use crate::common::redis::{RedisCluster, RedisServer};
+use crate::tier::{wait_for, TierRedis};
 
 const KEYS: usize = 20;
 /// Push rounds (one PushMsg per key each) and the round after which node 2 dies.
@@ -28,21 +28,20 @@ const TTL: Duration = Duration::from_secs(2);
 
 /// Three child nodes sharing one directory of certificates and token secret.
 struct ChildTier {
-    redis: RedisServer,
+    redis: TierRedis,
     dir: tempfile::TempDir,
     _configs: Vec<tempfile::TempDir>,
     nodes: Vec<ServerProcess>,
 }
 
 impl ChildTier {
-    fn start(n: usize) -> ChildTier {
-        let redis = RedisServer::start();
+    fn start(n: usize, redis: TierRedis) -> ChildTier {
         let dir = tempfile::tempdir().unwrap();
         let mut configs = Vec::new();
         let mut nodes = Vec::new();
         for i in 0..n {
             let mut c = quicpush::Config::loopback(dir.path());
-            c.cluster.redis = Some(redis.url().into());
+            c.cluster.redis = Some(redis.target());
             c.cluster.node_id = Some(format!("n{i}"));
             c.cluster.ttl = TTL;
             c.cluster.refresh = Some(Duration::from_millis(400));
@@ -86,8 +85,20 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_loses_no_accepted_push() {
-    let mut t = ChildTier::start(3);
-    let redis_url = t.redis.url();
+    kill_9_loses_nothing(ChildTier::start(3, TierRedis::One(RedisServer::start()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_kill_9_of_a_node_loses_no_accepted_push() {
+    kill_9_loses_nothing(ChildTier::start(
+        3,
+        TierRedis::Cluster(RedisCluster::start()),
+    ))
+    .await;
+}
+
+async fn kill_9_loses_nothing(mut t: ChildTier) {
+    let redis_url = t.redis.target();
     let n1 = t.nodes[1].client_tcp;
     let n2 = t.nodes[2].client_tcp;
     let a = connect_backend(t.nodes[0].control, t.dir.path()).await;
@@ -207,7 +218,7 @@ async fn kill_9_of_a_node_loses_no_accepted_push() {
         gone_after <= TTL + Duration::from_millis(500),
         "n2's record lived {gone_after:?} after the kill"
     );
-    let (_, backend) = quicpush::cluster::connect(&redis_url.clone().into()).unwrap();
+    let (_, backend) = quicpush::cluster::connect(&redis_url).unwrap();
     let mut con = backend.con();
     for k in 0..KEYS {
         let owner: Option<String> = redis::cmd("GET")
@@ -224,8 +235,8 @@ async fn kill_9_of_a_node_loses_no_accepted_push() {
 }
 
 /// How long after `killed_at` node n2's record and rooms hash were gone.
-async fn record_gone(url: String, killed_at: Instant) -> Duration {
-    let (_, backend) = quicpush::cluster::connect(&url.clone().into()).unwrap();
+async fn record_gone(target: RedisTarget, killed_at: Instant) -> Duration {
+    let (_, backend) = quicpush::cluster::connect(&target).unwrap();
     let mut con = backend.con();
     loop {
         let n: u64 = redis::cmd("EXISTS")
