@@ -17,6 +17,7 @@
 pub mod fleet;
 pub mod floor;
 pub mod handover;
+pub mod handshake;
 pub mod node_loss;
 pub mod process;
 pub mod redis;
@@ -241,6 +242,8 @@ pub struct Measurement {
     pub server_cpu_percent: f64,
     pub server_rss_per_conn_bytes: Option<f64>,
     pub connects_per_sec: Option<f64>,
+    /// Connect scenario: the server's CPU per connect (and, for quicpush, Auth), µs.
+    pub server_cpu_us_per_connect: Option<f64>,
     /// Stalled clients the server had disconnected by the end (quicpush only).
     pub stalled_disconnected: Option<usize>,
 }
@@ -266,6 +269,14 @@ pub struct Report {
     pub server_cpu_percent: f64,
     pub server_rss_per_conn_bytes: Option<f64>,
     pub connects_per_sec: Option<f64>,
+    /// Connect scenario: the server's CPU per connect + Auth, µs.
+    pub server_cpu_us_per_connect: Option<f64>,
+    /// Connect scenario: the server side of a full TLS 1.3 handshake in rustls
+    /// alone, same certificate and settings, measured in this run (median, µs;
+    /// [`handshake`]).
+    pub rustls_handshake_server_us: Option<f64>,
+    /// `server_cpu_us_per_connect` over `rustls_handshake_server_us`.
+    pub connect_cpu_to_rustls: Option<f64>,
     pub raw_deliveries_per_sec: Option<f64>,
     pub raw_connects_per_sec: Option<f64>,
     pub raw_rss_per_conn_bytes: Option<f64>,
@@ -576,6 +587,15 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     report.raw_connects_per_sec = raw.as_ref().and_then(|r| r.connects_per_sec);
     report.raw_rss_per_conn_bytes = raw.as_ref().and_then(|r| r.server_rss_per_conn_bytes);
     report.ratio_to_raw = ratio;
+    if opts.scenario == Scenario::Connect {
+        // The yardstick, in this run, after the servers' load is gone.
+        let dir = certs.clone();
+        let us = tokio::task::spawn_blocking(move || handshake::rustls_server_us(&dir, 2000))
+            .await
+            .map_err(|e| BenchError::Io(format!("rustls handshake task: {e}")))??;
+        report.rustls_handshake_server_us = Some(us);
+        report.connect_cpu_to_rustls = report.server_cpu_us_per_connect.map(|c| c / us);
+    }
     report.metrics_off = metrics_off;
     report.metrics_rates = metrics_rates;
     report.metrics_on_to_off = metrics_on_to_off;
@@ -776,6 +796,7 @@ async fn measure(
         pb.finish_and_clear();
         m.seconds = secs;
         m.connects_per_sec = Some(n as f64 / secs);
+        m.server_cpu_us_per_connect = Some(cpu as f64 / n as f64);
         m.server_cpu_us = cpu;
         m.server_cpu_percent = cpu as f64 / 1e4 / secs;
         close_all(clients).await;
@@ -1173,6 +1194,9 @@ impl Report {
             server_cpu_percent: m.server_cpu_percent,
             server_rss_per_conn_bytes: m.server_rss_per_conn_bytes,
             connects_per_sec: m.connects_per_sec,
+            server_cpu_us_per_connect: m.server_cpu_us_per_connect,
+            rustls_handshake_server_us: None,
+            connect_cpu_to_rustls: None,
             raw_deliveries_per_sec: None,
             raw_connects_per_sec: None,
             raw_rss_per_conn_bytes: None,
@@ -1197,7 +1221,7 @@ impl Report {
             return n.table();
         }
         type Cell = fn(&Measurement) -> String;
-        let rows: [(&str, Cell); 15] = [
+        let rows: [(&str, Cell); 16] = [
             ("deliveries", |m| m.deliveries.to_string()),
             ("seconds", |m| format!("{:.3}", m.seconds)),
             ("deliveries/s", |m| format!("{:.0}", m.deliveries_per_sec)),
@@ -1221,6 +1245,9 @@ impl Report {
                 opt(m.server_rss_per_conn_bytes, "")
             }),
             ("connects/s", |m| opt(m.connects_per_sec, "")),
+            ("server CPU µs/connect", |m| {
+                opt(m.server_cpu_us_per_connect, "")
+            }),
             ("stalled disconnected", |m| {
                 m.stalled_disconnected
                     .map_or_else(|| "-".into(), |n| n.to_string())
@@ -1249,6 +1276,12 @@ impl Report {
         }
         if let Some(ratio) = self.ratio_to_raw {
             s.push_str(&format!("{:<26} {:>20.2}\n", "ratio to raw", ratio));
+        }
+        if let (Some(us), Some(r)) = (self.rustls_handshake_server_us, self.connect_cpu_to_rustls) {
+            s.push_str(&format!(
+                "{:<26} {:>20.1}\n{:<26} {:>20.2}\n",
+                "rustls handshake µs", us, "connect CPU / rustls", r
+            ));
         }
         if let Some(t) = &self.tier {
             s.push_str(&t.table());
