@@ -547,7 +547,10 @@ where
                 }
             }
         }
-        shared = Some(claim_and_read(&ctx.registry, c, &chan, room.clone(), positions).await?);
+        // Boxed, as the ChangeRoom read below.
+        shared = Some(
+            Box::pin(claim_and_read(&ctx.registry, c, &chan, room.clone(), positions)).await?,
+        );
     }
     let spawn_writer = |writer: W, rx: OutReceiver| {
         tokio::spawn(write_loop(
@@ -796,10 +799,12 @@ async fn handle(
                 let shared_top = match (&ctx.shared_keys, &next) {
                     (Some(c), Some(r)) if c.shares_room_history() => {
                         use crate::cluster::shared;
-                        let read = async {
+                        // Boxed: the Redis calls' state is large and rare, and
+                        // would otherwise size every idle session.
+                        let read = Box::pin(async {
                             shared::claim_room(c, r, ctx.registry.room_online(r) + 1).await?;
                             shared::read(c, crate::history::StreamRef::Room(r), None).await
-                        };
+                        });
                         let rec = read.await.map_err(SessionError::Tier)?;
                         Some(rec.top)
                     }
@@ -966,6 +971,19 @@ mod tests {
         }
         assert!(buf.is_empty(), "whole frames only");
         (result, frames)
+    }
+
+    #[tokio::test]
+    async fn a_session_future_stays_small() {
+        // An idle connection holds its session's state for hours: the rare,
+        // large states (the tier's Redis calls) are boxed so that they do not
+        // size every session.
+        let (_client, server) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(server);
+        let fut = run(ctx(), read, write, Transport::Tcp, None);
+        let size = std::mem::size_of_val(&fut);
+        eprintln!("session future: {size} bytes");
+        assert!(size <= 2048, "the session future is {size} bytes");
     }
 
     fn frames(fs: &[Frame]) -> Vec<u8> {

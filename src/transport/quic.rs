@@ -456,7 +456,10 @@ async fn connection(
             std::future::pending::<Infallible>().await
         }
     };
-    let served = async {
+    // Boxed: the session's state machine lives in one allocation of its own
+    // size, rather than being copied into this future beside the handshake's
+    // (an idle connection holds this for hours).
+    let served = Box::pin(async {
         // The handshake gets its deadline (the watchdog), then the stream as long again.
         let (send, recv) = match tokio::time::timeout_at(deadline + timeout, conn.accept_bi()).await
         {
@@ -476,7 +479,7 @@ async fn connection(
         let metrics = ctx.metrics.clone();
         let result = session::run(ctx, recv, send, Transport::Quic, Some(confirmed)).await;
         super::log_end(&metrics, &result);
-    };
+    });
     tokio::select! {
         () = served => {}
         never = watchdog => match never {},
