@@ -280,6 +280,10 @@ fn init_tracing(default: &str) {
         .init();
 }
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     // `serve` reads its configuration first: it sizes the runtime.
