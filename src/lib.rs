@@ -127,7 +127,9 @@
 //! - [`client`]: a goim client over TCP, TLS, WebSocket or QUIC, for examples, tests
 //!   and load tools; it keeps its last offsets and resumes.
 //! - `bench` (cargo feature `bench`, on in the binary's default `cli` feature):
-//!   `quicpush bench`, the load generator and the raw floor it compares against.
+//!   `quicpush bench`, the load generator and the raw floor it compares against
+//!   (and `bench::handshake`, rustls's own handshake cost as the connect
+//!   scenario's yardstick).
 //! - [`cluster`]: several nodes as one tier on a shared Redis: node records with a
 //!   TTL (`cluster::nodes`, `quicpush nodes`), the directory of keys, users and
 //!   rooms per node (`cluster::directory`, written by one task from the

@@ -549,7 +549,14 @@ where
         }
         // Boxed, as the ChangeRoom read below.
         shared = Some(
-            Box::pin(claim_and_read(&ctx.registry, c, &chan, room.clone(), positions)).await?,
+            Box::pin(claim_and_read(
+                &ctx.registry,
+                c,
+                &chan,
+                room.clone(),
+                positions,
+            ))
+            .await?,
         );
     }
     let spawn_writer = |writer: W, rx: OutReceiver| {

@@ -97,9 +97,8 @@ pub fn client_endpoint(remote: std::net::SocketAddr) -> std::io::Result<quinn::E
 /// the client's ([`rustls::ServerConfig::ignore_client_order`]).
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.sort_by_key(|s| {
-        s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-    });
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(p)
 }
 
