@@ -1,6 +1,8 @@
 //! Serving backend connections: one accept task per bound endpoint, one task per
 //! connection, one task per stream. Each stream carries a sequence of calls; the
-//! server answers them in order, one coalesced write per batch of calls read.
+//! server starts them in order, runs up to [`MAX_PENDING`] at once (a call that
+//! waits on Redis does not hold back the ones behind it) and answers them in
+//! order, one coalesced write per batch of replies ready.
 //!
 //! Shutdown has two steps: `shutdown` stops accepting backends (calls keep being
 //! answered while the clients drain); `drain` then has each stream answer every
@@ -8,10 +10,13 @@
 //! closing the endpoint afterwards loses no reply.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -107,8 +112,85 @@ async fn serve_connection(
 /// Replies buffered before they are written even if more calls are waiting.
 const FLUSH_AT: usize = 256 * 1024;
 
+/// Calls one stream may have started and not yet answered. At the limit the
+/// stream stops reading, so QUIC flow control holds the backend back.
+pub const MAX_PENDING: usize = 256;
+
+/// A call started on a stream: its id and, once it finishes, its response.
+type PendingCall = BoxFuture<'static, (u64, Response)>;
+
+/// The calls a stream has started, answered in the order they were read.
+///
+/// Every call is started in the order it was read: its future is first polled
+/// in that order ([`FuturesOrdered`] polls new futures first in, first out), so
+/// its local part and the Redis command it queues (a tier's forwarding) run in
+/// stream order, and a call that waits on Redis no longer holds back the calls
+/// behind it. A Broadcast, which may wait for room in the fan-out queues,
+/// starts only when every earlier call has been answered, and the calls after
+/// it wait for it, as they did when a stream ran one call at a time.
+struct Pipeline {
+    calls: FuturesOrdered<PendingCall>,
+    /// Replies not yet written.
+    out: BytesMut,
+}
+
+impl Pipeline {
+    fn new() -> Self {
+        Self {
+            calls: FuturesOrdered::new(),
+            out: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.calls.len() >= MAX_PENDING
+    }
+
+    /// Starts a call; a Broadcast first waits for every earlier call, then runs alone.
+    async fn start(&mut self, dispatcher: &Arc<Dispatcher>, id: u64, req: Request) {
+        if matches!(req, Request::Broadcast { .. }) {
+            self.finish_all().await;
+            let response = dispatcher.dispatch(req).await;
+            reply(&mut self.out, id, &response);
+            return;
+        }
+        let d = dispatcher.clone();
+        self.calls
+            .push_back(async move { (id, d.dispatch(req).await) }.boxed());
+    }
+
+    /// Answers a call that needed no dispatch (a refusal), after the earlier ones.
+    fn answer(&mut self, id: u64, response: Response) {
+        if self.calls.is_empty() {
+            reply(&mut self.out, id, &response);
+        } else {
+            self.calls
+                .push_back(futures_util::future::ready((id, response)).boxed());
+        }
+    }
+
+    /// Takes the replies of every call finished now, in order, without waiting.
+    async fn take_ready(&mut self) {
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(Some((id, response))) = self.calls.poll_next_unpin(cx) {
+                reply(&mut self.out, id, &response);
+            }
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    /// Waits for every call started and takes their replies.
+    async fn finish_all(&mut self) {
+        while let Some((id, response)) = self.calls.next().await {
+            reply(&mut self.out, id, &response);
+        }
+    }
+}
+
 /// Answers the calls on one stream until the backend finishes it, or until
 /// `drain`: then the calls already read are answered and the stream finished.
+/// Calls are pipelined ([`Pipeline`]): up to [`MAX_PENDING`] may be running.
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -117,14 +199,20 @@ async fn serve_stream(
     drain: Shutdown,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut calls = Pipeline::new();
     // Bytes of an oversize request still to be skipped.
     let mut skip: u64 = 0;
     let mut draining = false;
+    // Nothing more will be read: the backend finished or lost the stream, or
+    // the stream fell out of step.
+    let mut ended = false;
+    // A reply write failed: the backend cannot get replies any more, but the
+    // calls started still run to the end.
+    let mut unwritable = false;
     loop {
         tokio::select! {
             biased;
-            _ = drain.cancelled() => {
+            _ = drain.cancelled(), if !draining && !ended => {
                 draining = true;
                 // Every call that has arrived is answered: take what is buffered
                 // without waiting for more.
@@ -134,7 +222,10 @@ async fn serve_stream(
                     }
                 }
             }
-            r = recv.read_buf(&mut buf) => match r {
+            Some((id, response)) = calls.calls.next(), if !calls.calls.is_empty() => {
+                reply(&mut calls.out, id, &response);
+            }
+            r = recv.read_buf(&mut buf), if !draining && !ended && !calls.is_full() => match r {
                 Ok(0) => {
                     if !buf.is_empty() {
                         info!(
@@ -142,16 +233,17 @@ async fn serve_stream(
                             "stream finished in the middle of a request; the request is dropped"
                         );
                     }
-                    break;
+                    ended = true;
                 }
                 Ok(_) => {}
                 Err(e) => {
                     log_read_end(&e, buf.len());
-                    break;
+                    ended = true;
                 }
             },
+            else => break,
         }
-        loop {
+        while !ended && !calls.is_full() {
             if skip > 0 {
                 let n = skip.min(buf.len() as u64) as usize;
                 buf.advance(n);
@@ -164,12 +256,12 @@ async fn serve_stream(
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    // Framing is lost: nothing after this can be trusted.
+                    // Framing is lost: nothing after this can be trusted. The
+                    // calls already started are still answered.
                     warn!(error = %e, "stream out of step; closing it");
-                    let _ = send.write_all(&out).await;
-                    let _ = send.finish();
                     let _ = recv.stop(quinn::VarInt::from_u32(1));
-                    return;
+                    ended = true;
+                    break;
                 }
             };
             if len > max_request as u64 {
@@ -179,10 +271,9 @@ async fn serve_stream(
                     max = max_request,
                     "request too large; refused"
                 );
-                reply(
-                    &mut out,
+                calls.answer(
                     id,
-                    &Err(RpcError::RequestTooLarge {
+                    Err(RpcError::RequestTooLarge {
                         len,
                         max: max_request as u64,
                     }),
@@ -197,49 +288,53 @@ async fn serve_stream(
                 break;
             }
             let msg = buf.split_to(total);
-            let request = codec::decode_payload::<Request>(&msg[codec::PREFIX_LEN..]);
-            let response: Response = match request {
+            match codec::decode_payload::<Request>(&msg[codec::PREFIX_LEN..]) {
                 Ok(req) => {
-                    if matches!(req, Request::Broadcast { .. }) && !out.is_empty() {
+                    if matches!(req, Request::Broadcast { .. })
+                        && !calls.out.is_empty()
+                        && !unwritable
+                    {
                         // A broadcast may wait for room in the fan-out queues:
                         // send the replies already made first.
-                        if send.write_all(&out).await.is_err() {
-                            return;
-                        }
-                        out.clear();
+                        unwritable = send.write_all(&calls.out).await.is_err();
+                        calls.out.clear();
                     }
-                    dispatcher.dispatch(req).await
+                    calls.start(&dispatcher, id, req).await;
                 }
                 Err(e) => {
                     warn!(call = id, error = %e, "malformed request");
-                    Err(RpcError::Malformed(e.to_string()))
+                    calls.answer(id, Err(RpcError::Malformed(e.to_string())));
                 }
-            };
-            reply(&mut out, id, &response);
-            if out.len() >= FLUSH_AT {
-                if send.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
+            }
+            if calls.out.len() >= FLUSH_AT {
+                break;
             }
         }
-        if !out.is_empty() {
-            if let Err(e) = send.write_all(&out).await {
-                debug!(error = %e, "stream write failed");
-                return;
+        calls.take_ready().await;
+        if !calls.out.is_empty() {
+            if !unwritable {
+                if let Err(e) = send.write_all(&calls.out).await {
+                    debug!(error = %e, "stream write failed");
+                    unwritable = true;
+                }
             }
-            out.clear();
+            calls.out.clear();
         }
-        if draining {
-            if !buf.is_empty() {
+        if (draining || ended) && calls.calls.is_empty() {
+            if draining && !buf.is_empty() && skip == 0 {
                 debug!(
                     bytes = buf.len(),
                     "shutting down: an incomplete call is left unanswered"
                 );
             }
-            let _ = recv.stop(crate::transport::quic::code::SHUTDOWN.into());
+            if draining {
+                let _ = recv.stop(crate::transport::quic::code::SHUTDOWN.into());
+            }
             break;
         }
+    }
+    if unwritable {
+        return;
     }
     if send.finish().is_ok() && draining {
         // Closing the endpoint would discard replies the backend has not acknowledged.

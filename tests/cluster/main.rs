@@ -10,6 +10,7 @@ mod tier;
 
 mod dead;
 mod node_loss;
+mod pipeline;
 mod pushes;
 mod redis_cluster;
 mod redis_down;

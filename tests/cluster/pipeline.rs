@@ -1,0 +1,116 @@
+//! Calls on one backend stream are pipelined: a call waiting on Redis does not
+//! hold back the calls read after it, and the replies still come in call order.
+
+use bytes::BytesMut;
+use quicpush::codec;
+use quicpush::rpc::proto::{PushOutcome, Reply, Response};
+use quicpush::rpc::Request;
+use quicpush::tls::{self, BackendIdentity};
+use tokio::io::AsyncReadExt;
+
+use crate::common::{next_push, Via, WAIT};
+use crate::tier::{Tier, TierRedis};
+
+fn push(id: u64, key: &str, body: &'static str) -> BytesMut {
+    let mut b = BytesMut::new();
+    let req = Request::PushMsg {
+        key: key.into(),
+        op: 1000,
+        body: body.into(),
+    };
+    codec::write_message(&mut b, id, &req).unwrap();
+    b
+}
+
+/// Reads `want` replies from `recv`.
+async fn replies(recv: &mut quinn::RecvStream, want: usize) -> Vec<(u64, Response)> {
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    while out.len() < want {
+        while let Some((id, len)) = codec::peek_prefix(&buf).unwrap() {
+            let end = codec::PREFIX_LEN + len as usize;
+            if buf.len() < end {
+                break;
+            }
+            let msg = buf.split_to(end);
+            out.push((
+                id,
+                codec::decode_payload(&msg[codec::PREFIX_LEN..]).unwrap(),
+            ));
+        }
+        if out.len() >= want {
+            break;
+        }
+        let n = tokio::time::timeout(WAIT, recv.read_buf(&mut buf))
+            .await
+            .expect("replies in time")
+            .unwrap();
+        assert!(n > 0, "stream ended after {out:?}");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_on_redis_does_not_hold_back_the_next_call_on_its_stream() {
+    let t = Tier::start(2).await;
+    let mut ka = t.nodes[0].client(Via::Tcp, "ka").await;
+    let mut kb = t.nodes[1].client(Via::Tcp, "kb").await;
+    t.wait_owner("kb", 1).await;
+
+    let a = &t.nodes[0];
+    let config = tls::rpc_client_config(&BackendIdentity::from_dir(a.dir.path())).unwrap();
+    let endpoint = tls::client_endpoint(a.rpc).unwrap();
+    let conn = endpoint
+        .connect_with(config, a.rpc, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+
+    // Scripts and PUBLISH wait while Redis is paused for writes: the remote
+    // push (call 1) cannot be forwarded until the pause ends.
+    let TierRedis::One(redis) = &t.redis else {
+        unreachable!("one server")
+    };
+    assert_eq!(
+        redis.cli(&["CLIENT", "PAUSE", "60000", "WRITE"]).trim(),
+        "OK"
+    );
+    let mut calls = push(1, "kb", "remote");
+    calls.extend_from_slice(&push(2, "ka", "local"));
+    send.write_all(&calls).await.unwrap();
+
+    // Call 2, a local key, is carried out while call 1 still waits on Redis.
+    let f = next_push(&mut ka).await;
+    assert_eq!(&f.body[..], b"local");
+    let mut early = BytesMut::new();
+    let nothing = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        recv.read_buf(&mut early),
+    )
+    .await;
+    assert!(
+        nothing.is_err(),
+        "no reply may come before call 1's: {early:?}"
+    );
+
+    assert_eq!(redis.cli(&["CLIENT", "UNPAUSE"]).trim(), "OK");
+    // Replies in call order, each honest.
+    let got = replies(&mut recv, 2).await;
+    assert!(
+        matches!(
+            got.as_slice(),
+            [
+                (1, Ok(Reply::Pushed(PushOutcome::Forwarded))),
+                (2, Ok(Reply::Pushed(PushOutcome::Delivered)))
+            ]
+        ),
+        "{got:?}"
+    );
+    let f = next_push(&mut kb).await;
+    assert_eq!(&f.body[..], b"remote");
+
+    send.finish().unwrap();
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(WAIT, endpoint.wait_idle()).await;
+}
