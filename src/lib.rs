@@ -115,8 +115,10 @@
 //!   validated, answering with Retry past `quic.retry_threshold` unvalidated handshakes;
 //!   the server's QUIC endpoints draw 12-byte connection IDs (8 random bytes and a tag).
 //! - [`rpc`]: the backend API: every wire type in `rpc::proto` (pinned by golden
-//!   bytes; a change bumps the ALPN `quicpush-rpc/N`), the QUIC server, broadcast
-//!   workers and tracked paced broadcasts, and the client library backends use.
+//!   bytes; a change bumps the ALPN `quicpush-rpc/N`), the QUIC server (each
+//!   stream pipelines its calls: started in stream order, up to
+//!   `rpc::server::MAX_PENDING` running, answered in order), broadcast workers and
+//!   tracked paced broadcasts, and the client library backends use.
 //! - [`http`]: one axum listener (`http.bind`) for goim-logic's HTTP API
 //!   (`/goim/push/*`, `/goim/online/*`, bearer token unless loopback and
 //!   `http.require_token = false`) and `GET /metrics`.

@@ -18,8 +18,10 @@
 //! key another node took since is left alone).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
+use redis::Script;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -28,7 +30,9 @@ use super::{names, Cluster, ClusterError, Dirty};
 use crate::registry::DirectoryHook;
 
 /// Entries rewritten per pipeline by the refresh.
-const CHUNK: usize = 500;
+const CHUNK: usize = 100;
+/// Longest pause between two of the refresh's pipelines.
+const MAX_PAUSE: Duration = Duration::from_millis(20);
 /// Changes the writer takes from its queue per pipeline.
 const BATCH: usize = 1024;
 
@@ -37,6 +41,11 @@ const BATCH: usize = 1024;
 const SET_IF_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
 if (not v) or string.sub(v, 1, #ARGV[2]) == ARGV[2] then \
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1 end return 0";
+fn set_if_mine_script() -> &'static Script {
+    static S: OnceLock<Script> = OnceLock::new();
+    S.get_or_init(|| Script::new(SET_IF_MINE))
+}
+
 /// Deletes KEYS[1] if its value starts with ARGV[1].
 const DEL_IF_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then \
@@ -222,36 +231,57 @@ async fn write(c: &Cluster, dirty: HashSet<Dirty>) -> Result<(), ClusterError> {
 
 /// Rewrites every directory entry of this node (the refresh): keys with "set if
 /// missing or mine", users and rooms as they are now, the rooms hash anew.
+///
+/// The entries go in pipelines of [`CHUNK`], spread over at most half the
+/// refresh interval (at most [`MAX_PAUSE`] between two): Redis runs one
+/// client's pipeline in a burst, so a whole directory at once held back the
+/// pushes queued behind it (a key push's p99 in a tier grew by milliseconds at
+/// every refresh). Keys go by `EVALSHA`, one call per key (the script loaded
+/// once, not sent with each call), so Redis can serve other clients between
+/// them.
 pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
     let ttl = ttl_ms(c);
     let prefix = format!("{}/", c.id);
     let (keys, users) = c.registry.directory_snapshot();
-    let mut con = c.backend.con();
-    for chunk in keys.chunks(CHUNK) {
-        let cmds = chunk
-            .iter()
-            .map(|(key, conn)| {
-                redis::cmd("EVAL")
-                    .arg(SET_IF_MINE)
-                    .arg(1)
-                    .arg(names::key(key))
-                    .arg(owner_value(&c.id, *conn))
-                    .arg(&prefix)
-                    .arg(ttl)
-                    .to_owned()
-            })
-            .collect();
-        c.backend.each(cmds).await?;
-    }
     let users: Vec<_> = users.into_iter().collect();
+    let rooms = c.registry.rooms();
+    let chunks =
+        keys.len().div_ceil(CHUNK) + users.len().div_ceil(CHUNK) + rooms.len().div_ceil(CHUNK);
+    let pause = (c.refresh / 2)
+        .checked_div(chunks.max(1) as u32)
+        .unwrap_or_default()
+        .min(MAX_PAUSE);
+    let mut first = true;
+    let mut paced = || {
+        let wait = !std::mem::take(&mut first);
+        async move {
+            if wait {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    };
+    let con = c.backend.con();
+    for chunk in keys.chunks(CHUNK) {
+        paced().await;
+        let calls = chunk.iter().map(|(key, conn)| {
+            let mut con = con.clone();
+            let mut inv = set_if_mine_script().prepare_invoke();
+            inv.key(names::key(key))
+                .arg(owner_value(&c.id, *conn))
+                .arg(&prefix)
+                .arg(ttl);
+            async move { inv.invoke_async::<i64>(&mut con).await }
+        });
+        futures_util::future::try_join_all(calls).await?;
+    }
     for chunk in users.chunks(CHUNK) {
+        paced().await;
         let cmds = chunk
             .iter()
             .map(|(mid, n)| set_px(names::user(*mid, &c.id), n, ttl))
             .collect();
         c.backend.each(cmds).await?;
     }
-    let rooms = c.registry.rooms();
     let rooms_key = names::node_rooms(&c.id);
     let mut p = redis::pipe();
     p.atomic().cmd("DEL").arg(&rooms_key).ignore();
@@ -259,8 +289,9 @@ pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
         p.cmd("HSET").arg(&rooms_key).arg(room).arg(n).ignore();
     }
     p.cmd("PEXPIRE").arg(&rooms_key).arg(ttl).ignore();
-    p.query_async::<()>(&mut con).await?;
+    p.query_async::<()>(&mut con.clone()).await?;
     for chunk in rooms.chunks(CHUNK) {
+        paced().await;
         let cmds = chunk
             .iter()
             .map(|(room, n)| set_px(names::room(room, &c.id), n, ttl))

@@ -367,7 +367,13 @@ pub fn connect(target: &RedisTarget) -> Result<(redis::Client, Backend), Cluster
         let url = url.to_owned();
         move |source| ClusterError::Url { url, source }
     };
-    let client = redis::Client::open(first.as_str()).map_err(bad_url(first))?;
+    // Small commands go out at once: with Nagle's algorithm a command written
+    // while an earlier one is unanswered waits for that answer.
+    let tcp = || redis::io::tcp::TcpSettings::default().set_nodelay(true);
+    let info = redis::IntoConnectionInfo::into_connection_info(first.as_str())
+        .map_err(bad_url(first))?
+        .set_tcp_settings(tcp());
+    let client = redis::Client::open(info).map_err(bad_url(first))?;
     if !target.is_cluster() {
         let cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
@@ -389,6 +395,7 @@ pub fn connect(target: &RedisTarget) -> Result<(redis::Client, Backend), Cluster
     };
     let cluster_client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
         .use_protocol(redis::ProtocolVersion::RESP3)
+        .tcp_settings(tcp())
         .push_sender(sender)
         .connection_timeout(Duration::from_millis(500))
         .response_timeout(Duration::from_secs(1))
