@@ -46,6 +46,11 @@ fn set_if_mine_script() -> &'static Script {
     S.get_or_init(|| Script::new(SET_IF_MINE))
 }
 
+/// The scripts this module runs by hash, for [`super::load_scripts`].
+pub(super) fn scripts() -> [&'static Script; 1] {
+    [set_if_mine_script()]
+}
+
 /// Deletes KEYS[1] if its value starts with ARGV[1].
 const DEL_IF_MINE: &str = "local v = redis.call('GET', KEYS[1]) \
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then \
@@ -261,18 +266,23 @@ pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
         }
     };
     let con = c.backend.con();
-    for chunk in keys.chunks(CHUNK) {
+    let set_key = |(key, conn): &(Arc<str>, u64)| {
+        let mut con = con.clone();
+        let mut inv = set_if_mine_script().prepare_invoke();
+        inv.key(names::key(key))
+            .arg(owner_value(&c.id, *conn))
+            .arg(&prefix)
+            .arg(ttl);
+        async move { inv.invoke_async::<i64>(&mut con).await }
+    };
+    if let Some(first) = keys.first() {
+        // Alone, so a Redis without the script (restarted) loads it once,
+        // not once per call of the chunk.
+        set_key(first).await?;
+    }
+    for chunk in keys[keys.len().min(1)..].chunks(CHUNK) {
         paced().await;
-        let calls = chunk.iter().map(|(key, conn)| {
-            let mut con = con.clone();
-            let mut inv = set_if_mine_script().prepare_invoke();
-            inv.key(names::key(key))
-                .arg(owner_value(&c.id, *conn))
-                .arg(&prefix)
-                .arg(ttl);
-            async move { inv.invoke_async::<i64>(&mut con).await }
-        });
-        futures_util::future::try_join_all(calls).await?;
+        futures_util::future::try_join_all(chunk.iter().map(set_key)).await?;
     }
     for chunk in users.chunks(CHUNK) {
         paced().await;

@@ -240,6 +240,23 @@ impl Backend {
     }
 }
 
+/// Loads every script the tier runs by hash (`SCRIPT LOAD`; on a Redis Cluster
+/// into every master). The refresh does it first and after Redis comes back,
+/// so the first calls after a start or a restart find their script: calls
+/// started together would otherwise each fail with `NOSCRIPT`, load the script
+/// and run again.
+pub async fn load_scripts(c: &Cluster) -> Result<(), ClusterError> {
+    let mut con = c.backend.con();
+    let scripts = route::scripts()
+        .into_iter()
+        .chain(shared::scripts())
+        .chain(directory::scripts());
+    for s in scripts {
+        s.load_async(&mut con).await?;
+    }
+    Ok(())
+}
+
 /// Redis key and channel names.
 pub mod names {
     /// The sorted set of node ids, scored by their record's expiry (unix ms).

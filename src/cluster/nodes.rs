@@ -86,6 +86,8 @@ pub async fn refresher(c: Arc<Cluster>) {
     let mut tick = tokio::time::interval(c.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut healthy = true;
+    // Scripts are loaded by the first refresh and by the first after a failure.
+    let mut scripts_loaded = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -94,6 +96,9 @@ pub async fn refresher(c: Arc<Cluster>) {
         let r = async {
             let live = register(&c).await?;
             *c.live.write() = Arc::new(live);
+            if !scripts_loaded || !healthy {
+                super::load_scripts(&c).await?;
+            }
             directory::rewrite(&c).await?;
             if healthy {
                 super::subs::reconcile(&c).await?;
@@ -104,6 +109,7 @@ pub async fn refresher(c: Arc<Cluster>) {
         };
         match tokio::time::timeout(c.refresh.max(Duration::from_secs(1)), r).await {
             Ok(Ok(())) => {
+                scripts_loaded = true;
                 if !healthy {
                     info!(node = %c.id, "Redis reachable again: node record and directory rewritten");
                 }

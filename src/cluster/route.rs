@@ -70,6 +70,11 @@ fn where_present_script() -> &'static Script {
     S.get_or_init(|| Script::new(WHERE_PRESENT))
 }
 
+/// The scripts this module runs, for [`super::load_scripts`].
+pub(super) fn scripts() -> [&'static Script; 2] {
+    [to_owners_script(), where_present_script()]
+}
+
 /// What forwarding one push to one destination did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {

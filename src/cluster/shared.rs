@@ -165,6 +165,11 @@ fn append_route_script() -> &'static Script {
     S.get_or_init(|| Script::new(APPEND_ROUTE))
 }
 
+/// The scripts this module runs, for [`super::load_scripts`].
+pub(super) fn scripts() -> [&'static Script; 2] {
+    [append_route_script(), user_append_route_script()]
+}
+
 /// What the script did with one key's push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyAppended {

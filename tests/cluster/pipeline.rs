@@ -114,3 +114,51 @@ async fn a_call_waiting_on_redis_does_not_hold_back_the_next_call_on_its_stream(
     conn.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(WAIT, endpoint.wait_idle()).await;
 }
+
+/// The refresh loads the tier's scripts, so calls started together (as a
+/// pipelined stream starts them) find them loaded and none runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_calls_find_their_scripts_loaded() {
+    let t = Tier::start(2).await;
+    let mut kb = t.nodes[1].client(Via::Tcp, "kb").await;
+    t.wait_owner("kb", 1).await;
+    let TierRedis::One(redis) = &t.redis else {
+        unreachable!("one server")
+    };
+    let loads = || {
+        redis
+            .0
+            .command_calls()
+            .get("script|load")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Both nodes' first refreshes: route, shared-history and directory scripts.
+    crate::tier::wait_for("both nodes loaded the scripts", || async {
+        loads() >= 2 * 5
+    })
+    .await;
+    let before = loads();
+    let a = t.nodes[0].backend().await;
+    let calls = (0..32).map(|i| a.push_msg("kb", 1000, format!("m{i}")));
+    let outcomes = futures_util::future::join_all(calls).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(PushOutcome::Forwarded))),
+        "{outcomes:?}"
+    );
+    assert_eq!(loads(), before, "a call loaded a script");
+    let mut got = Vec::new();
+    while got.len() < 32 {
+        got.push(next_push(&mut kb).await.body);
+    }
+    for i in 0..32 {
+        let want = format!("m{i}");
+        assert_eq!(
+            got.iter().filter(|b| b[..] == *want.as_bytes()).count(),
+            1,
+            "{want}: {got:?}"
+        );
+    }
+}
