@@ -139,6 +139,11 @@ struct BenchArgs {
     /// `client.write_coalesce` of the servers the bench starts (e.g. 1ms).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     write_coalesce: Duration,
+    /// With --nodes: the tier's `cluster.ttl` (default: the server's default,
+    /// 10s, for room and keys; 3s for node-loss, so the dead node's record
+    /// expires within the run).
+    #[arg(long, requires = "nodes", value_parser = humantime::parse_duration)]
+    cluster_ttl: Option<Duration>,
     /// How long the latency, handover and node-loss scenarios run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -601,6 +606,7 @@ async fn run_bench(a: BenchArgs) -> Result<()> {
         nodes: a.nodes,
         redis_cluster: a.redis_cluster,
         write_coalesce: a.write_coalesce,
+        cluster_ttl: a.cluster_ttl,
         duration: a.duration,
         body_size: a.body_size,
         raw: a.raw,

@@ -22,6 +22,7 @@ fn options(scenario: Scenario, transport: BenchTransport) -> BenchOptions {
         nodes: 1,
         redis_cluster: false,
         write_coalesce: Duration::ZERO,
+        cluster_ttl: None,
         duration: Duration::from_secs(1),
         body_size: 32,
         raw: false,

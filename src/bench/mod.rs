@@ -180,6 +180,9 @@ pub struct BenchOptions {
     pub redis_cluster: bool,
     /// `client.write_coalesce` of every server the bench starts.
     pub write_coalesce: Duration,
+    /// The tier's `cluster.ttl`; `None`: the server's default (3 s for the
+    /// node-loss scenario).
+    pub cluster_ttl: Option<Duration>,
     /// How long the latency scenario runs.
     pub duration: Duration,
     pub body_size: usize,

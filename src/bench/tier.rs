@@ -103,7 +103,11 @@ impl Tier {
             }
             config.cluster.redis = Some(redis.target());
             config.cluster.node_id = Some(format!("bench-{i}"));
-            config.cluster.ttl = Duration::from_secs(3);
+            config.cluster.ttl = match (opts.cluster_ttl, opts.scenario) {
+                (Some(ttl), _) => ttl,
+                (None, super::Scenario::NodeLoss) => Duration::from_secs(3),
+                (None, _) => config.cluster.ttl,
+            };
             // The nodes share this machine's cores: about cores ÷ nodes each
             // (README › Running several nodes › Sizing).
             config.runtime.worker_threads =
