@@ -115,9 +115,13 @@ const FLUSH_AT: usize = 256 * 1024;
 /// Calls one stream may have started and not yet answered. At the limit the
 /// stream stops reading, so QUIC flow control holds the backend back.
 pub const MAX_PENDING: usize = 256;
+/// Request bytes one stream's unanswered calls may hold (besides one call of
+/// up to `rpc.max_request_bytes`, which is always taken).
+pub const MAX_PENDING_BYTES: usize = 8 << 20;
 
-/// A call started on a stream: its id and, once it finishes, its response.
-type PendingCall = BoxFuture<'static, (u64, Response)>;
+/// A call started on a stream: once it finishes, its id, its request's size
+/// and its response.
+type PendingCall = BoxFuture<'static, (u64, usize, Response)>;
 
 /// The calls a stream has started, answered in the order they were read.
 ///
@@ -130,6 +134,8 @@ type PendingCall = BoxFuture<'static, (u64, Response)>;
 /// it wait for it, as they did when a stream ran one call at a time.
 struct Pipeline {
     calls: FuturesOrdered<PendingCall>,
+    /// Request bytes of the calls in `calls`.
+    bytes: usize,
     /// Replies not yet written.
     out: BytesMut,
 }
@@ -138,16 +144,24 @@ impl Pipeline {
     fn new() -> Self {
         Self {
             calls: FuturesOrdered::new(),
+            bytes: 0,
             out: BytesMut::with_capacity(64 * 1024),
         }
     }
 
     fn is_full(&self) -> bool {
-        self.calls.len() >= MAX_PENDING
+        self.calls.len() >= MAX_PENDING || self.bytes >= MAX_PENDING_BYTES
     }
 
-    /// Starts a call; a Broadcast first waits for every earlier call, then runs alone.
-    async fn start(&mut self, dispatcher: &Arc<Dispatcher>, id: u64, req: Request) {
+    /// Takes a finished call's reply.
+    fn done(&mut self, (id, size, response): (u64, usize, Response)) {
+        self.bytes -= size;
+        reply(&mut self.out, id, &response);
+    }
+
+    /// Starts a call of `size` request bytes; a Broadcast first waits for every
+    /// earlier call, then runs alone.
+    async fn start(&mut self, dispatcher: &Arc<Dispatcher>, id: u64, size: usize, req: Request) {
         if matches!(req, Request::Broadcast { .. }) {
             self.finish_all().await;
             let response = dispatcher.dispatch(req).await;
@@ -155,8 +169,9 @@ impl Pipeline {
             return;
         }
         let d = dispatcher.clone();
+        self.bytes += size;
         self.calls
-            .push_back(async move { (id, d.dispatch(req).await) }.boxed());
+            .push_back(async move { (id, size, d.dispatch(req).await) }.boxed());
     }
 
     /// Answers a call that needed no dispatch (a refusal), after the earlier ones.
@@ -165,15 +180,15 @@ impl Pipeline {
             reply(&mut self.out, id, &response);
         } else {
             self.calls
-                .push_back(futures_util::future::ready((id, response)).boxed());
+                .push_back(futures_util::future::ready((id, 0, response)).boxed());
         }
     }
 
     /// Takes the replies of every call finished now, in order, without waiting.
     async fn take_ready(&mut self) {
         std::future::poll_fn(|cx| {
-            while let Poll::Ready(Some((id, response))) = self.calls.poll_next_unpin(cx) {
-                reply(&mut self.out, id, &response);
+            while let Poll::Ready(Some(call)) = self.calls.poll_next_unpin(cx) {
+                self.done(call);
             }
             Poll::Ready(())
         })
@@ -182,8 +197,8 @@ impl Pipeline {
 
     /// Waits for every call started and takes their replies.
     async fn finish_all(&mut self) {
-        while let Some((id, response)) = self.calls.next().await {
-            reply(&mut self.out, id, &response);
+        while let Some(call) = self.calls.next().await {
+            self.done(call);
         }
     }
 }
@@ -222,9 +237,7 @@ async fn serve_stream(
                     }
                 }
             }
-            Some((id, response)) = calls.calls.next(), if !calls.calls.is_empty() => {
-                reply(&mut calls.out, id, &response);
-            }
+            Some(call) = calls.calls.next(), if !calls.calls.is_empty() => calls.done(call),
             r = recv.read_buf(&mut buf), if !draining && !ended && !calls.is_full() => match r {
                 Ok(0) => {
                     if !buf.is_empty() {
@@ -290,16 +303,17 @@ async fn serve_stream(
             let msg = buf.split_to(total);
             match codec::decode_payload::<Request>(&msg[codec::PREFIX_LEN..]) {
                 Ok(req) => {
-                    if matches!(req, Request::Broadcast { .. })
-                        && !calls.out.is_empty()
-                        && !unwritable
-                    {
+                    if matches!(req, Request::Broadcast { .. }) {
                         // A broadcast may wait for room in the fan-out queues:
-                        // send the replies already made first.
-                        unwritable = send.write_all(&calls.out).await.is_err();
+                        // every call before it is answered, and the replies
+                        // sent, first.
+                        calls.finish_all().await;
+                        if !calls.out.is_empty() && !unwritable {
+                            unwritable = send.write_all(&calls.out).await.is_err();
+                        }
                         calls.out.clear();
                     }
-                    calls.start(&dispatcher, id, req).await;
+                    calls.start(&dispatcher, id, total, req).await;
                 }
                 Err(e) => {
                     warn!(call = id, error = %e, "malformed request");
