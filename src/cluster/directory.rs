@@ -237,8 +237,9 @@ async fn write(c: &Cluster, dirty: HashSet<Dirty>) -> Result<(), ClusterError> {
 /// Rewrites every directory entry of this node (the refresh): keys with "set if
 /// missing or mine", users and rooms as they are now, the rooms hash anew.
 ///
-/// The entries go in pipelines of [`CHUNK`], spread over at most half the
-/// refresh interval (at most [`MAX_PAUSE`] between two): Redis runs one
+/// The entries go in pipelines of [`CHUNK`], with pauses that add up to at
+/// most a quarter of the refresh interval (at most [`MAX_PAUSE`] each, and the
+/// refresh must end within the interval): Redis runs one
 /// client's pipeline in a burst, so a whole directory at once held back the
 /// pushes queued behind it (a key push's p99 in a tier grew by milliseconds at
 /// every refresh). Keys go by `EVALSHA`, one call per key (the script loaded
@@ -252,7 +253,7 @@ pub async fn rewrite(c: &Cluster) -> Result<(), ClusterError> {
     let rooms = c.registry.rooms();
     let chunks =
         keys.len().div_ceil(CHUNK) + users.len().div_ceil(CHUNK) + rooms.len().div_ceil(CHUNK);
-    let pause = (c.refresh / 2)
+    let pause = (c.refresh / 4)
         .checked_div(chunks.max(1) as u32)
         .unwrap_or_default()
         .min(MAX_PAUSE);
