@@ -115,13 +115,7 @@ async fn invalid_arguments_get_typed_errors() {
 #[tokio::test]
 async fn oversize_and_malformed_requests_get_error_replies_on_the_same_stream() {
     let s = TestServer::start_with(|c| c.rpc.max_request_bytes = 1024).await;
-    let config = tls::rpc_client_config(&BackendIdentity::from_dir(s.dir.path())).unwrap();
-    let endpoint = quinn::Endpoint::client(local()).unwrap();
-    let conn = endpoint
-        .connect_with(config, s.rpc, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (endpoint, conn) = s.rpc_connection().await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
 
     let mut out = BytesMut::new();

@@ -6,10 +6,9 @@ use quicpush::codec;
 use quicpush::rpc::proto::Response;
 use quicpush::rpc::Request;
 use quicpush::tls::{self, BackendIdentity};
-use tokio::io::AsyncReadExt;
 
 use crate::common::process::connect_backend;
-use crate::common::WAIT;
+use crate::common::{read_replies, WAIT};
 use crate::{act, closed, reply, Case, Ctx, Observed, Seen};
 
 /// A raw backend connection with the right certificate, for sending bytes as they are.
@@ -50,34 +49,6 @@ impl RawRpc {
         self.conn.close(0u32.into(), b"done");
         let endpoint = self.endpoint;
         tokio::spawn(async move { tokio::time::timeout(WAIT, endpoint.wait_idle()).await });
-    }
-}
-
-/// Reads replies until `want` arrived or the stream ended (`true`).
-async fn read_replies(recv: &mut quinn::RecvStream, want: usize) -> (Vec<(u64, Response)>, bool) {
-    let mut buf = BytesMut::new();
-    let mut replies = Vec::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        while let Some((id, len)) = codec::peek_prefix(&buf).unwrap() {
-            let end = codec::PREFIX_LEN + len as usize;
-            if buf.len() < end {
-                break;
-            }
-            let msg = buf.split_to(end);
-            replies.push((
-                id,
-                codec::decode_payload(&msg[codec::PREFIX_LEN..]).unwrap(),
-            ));
-        }
-        if replies.len() >= want {
-            return (replies, false);
-        }
-        match tokio::time::timeout_at(deadline, recv.read_buf(&mut buf)).await {
-            Err(_) => panic!("no reply within {WAIT:?}; got {replies:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return (replies, true),
-            Ok(Ok(_)) => {}
-        }
     }
 }
 

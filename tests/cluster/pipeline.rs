@@ -3,12 +3,11 @@
 
 use bytes::BytesMut;
 use quicpush::codec;
-use quicpush::rpc::proto::{PushOutcome, Reply, Response};
+use quicpush::rpc::proto::{PushOutcome, Reply};
 use quicpush::rpc::Request;
-use quicpush::tls::{self, BackendIdentity};
 use tokio::io::AsyncReadExt;
 
-use crate::common::{next_push, Via, WAIT};
+use crate::common::{next_push, read_replies, Via, WAIT};
 use crate::tier::{Tier, TierRedis};
 
 fn push(id: u64, key: &str, body: &'static str) -> BytesMut {
@@ -22,34 +21,6 @@ fn push(id: u64, key: &str, body: &'static str) -> BytesMut {
     b
 }
 
-/// Reads `want` replies from `recv`.
-async fn replies(recv: &mut quinn::RecvStream, want: usize) -> Vec<(u64, Response)> {
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    while out.len() < want {
-        while let Some((id, len)) = codec::peek_prefix(&buf).unwrap() {
-            let end = codec::PREFIX_LEN + len as usize;
-            if buf.len() < end {
-                break;
-            }
-            let msg = buf.split_to(end);
-            out.push((
-                id,
-                codec::decode_payload(&msg[codec::PREFIX_LEN..]).unwrap(),
-            ));
-        }
-        if out.len() >= want {
-            break;
-        }
-        let n = tokio::time::timeout(WAIT, recv.read_buf(&mut buf))
-            .await
-            .expect("replies in time")
-            .unwrap();
-        assert!(n > 0, "stream ended after {out:?}");
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_on_redis_does_not_hold_back_the_next_call_on_its_stream() {
     let t = Tier::start(2).await;
@@ -57,14 +28,7 @@ async fn a_call_waiting_on_redis_does_not_hold_back_the_next_call_on_its_stream(
     let mut kb = t.nodes[1].client(Via::Tcp, "kb").await;
     t.wait_owner("kb", 1).await;
 
-    let a = &t.nodes[0];
-    let config = tls::rpc_client_config(&BackendIdentity::from_dir(a.dir.path())).unwrap();
-    let endpoint = tls::client_endpoint(a.rpc).unwrap();
-    let conn = endpoint
-        .connect_with(config, a.rpc, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (endpoint, conn) = t.nodes[0].rpc_connection().await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
 
     // Scripts and PUBLISH wait while Redis is paused for writes: the remote
@@ -96,7 +60,8 @@ async fn a_call_waiting_on_redis_does_not_hold_back_the_next_call_on_its_stream(
 
     assert_eq!(redis.cli(&["CLIENT", "UNPAUSE"]).trim(), "OK");
     // Replies in call order, each honest.
-    let got = replies(&mut recv, 2).await;
+    let (got, ended) = read_replies(&mut recv, 2).await;
+    assert!(!ended, "stream ended after {got:?}");
     assert!(
         matches!(
             got.as_slice(),

@@ -6,15 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use quicpush::auth::{self, Claims};
 use quicpush::client::PushClient;
 use quicpush::client::ResumeState;
 use quicpush::protocol::{op, Frame, PushMeta};
 use quicpush::registry::Registry;
+use quicpush::rpc::proto::Response;
 use quicpush::rpc::Client;
 use quicpush::tls::BackendIdentity;
 use quicpush::transport::ConnLimits;
-use quicpush::{Config, Server};
+use quicpush::{codec, Config, Server};
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 pub mod process;
@@ -227,6 +230,20 @@ impl TestServer {
         .unwrap_or_else(|_| panic!("online never reached {n}: {:?}", self.registry.online()));
     }
 
+    /// A raw backend connection (the right certificate) to this server's RPC
+    /// endpoint, for writing calls as bytes; the endpoint is returned to close.
+    pub async fn rpc_connection(&self) -> (quinn::Endpoint, quinn::Connection) {
+        let config =
+            quicpush::tls::rpc_client_config(&BackendIdentity::from_dir(self.dir.path())).unwrap();
+        let endpoint = quinn::Endpoint::client(local()).unwrap();
+        let conn = endpoint
+            .connect_with(config, self.rpc, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        (endpoint, conn)
+    }
+
     /// Signals shutdown and waits for the server to finish.
     pub async fn stop(self) {
         self.stop.cancel();
@@ -253,6 +270,38 @@ pub async fn connect_to(
     };
     c.auth(token).await.unwrap();
     c
+}
+
+/// Reads RPC replies from a raw backend stream until `want` arrived or the
+/// stream ended (`true`); fails the test after [`WAIT`].
+pub async fn read_replies(
+    recv: &mut quinn::RecvStream,
+    want: usize,
+) -> (Vec<(u64, Response)>, bool) {
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        while let Some((id, len)) = codec::peek_prefix(&buf).unwrap() {
+            let end = codec::PREFIX_LEN + len as usize;
+            if buf.len() < end {
+                break;
+            }
+            let msg = buf.split_to(end);
+            replies.push((
+                id,
+                codec::decode_payload(&msg[codec::PREFIX_LEN..]).unwrap(),
+            ));
+        }
+        if replies.len() >= want {
+            return (replies, false);
+        }
+        match tokio::time::timeout_at(deadline, recv.read_buf(&mut buf)).await {
+            Err(_) => panic!("no reply within {WAIT:?}; got {replies:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return (replies, true),
+            Ok(Ok(_)) => {}
+        }
+    }
 }
 
 /// The next frame, failing the test after a timeout.
